@@ -1,0 +1,414 @@
+"""Typed experiment configuration: dataclasses loaded from YAML, validated, overridden, dumped.
+
+One place parses configuration (style.md, practice 3). Everything else receives the section it needs.
+Errors are `ConfigError`s naming the offending key and the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from splitmatch.data import splits
+
+
+class ConfigError(ValueError):
+    """A configuration problem: the message names the key and the source file."""
+
+
+@dataclass
+class MFEConfig:
+    enabled: bool = True
+    norm: Literal["gn", "bn", "none"] = "gn"
+    num_groups: int = 32
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    # Local torchvision state dict (ImageNet weights); None trains the backbone from scratch.
+    backbone_weights: str | None = None
+    pixel_decoder: Literal["msdeform", "fpn"] = "msdeform"
+    hidden_dim: int = 256
+    mask_dim: int = 256
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    enc_layers: int = 6
+    dec_layers: int = 9
+    # Mask2Former's 100 queries become the seen queries; candidate queries are added on top.
+    num_seen_queries: int = 100
+    num_candidate_queries: int = 50
+    mfe: MFEConfig = field(default_factory=MFEConfig)
+
+
+@dataclass
+class ToyWorldConfig:
+    num_train: int = 512
+    num_val: int = 128
+    image_size: int = 128
+    min_objects: int = 2
+    max_objects: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["voc", "coco_stuff", "toyworld"] = "toyworld"
+    root: str = "data"
+    train_split: str = "train"
+    val_split: str = "val"
+    # Names of unseen classes; None = the standard split of the dataset (data/splits.py).
+    unseen: list[str] | None = None
+    crop_size: int = 512
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    ignore_index: int = 255
+    # "raise": a bad sample (missing/corrupt file, label out of range, size mismatch) stops with an
+    # error naming the file; "skip": it is left out and counted.
+    on_error: Literal["raise", "skip"] = "raise"
+    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+
+
+@dataclass
+class ClipConfig:
+    model_name: str = "ViT-B-16"
+    # An open_clip pretrained tag ("openai") or a local checkpoint path; None = random init.
+    pretrained: str | None = "openai"
+    # Folder of extra open_clip model-config JSONs (the tiny test CLIP, the toy CLIP).
+    model_config_dir: str | None = None
+    # "single": "a photo of a {}." (VOC habit); "coco15": the 15 COCO-Stuff templates.
+    templates: Literal["single", "coco15"] = "single"
+    force_quick_gelu: bool = False
+
+
+@dataclass
+class PseudoMaskConfig:
+    # Window sizes S of Eq. 1, in CLIP patch units.
+    scales: list[int] = field(default_factory=lambda: [3, 5, 7])
+    merge_threshold: float = 0.85
+    min_area: int = 64
+    kmeans_iters: int = 30
+    kmeans_tol: float = 1e-4
+    cache_dir: str = "runs/pseudo_cache"
+
+
+@dataclass
+class MatchingConfig:
+    # "split": Split Matching; "baseline": plain Mask2Former matching on seen targets only.
+    mode: Literal["split", "baseline"] = "split"
+    cost_class: float = 2.0
+    cost_mask: float = 5.0
+    cost_dice: float = 5.0
+    num_points: int = 12544
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 2.0
+    iou_weight: float = 5.0
+    dice_weight: float = 5.0
+    cos_weight: float = 1.0
+    mfe_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.1
+    schedule: Literal["poly", "cosine"] = "poly"
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    grad_clip: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 20000
+    batch_size: int = 16
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: bool = True
+    checkpoint_every: int = 2000
+    eval_every: int = 2000
+    log_every: int = 20
+    loader_workers: int = 2
+    storage_path: str = "runs"
+
+
+@dataclass
+class InferenceConfig:
+    # Extra randomly initialised queries added at test time (paper: 50 + 50).
+    num_random_queries: int = 0
+    # ZegCLIP's inductive calibration: subtracted from seen-class scores at test time.
+    seen_score_calibration: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    # None = a local SQLite store under the run directory; else an MLflow server URI.
+    uri: str | None = None
+    experiment: str = "splitmatch"
+
+
+@dataclass
+class Config:
+    name: str = "splitmatch"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in typed form."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{source}: '{key}' must not be null")
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], key, source)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(
+                f"{source}: '{key}' must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(
+                f"{source}: unknown key '{where}' (known keys here: {sorted(known)})")
+    kwargs = {}
+    for name in known:
+        if name in data:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(data[name], hints[name], where, source)
+    return cls(**kwargs)
+
+
+def _positive(value: float, key: str, source: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{source}: '{key}' must be {bound}, got {value}")
+
+
+def validate(cfg: Config, source: str = "<config>") -> Config:
+    """Reject impossible values; return `cfg` unchanged when everything is fine."""
+    m = cfg.model
+    for key in ("hidden_dim", "mask_dim", "num_heads", "dim_feedforward", "dec_layers"):
+        _positive(getattr(m, key), f"model.{key}", source)
+    _positive(m.enc_layers, "model.enc_layers", source, allow_zero=True)
+    _positive(m.num_seen_queries, "model.num_seen_queries", source)
+    _positive(m.num_candidate_queries, "model.num_candidate_queries", source, allow_zero=True)
+    if m.hidden_dim % m.num_heads:
+        raise ConfigError(f"{source}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by "
+                          f"'model.num_heads' ({m.num_heads})")
+    if m.mfe.norm == "gn" and m.hidden_dim % m.mfe.num_groups:
+        raise ConfigError(f"{source}: 'model.mfe.num_groups' ({m.mfe.num_groups}) must divide "
+                          f"'model.hidden_dim' ({m.hidden_dim})")
+    d = cfg.data
+    names = splits.class_names(d.dataset)
+    if d.unseen is not None:
+        missing = [n for n in d.unseen if n not in names]
+        if missing:
+            raise ConfigError(f"{source}: 'data.unseen' names {missing}, which are not classes of "
+                              f"dataset '{d.dataset}'")
+        if len(set(d.unseen)) == len(names):
+            raise ConfigError(f"{source}: 'data.unseen' leaves no seen class")
+    _positive(d.crop_size, "data.crop_size", source)
+    _positive(d.min_scale, "data.min_scale", source)
+    if d.max_scale < d.min_scale:
+        raise ConfigError(f"{source}: 'data.max_scale' must be >= 'data.min_scale'")
+    if not 0 <= d.ignore_index <= 255:
+        raise ConfigError(f"{source}: 'data.ignore_index' must be in 0..255")
+    t = d.toyworld
+    _positive(t.num_train, "data.toyworld.num_train", source)
+    _positive(t.num_val, "data.toyworld.num_val", source)
+    _positive(t.image_size, "data.toyworld.image_size", source)
+    _positive(t.min_objects, "data.toyworld.min_objects", source)
+    if t.max_objects < t.min_objects:
+        raise ConfigError(f"{source}: 'data.toyworld.max_objects' must be >= 'min_objects'")
+    p = cfg.pseudo_masks
+    if not p.scales:
+        raise ConfigError(f"{source}: 'pseudo_masks.scales' must not be empty")
+    for i, s in enumerate(p.scales):
+        _positive(s, f"pseudo_masks.scales[{i}]", source)
+    if not -1.0 <= p.merge_threshold <= 1.0:
+        raise ConfigError(f"{source}: 'pseudo_masks.merge_threshold' is a cosine similarity "
+                          f"and must lie in [-1, 1], got {p.merge_threshold}")
+    _positive(p.min_area, "pseudo_masks.min_area", source, allow_zero=True)
+    _positive(p.kmeans_iters, "pseudo_masks.kmeans_iters", source)
+    _positive(cfg.matching.num_points, "matching.num_points", source)
+    for key in ("cost_class", "cost_mask", "cost_dice"):
+        _positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)
+    lo = cfg.loss
+    for key in ("class_weight", "iou_weight", "dice_weight", "cos_weight", "mfe_weight",
+                "focal_gamma"):
+        _positive(getattr(lo, key), f"loss.{key}", source, allow_zero=True)
+    if not 0 <= lo.focal_alpha <= 1:
+        raise ConfigError(f"{source}: 'loss.focal_alpha' must lie in [0, 1]")
+    _positive(lo.num_points, "loss.num_points", source)
+    if lo.oversample_ratio < 1:
+        raise ConfigError(f"{source}: 'loss.oversample_ratio' must be >= 1")
+    if not 0 <= lo.importance_sample_ratio <= 1:
+        raise ConfigError(f"{source}: 'loss.importance_sample_ratio' must lie in [0, 1]")
+    o = cfg.optim
+    _positive(o.lr, "optim.lr", source)
+    _positive(o.weight_decay, "optim.weight_decay", source, allow_zero=True)
+    _positive(o.backbone_lr_mult, "optim.backbone_lr_mult", source, allow_zero=True)
+    _positive(o.warmup_iters, "optim.warmup_iters", source, allow_zero=True)
+    _positive(o.grad_clip, "optim.grad_clip", source, allow_zero=True)
+    tr = cfg.train
+    for key in ("max_iters", "batch_size", "num_workers", "cpus_per_worker", "checkpoint_every",
+                "eval_every", "log_every"):
+        _positive(getattr(tr, key), f"train.{key}", source)
+    _positive(tr.loader_workers, "train.loader_workers", source, allow_zero=True)
+    _positive(cfg.inference.num_random_queries, "inference.num_random_queries", source,
+              allow_zero=True)
+    _positive(cfg.eval.batch_size, "eval.batch_size", source)
+    return cfg
+
+
+def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
+    """Build and validate a `Config` from plain data (missing keys take their defaults)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return validate(_build(Config, data, "", source), source)
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to plain config data in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: cannot parse the value of '{dotted}': {exc}") from exc
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: '{dotted}' goes through '{k}', which is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment file, apply `--set` style overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    source = str(path)
+    if overrides:
+        apply_overrides(data, overrides, source=f"{path} (--set)")
+        source = f"{path} with --set {' '.join(overrides)}"
+    return config_from_dict(data, source)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; `config_from_dict(yaml.safe_load(dump_config(c))) == c`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`{"model.num_seen_queries": 100, ...}`: the form MLflow params and Tune spaces use."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                out[key] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "MFEConfig", "DataConfig", "ToyWorldConfig",
+    "ClipConfig", "PseudoMaskConfig", "MatchingConfig", "LossConfig", "OptimConfig", "TrainConfig",
+    "InferenceConfig", "EvalConfig", "TrackingConfig", "load_config", "config_from_dict",
+    "apply_overrides", "dump_config", "to_dict", "flatten", "validate",
+]
