@@ -1,0 +1,162 @@
+"""Hungarian matching with Mask2Former's costs, and Split Matching on top of it.
+
+Targets are a list (one entry per image) of dicts:
+    "labels": LongTensor [T]     index into that image's class-embedding set E = cat(As, Cu)
+    "masks":  Tensor [T, H, W]   binary masks at label resolution
+    "is_candidate": BoolTensor [T]  True for unseen-candidate (pseudo-mask) targets
+The model's outputs are the plain dict of `Segmentor.forward` ("pred_logits" [B, Q, K],
+"pred_masks" [B, Q, h, w]). A match is a pair of LongTensors (query indices, target indices).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+Match = tuple[Tensor, Tensor]
+
+
+def point_sample(masks: Tensor, coords: Tensor) -> Tensor:
+    """Bilinear values of `masks` [N, H, W] at normalised `coords` [P, 2] (x, y in [0, 1]) → [N, P]."""
+    grid = (2.0 * coords - 1.0).view(1, 1, -1, 2).expand(masks.shape[0], 1, -1, 2)
+    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0, 0]
+
+
+def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+    """Dice loss of every prediction against every target: inputs [Q, P] logits, targets [T, P] → [Q, T]."""
+    probs = inputs.sigmoid()
+    numerator = 2 * probs @ targets.T
+    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean binary cross-entropy of every prediction against every target: [Q, P], [T, P] → [Q, T]."""
+    num_points = inputs.shape[1]
+    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    return (pos @ targets.T + neg @ (1 - targets).T) / num_points
+
+
+def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid-focal classification cost (Deformable-DETR form): logits [Q, K], labels [T] → [Q, T].
+
+    The paper classifies with sigmoid(V·Eᵀ) and trains with a focal loss, so the matching cost is the
+    focal loss of calling the target class positive minus that of calling it negative.
+    """
+    probs = logits[:, labels].sigmoid()
+    neg = (1 - alpha) * probs.pow(gamma) * -(1 - probs + 1e-8).log()
+    pos = alpha * (1 - probs).pow(gamma) * -(probs + 1e-8).log()
+    return pos - neg
+
+
+class HungarianMatcher(nn.Module):
+    """Mask2Former's matcher: class + mask BCE + dice costs on points shared by all masks of an image."""
+
+    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
+                 num_points: int = 12544, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def cost_matrix(self, logits: Tensor, pred_points: Tensor, labels: Tensor,
+                    target_points: Tensor) -> Tensor:
+        """Total cost [Q, T] from class logits [Q, K] and point samples [Q, P], [T, P]."""
+        cost = self.cost_class * focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
+        cost = cost + self.cost_mask * batch_sigmoid_ce_cost(pred_points, target_points)
+        return cost + self.cost_dice * batch_dice_cost(pred_points, target_points)
+
+    def sample_points(self, pred_masks: Tensor, target_masks: Tensor,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Sample the same uniform random points in every predicted [Q, h, w] and target [T, H, W] mask."""
+        coords = torch.rand(self.num_points, 2, generator=generator,
+                            device=generator.device if generator is not None else pred_masks.device)
+        coords = coords.to(pred_masks.device)
+        return point_sample(pred_masks, coords), point_sample(target_masks, coords)
+
+    @staticmethod
+    def solve(cost: Tensor) -> Match:
+        rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
+        return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict],
+                generator: torch.Generator | None = None) -> list[Match]:
+        """Plain matching of all queries against all targets, image by image."""
+        matches = []
+        for b, target in enumerate(targets):
+            if target["labels"].numel() == 0:
+                matches.append(_empty_match())
+                continue
+            pred_points, target_points = self.sample_points(
+                outputs["pred_masks"][b], target["masks"], generator)
+            cost = self.cost_matrix(outputs["pred_logits"][b].float(), pred_points.float(),
+                                    target["labels"], target_points)
+            matches.append(self.solve(cost))
+        return matches
+
+
+class SplitMatcher(nn.Module):
+    """Split Matching (paper Sec. 3.2): seen queries ↔ seen targets, candidate queries ↔ candidates.
+
+    Queries [0, Ks) are seen queries and [Ks, Ks + Ku) candidate queries. The two Hungarian problems
+    are solved separately and their assignments concatenated into one σ*, so no seen query is ever
+    assigned a candidate target and vice versa. Points are sampled once per image and shared by both
+    groups, so the split costs no more than plain matching.
+    """
+
+    def __init__(self, matcher: HungarianMatcher, num_seen_queries: int, num_candidate_queries: int):
+        super().__init__()
+        self.matcher = matcher
+        self.num_seen_queries = num_seen_queries
+        self.num_candidate_queries = num_candidate_queries
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict],
+                generator: torch.Generator | None = None) -> list[Match]:
+        ks, ku = self.num_seen_queries, self.num_candidate_queries
+        matches = []
+        for b, target in enumerate(targets):
+            if target["labels"].numel() == 0:
+                matches.append(_empty_match())
+                continue
+            # Only the queries that can be matched are point-sampled (random queries never are).
+            pred_points, target_points = self.matcher.sample_points(
+                outputs["pred_masks"][b, : ks + ku], target["masks"], generator)
+            logits = outputs["pred_logits"][b, : ks + ku].float()
+            pred_points = pred_points.float()
+            query_idx, target_idx = [], []
+            for first, count, wanted in ((0, ks, False), (ks, ku, True)):
+                group = (target["is_candidate"] == wanted).nonzero().flatten()
+                if count == 0 or group.numel() == 0:
+                    continue
+                cost = self.matcher.cost_matrix(logits[first:first + count],
+                                                pred_points[first:first + count],
+                                                target["labels"][group], target_points[group])
+                rows, cols = self.matcher.solve(cost)
+                query_idx.append(rows + first)
+                target_idx.append(group.cpu()[cols])
+            if not query_idx:
+                matches.append(_empty_match())
+                continue
+            matches.append((torch.cat(query_idx), torch.cat(target_idx)))
+        return matches
+
+
+def _empty_match() -> Match:
+    return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+
+
+def build_matcher(matching_cfg, loss_cfg, num_seen_queries: int,
+                  num_candidate_queries: int) -> nn.Module:
+    """`SplitMatcher` in "split" mode; in "baseline" mode the plain matcher over all queries."""
+    matcher = HungarianMatcher(matching_cfg.cost_class, matching_cfg.cost_mask, matching_cfg.cost_dice,
+                               matching_cfg.num_points, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+    if matching_cfg.mode == "baseline":
+        return matcher
+    return SplitMatcher(matcher, num_seen_queries, num_candidate_queries)

@@ -1,0 +1,71 @@
+"""Turn label maps and unseen-candidate pseudo masks into per-image matching targets.
+
+The class-embedding set of image b is E_b = cat(As, Cu_b) (paper Sec. 3.2): the Ns seen text
+embeddings followed by that image's U_b candidate CLS embeddings, so candidate j has label Ns + j.
+Images have different U_b; the batch is padded to the largest and a validity mask says which
+columns are real.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class UnseenLabelError(ValueError):
+    """A label map handed to training still contains an unseen (or unknown) class id."""
+
+
+def seen_lookup(seen_ids: list[int], ignore_index: int = 255) -> Tensor:
+    """LUT [256]: global class id → seen index, ignore → -1, anything else (unseen) → -2."""
+    lut = torch.full((256,), -2, dtype=torch.long)
+    lut[ignore_index] = -1
+    lut[torch.as_tensor(seen_ids, dtype=torch.long)] = torch.arange(len(seen_ids))
+    return lut
+
+
+def build_targets(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None = None,
+                  num_seen: int = 0) -> list[dict]:
+    """Per-image targets from labels [B, H, W] (global ids) and candidate maps [B, H, W] (0 = none).
+
+    Raises `UnseenLabelError` if a label still holds an unseen id: in inductive ZSS unseen pixels are
+    relabelled ignore by the dataset before anything else sees them, and this is the last line of
+    defence that keeps an unseen class from ever reaching the loss.
+    """
+    targets = []
+    for b in range(labels.shape[0]):
+        mapped = lut.to(labels.device)[labels[b].long()]  # [H, W]: seen index, -1 ignore, -2 unseen
+        if (mapped == -2).any():
+            bad = sorted(set(labels[b][mapped == -2].unique().tolist()))
+            raise UnseenLabelError(f"label map {b} of the batch contains unseen/unknown class ids "
+                                   f"{bad}; training labels must have them set to ignore")
+        present = mapped[mapped >= 0].unique()  # [Ts]
+        masks = [mapped[None] == present[:, None, None]]  # [Ts, H, W]
+        labels_b = [present]
+        is_candidate = [torch.zeros(len(present), dtype=torch.bool, device=labels.device)]
+        if candidate_maps is not None:
+            cmap = candidate_maps[b].long()
+            ids = cmap[cmap > 0].unique()  # candidate ids 1..U_b
+            masks.append(cmap[None] == ids[:, None, None])
+            labels_b.append(num_seen + ids - 1)
+            is_candidate.append(torch.ones(len(ids), dtype=torch.bool, device=labels.device))
+        targets.append({
+            "labels": torch.cat(labels_b),
+            "masks": torch.cat(masks).float(),
+            "is_candidate": torch.cat(is_candidate),
+        })
+    return targets
+
+
+def class_embedding_sets(seen_text: Tensor, candidate_embeds: list[Tensor] | None,
+                         batch_size: int) -> tuple[Tensor, Tensor]:
+    """E [B, Ns + Umax, C] and its validity mask [B, Ns + Umax] (padding columns are False)."""
+    num_seen, dim = seen_text.shape
+    umax = max((c.shape[0] for c in candidate_embeds), default=0) if candidate_embeds else 0
+    embeds = seen_text.new_zeros(batch_size, num_seen + umax, dim)
+    valid = torch.zeros(batch_size, num_seen + umax, dtype=torch.bool, device=seen_text.device)
+    embeds[:, :num_seen] = seen_text
+    valid[:, :num_seen] = True
+    for b, cu in enumerate(candidate_embeds or []):
+        embeds[b, num_seen:num_seen + len(cu)] = cu.to(embeds)
+        valid[b, num_seen:num_seen + len(cu)] = True
+    return embeds, valid

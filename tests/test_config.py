@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitmatch.config import (Config, ConfigError, config_from_dict, dump_config, flatten,
+                               load_config)
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("name", ["voc_split_matching", "coco_stuff_split_matching", "toyworld"])
+def test_shipped_configs_load_and_roundtrip(name, tmp_path):
+    cfg = load_config(EXPERIMENTS / f"{name}.yaml")
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
+
+
+def test_paper_settings():
+    voc = load_config(EXPERIMENTS / "voc_split_matching.yaml")
+    coco = load_config(EXPERIMENTS / "coco_stuff_split_matching.yaml")
+    for cfg in (voc, coco):
+        assert cfg.model.backbone == "resnet101"
+        assert cfg.model.num_seen_queries == 100
+        assert cfg.train.batch_size == 16
+        assert cfg.clip.model_name == "ViT-B-16"
+    assert voc.train.max_iters == 20000 and coco.train.max_iters == 80000
+
+
+def test_overrides_are_typed(tmp_path):
+    path = EXPERIMENTS / "toyworld.yaml"
+    cfg = load_config(path, ["model.num_candidate_queries=3", "pseudo_masks.scales=[2, 5]",
+                             "model.mfe.norm=bn", "data.unseen=[lemon]", "seed=7"])
+    assert cfg.model.num_candidate_queries == 3
+    assert cfg.pseudo_masks.scales == [2, 5]
+    assert cfg.model.mfe.norm == "bn"
+    assert cfg.data.unseen == ["lemon"]
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.num_seen_queries=-4", "model.num_seen_queries"),
+    ("model.num_candidate_queries=-1", "model.num_candidate_queries"),
+    ("model.nonsense=1", "model.nonsense"),
+    ("model.hidden_dim=abc", "model.hidden_dim"),
+    ("model.mfe.norm=layer", "model.mfe.norm"),
+    ("data.unseen=[unicorn]", "data.unseen"),
+    ("train.use_gpu=7", "train.use_gpu"),
+    ("pseudo_masks.scales=[]", "pseudo_masks.scales"),
+    ("pseudo_masks.merge_threshold=2.0", "pseudo_masks.merge_threshold"),
+])
+def test_bad_values_name_key_and_file(override, key):
+    path = EXPERIMENTS / "toyworld.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert key in str(err.value)
+    assert "toyworld.yaml" in str(err.value)
+
+
+def test_unknown_section_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_seen_queries: 10\ntrainer:\n  max_iters: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'trainer'"):
+        load_config(path)
+
+
+def test_missing_file_named():
+    with pytest.raises(ConfigError, match="does_not_exist.yaml"):
+        load_config("does_not_exist.yaml")
+
+
+def test_unseen_must_leave_a_seen_class():
+    from splitmatch.data.splits import TOYWORLD_CLASSES
+    with pytest.raises(ConfigError, match="no seen class"):
+        config_from_dict({"data": {"unseen": list(TOYWORLD_CLASSES)}})
+
+
+def test_defaults_and_flatten():
+    cfg = config_from_dict({})
+    assert cfg == Config()
+    flat = flatten(cfg)
+    assert flat["model.num_seen_queries"] == 100
+    assert flat["model.mfe.norm"] == "gn"
+    assert yaml.safe_load(dump_config(cfg))["matching"]["mode"] == "split"
