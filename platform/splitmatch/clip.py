@@ -1,0 +1,411 @@
+"""Frozen open_clip wrapper: text embeddings, MaskCLIP dense features, masked CLS embeddings.
+
+CLIP is never trained here. It supplies three things to Split Matching (method.md):
+- `text_embeddings`: the seen-class embeddings As (prompt templates averaged),
+- `dense_features`: MaskCLIP patch features O that K-means clusters into pseudo masks (Eq. 1),
+- `masked_cls`: the candidate class embeddings Cu, one per pseudo mask.
+
+Images follow the project convention: `torch.uint8` tensors [B, 3, H, W], RGB, 0..255. The wrapper
+does its own preprocessing (resize to the model's input size, scale to 0..1, mean/std) so callers
+never have to know which CLIP they hold. Every image is resized to the full input square, without
+CLIP's usual centre crop: dense features must cover the whole image so that patch (i, j) maps back
+to a known image region, and the masked / plain image embeddings use the same geometry for
+consistency. The aspect ratio is therefore not preserved.
+
+Models are built by open_clip's factory from JSON configs (style.md, practice 4): the package's own
+`model_configs/` folder (the tiny test CLIP) is always registered next to open_clip's built-ins.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import Tensor, nn
+
+from splitmatch.config import ClipConfig, ConfigError
+
+# ZegCLIP's prompt sets (method.md, "Prompts"). VOC habitually uses the single template; COCO-Stuff
+# averages these 15.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "single": ("a photo of a {}.",),
+    "coco15": (
+        "a photo of a {}.",
+        "a photo of a small {}.",
+        "a photo of a medium {}.",
+        "a photo of a large {}.",
+        "This is a photo of a {}.",
+        "This is a photo of a small {}.",
+        "This is a photo of a medium {}.",
+        "This is a photo of a large {}.",
+        "a {} in the scene.",
+        "a photo of a {} in the scene.",
+        "There is a {} in the scene.",
+        "There is the {} in the scene.",
+        "This is a {} in the scene.",
+        "This is the {} in the scene.",
+        "This is one {} in the scene.",
+    ),
+}
+
+PACKAGE_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+
+Size = int | tuple[int, int]
+
+
+def _pair(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _check_images(images: Tensor) -> None:
+    # A float 0..1 image would pass silently as a near-black one: insist on the convention.
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [B, 3, H, W] RGB 0..255, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+
+
+class FrozenClip(nn.Module):
+    """An open_clip CLIP model held frozen: eval mode forever, no gradients, own preprocessing.
+
+    Args:
+        model: an open_clip `CLIP` / `CustomTextCLIP` (anything with `visual`, `encode_image`,
+            `encode_text`). `dense_features` additionally needs a `VisionTransformer` tower.
+        tokenizer: open_clip tokenizer, `tokenizer(list_of_str) -> LongTensor [N, L]`.
+        embed_dim: width C of the joint image-text space (512 for ViT-B/16).
+        mean, std: per-channel normalisation of 0..1 RGB pixels the model was trained with.
+        image_size: (H, W) the model expects; every input is resized to it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], Tensor],
+        embed_dim: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: Size,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self._embed_dim = int(embed_dim)
+        self.image_size = _pair(image_size)
+        # Non-persistent: they follow .to(device) but keep state_dict() equal to the CLIP's own.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.train(False)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def train(self, mode: bool = True) -> "FrozenClip":
+        """Always eval: the frozen CLIP must not switch dropout/patch-dropout on inside a trainer
+        that calls `.train()` on its whole module tree."""
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self._embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return _pair(self._vit().patch_size)
+
+    def patch_grid(self, image_size: Size | None = None) -> tuple[int, int]:
+        """(H', W') of `dense_features` when images are resized to `image_size` (default: the
+        model's input size). Independent of the caller's image size, since inputs are resized."""
+        height, width = _pair(image_size) if image_size is not None else self.image_size
+        patch_h, patch_w = self.patch_size
+        return height // patch_h, width // patch_w
+
+    def _vit(self) -> VisionTransformer:
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(
+                f"MaskCLIP dense features need an open_clip VisionTransformer image tower; this "
+                f"CLIP has {type(visual).__name__}. Pick a ViT model in 'clip.model_name'.")
+        if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
+            raise TypeError("MaskCLIP dense features need a ViT with a CLS token and a linear "
+                            "'proj' (no attentional pooling, no pruned head)")
+        return visual
+
+    def preprocess(self, images: Tensor, image_size: Size | None = None) -> Tensor:
+        """uint8 [B, 3, H, W] RGB -> normalised float [B, 3, h, w] on the module's device."""
+        _check_images(images)
+        pixels = images.to(self.device, torch.float32)
+        return self._normalise(pixels, image_size)
+
+    def _normalise(self, pixels: Tensor, image_size: Size | None) -> Tensor:
+        """Float 0..255 pixels -> resized, mean/std-normalised model input."""
+        size = _pair(image_size) if image_size is not None else self.image_size
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False,
+                                   antialias=True)
+        pixels = (pixels / 255.0 - self.mean) / self.std
+        return pixels.to(self.dtype)
+
+    # ------------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def text_embeddings(self, class_names: Sequence[str], templates: Sequence[str],
+                        chunk_size: int = 256) -> Tensor:
+        """[N, C] class embeddings: each prompt L2-normalised, mean over templates, re-normalised
+        (ZegCLIP's prompt ensembling, method.md "Prompts")."""
+        if isinstance(templates, str):
+            raise TypeError("templates must be a sequence of strings, e.g. TEMPLATES['single']")
+        if not templates:
+            raise ValueError("templates must not be empty")
+        for template in templates:
+            if "{}" not in template:
+                raise ValueError(f"template {template!r} has no '{{}}' for the class name")
+        names = list(class_names)
+        if not names:
+            return self._empty()
+        prompts = [template.format(name) for template in templates for name in names]
+        tokens = self.tokenizer(prompts).to(self.device)
+        embeddings = torch.cat([
+            self.model.encode_text(tokens[i:i + chunk_size], normalize=True)
+            for i in range(0, len(prompts), chunk_size)
+        ])                                                        # [T * N, C]
+        embeddings = embeddings.view(len(templates), len(names), -1).mean(dim=0)  # [N, C]
+        return F.normalize(embeddings, dim=-1)
+
+    # ------------------------------------------------------------------ images
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, chunk_size: int = 64) -> Tensor:
+        """[B, C] plain CLIP image embeddings (projected CLS), L2-normalised."""
+        embeddings = [
+            self.model.encode_image(self.preprocess(images[i:i + chunk_size]), normalize=True)
+            for i in range(0, images.shape[0], chunk_size)
+        ]
+        return torch.cat(embeddings) if embeddings else self._empty()
+
+    @torch.no_grad()
+    def masked_cls(self, images: Tensor, masks: Tensor, image_index: Tensor,
+                   chunk_size: int = 64) -> Tensor:
+        """[N, C] candidate class embeddings Cu (method.md "Pseudo masks", step 4).
+
+        Mask n is applied to image `image_index[n]` in pixel space, before resizing and
+        normalisation: masked-out pixels become 0, i.e. black, which is how CLIP-ZSS-style
+        "mask the input image" is usually read (a grey/mean fill would be the alternative). Soft
+        float masks scale the pixels. The masked images go through the full visual tower; the
+        projected CLS embedding is returned L2-normalised.
+
+        Args:
+            images: uint8 [B, 3, H, W].
+            masks: bool or float [N, H, W], same H, W as `images`.
+            image_index: long [N], which image each mask belongs to.
+            chunk_size: masked images built and encoded at once (bounds memory for large N).
+        """
+        _check_images(images)
+        if masks.ndim != 3 or tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
+            raise ValueError(f"masks must be [N, H, W] with the images' H, W "
+                             f"{tuple(images.shape[-2:])}, got {tuple(masks.shape)}")
+        if image_index.shape != (masks.shape[0],):
+            raise ValueError(f"image_index must be [N] = [{masks.shape[0]}], "
+                             f"got {tuple(image_index.shape)}")
+        embeddings = []
+        for start in range(0, masks.shape[0], chunk_size):
+            index = image_index[start:start + chunk_size].to(images.device, torch.long)
+            pixels = images[index].to(self.device, torch.float32)                 # [n, 3, H, W]
+            mask = masks[start:start + chunk_size].to(self.device, torch.float32)  # [n, H, W]
+            pixels = self._normalise(pixels * mask[:, None], None)
+            embeddings.append(self.model.encode_image(pixels, normalize=True))
+        return torch.cat(embeddings) if embeddings else self._empty()
+
+    @torch.no_grad()
+    def dense_features(self, images: Tensor, image_size: Size | None = None) -> Tensor:
+        """[B, C, H', W'] MaskCLIP dense patch features, L2-normalised per patch.
+
+        Raw last-layer patch tokens are poorly localised (method.md "Pseudo masks", step 1).
+        MaskCLIP's fix: in the last block skip query-key attention, so each token only passes
+        through the value projection and `out_proj` (attention reduced to the identity map), then
+        the MLP sub-block, `ln_post` and `proj`; the CLS token is dropped.
+
+        `image_size` (default: the model's input size) lets dense features be computed at a higher
+        resolution than CLIP was trained at; the positional embedding is then bicubically
+        interpolated to the new patch grid, as open_clip does when loading checkpoints.
+        """
+        visual = self._vit()
+        pixels = self.preprocess(images, image_size)
+        tokens = self._tokens_before_last_block(pixels)              # [B, 1 + H'W', D]
+        tokens = _value_path_block(visual.transformer.resblocks[-1], tokens)
+        tokens = visual.ln_post(tokens)
+        patches = tokens[:, 1:] @ visual.proj                        # [B, H'W', C]
+        patches = F.normalize(patches, dim=-1)
+        grid_h, grid_w = self.patch_grid(pixels.shape[-2:])
+        return patches.view(pixels.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _tokens_before_last_block(self, pixels: Tensor) -> Tensor:
+        """[B, 1 + H'W', D] (batch first) input of the last ViT block for normalised pixels.
+
+        Rebuilt from the tower's public parameters (conv1, class_embedding, positional_embedding,
+        ln_pre, transformer.resblocks) rather than open_clip's private `_embeds`, which differs
+        between versions and cannot take another input size. Patch dropout is skipped: it is the
+        identity in eval mode, which this module never leaves.
+        """
+        visual = self._vit()
+        patches = visual.conv1(pixels)                               # [B, D, H', W']
+        batch, width, grid_h, grid_w = patches.shape
+        patches = patches.flatten(2).transpose(1, 2)                 # [B, H'W', D]
+        cls = visual.class_embedding.to(patches.dtype).view(1, 1, width).expand(batch, -1, -1)
+        tokens = torch.cat([cls, patches], dim=1)
+        tokens = tokens + _resize_positional_embedding(
+            visual.positional_embedding, _pair(visual.grid_size), (grid_h, grid_w)
+        ).to(tokens.dtype)
+        tokens = visual.ln_pre(tokens)
+        transformer = visual.transformer
+        # Older open_clip runs the stack sequence-first (LND); the blocks' attention follows suit.
+        batch_first = getattr(transformer, "batch_first", True)
+        if not batch_first:
+            tokens = tokens.transpose(0, 1)
+        for block in transformer.resblocks[:-1]:
+            tokens = block(tokens)
+        return tokens if batch_first else tokens.transpose(0, 1)
+
+    def _empty(self) -> Tensor:
+        return torch.zeros(0, self.embed_dim, device=self.device, dtype=self.dtype)
+
+
+def _resize_positional_embedding(positional: Tensor, old_grid: tuple[int, int],
+                                 new_grid: tuple[int, int]) -> Tensor:
+    """[1 + h*w, D] -> [1 + H*W, D]; the CLS position is kept, the patch grid resized bicubically
+    (open_clip's `resize_pos_embed` recipe)."""
+    if old_grid == new_grid:
+        return positional
+    cls_position, grid = positional[:1], positional[1:]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(positional.dtype)
+    return torch.cat([cls_position, grid])
+
+
+def _value_path_block(block: nn.Module, tokens: Tensor) -> Tensor:
+    """The last ViT block with query-key attention skipped (MaskCLIP), batch-first tokens.
+
+    Mirrors open_clip 3.3's two block types, whatever options they were built with:
+    - ResidualAttentionBlock: x + ls_1(attn(ln_1 x)), then x + ls_2(mlp(ln_2 x)); attn is
+      `nn.MultiheadAttention` with packed `in_proj_weight` [3D, D] (q, k, v thirds) and `out_proj`.
+    - CustomResidualAttentionBlock: x + ls_1(ln_attn(attn(ln_1 x))), where its `Attention` may
+      scale heads (`head_scale`) and normalise the context (`ln_inner`) before `out_proj`.
+    With attention reduced to the identity map, attn(y) = out_proj(ln_inner(head_scale * V y)).
+    """
+    attn = block.attn
+    width = tokens.shape[-1]
+    in_proj_weight = getattr(attn, "in_proj_weight", None)
+    if in_proj_weight is None:
+        raise TypeError(f"{type(attn).__name__} has no packed 'in_proj_weight'; cannot take the "
+                        f"value projection for MaskCLIP dense features")
+    in_proj_bias = getattr(attn, "in_proj_bias", None)
+    values = F.linear(
+        block.ln_1(tokens),
+        in_proj_weight[2 * width:],
+        in_proj_bias[2 * width:] if in_proj_bias is not None else None,
+    )                                                                # [B, L, D]
+    head_scale = getattr(attn, "head_scale", None)                   # [heads, 1, 1] or None
+    if head_scale is not None:
+        values = values.unflatten(-1, (head_scale.shape[0], -1)) * head_scale.view(-1, 1)
+        values = values.flatten(-2)
+    values = getattr(attn, "ln_inner", nn.Identity())(values)
+    attended = getattr(block, "ln_attn", nn.Identity())(attn.out_proj(values))
+    tokens = tokens + block.ls_1(attended)
+    return tokens + block.ls_2(block.mlp(block.ln_2(tokens)))
+
+
+# ---------------------------------------------------------------------------------- factory
+
+_registered_config_dirs: set[str] = set()
+
+
+def _register_config_dir(path: Path) -> None:
+    """`open_clip.add_model_config` appends to a global list and rescans; do it once per dir."""
+    key = str(path.resolve())
+    if key not in _registered_config_dirs:
+        open_clip.add_model_config(path)
+        _registered_config_dirs.add(key)
+
+
+def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
+    """Check `clip.pretrained` up front so a typo is reported as such, not as a download error."""
+    if pretrained is None or os.path.isfile(pretrained):
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in tags:
+        return pretrained
+    looks_like_path = os.sep in pretrained or Path(pretrained).suffix in (
+        ".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+    if looks_like_path:
+        raise ConfigError(f"'clip.pretrained': checkpoint file not found: "
+                          f"{Path(pretrained).resolve()}")
+    raise ConfigError(
+        f"'clip.pretrained' = {pretrained!r} is neither an existing checkpoint file nor an "
+        f"open_clip pretrained tag of '{model_name}' (known tags: {tags or 'none'})")
+
+
+def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenClip:
+    """Build the frozen CLIP described by `cfg` (the `clip:` config section).
+
+    `cfg.pretrained` is an open_clip tag (e.g. "openai"; downloads, so needs network or a warm
+    cache), a local checkpoint path (an open_clip / OpenAI state dict, loaded strictly), or None
+    for random init (tests). OpenAI ViT-B/16 weights were trained with QuickGELU: loading them
+    from a file into "ViT-B-16" needs `force_quick_gelu: true` (or model "ViT-B-16-quickgelu"),
+    otherwise the activations silently differ (method.md "open_clip").
+    Random init draws from torch's global RNG: seed it before calling for reproducible weights.
+    """
+    if cfg.model_config_dir is not None:
+        config_dir = Path(cfg.model_config_dir)
+        if not config_dir.is_dir():
+            raise ConfigError(f"'clip.model_config_dir': no such folder: {config_dir.resolve()}")
+        _register_config_dir(config_dir)
+    _register_config_dir(PACKAGE_MODEL_CONFIGS)
+
+    has_schema = cfg.model_name.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and open_clip.get_model_config(cfg.model_name) is None:
+        searched = ["open_clip's built-in model_configs", str(PACKAGE_MODEL_CONFIGS)]
+        if cfg.model_config_dir is not None:
+            searched.append(str(Path(cfg.model_config_dir).resolve()))
+        raise ConfigError(
+            f"'clip.model_name' = {cfg.model_name!r}: no open_clip model config of that name "
+            f"(looked in: {', '.join(searched)}; a config is <name>.json there)")
+    pretrained = None if has_schema else _resolve_pretrained(cfg.model_name, cfg.pretrained)
+
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(
+            cfg.model_name, pretrained=pretrained, force_quick_gelu=cfg.force_quick_gelu,
+            device=device)
+    except RuntimeError as exc:
+        if pretrained is None or os.path.isfile(pretrained):
+            raise
+        raise RuntimeError(
+            f"'clip.pretrained' = {pretrained!r}: open_clip could not fetch these weights ({exc}). "
+            f"Without network access, point 'clip.pretrained' at a local checkpoint file.") from exc
+
+    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+    clip = FrozenClip(
+        model,
+        open_clip.get_tokenizer(cfg.model_name),
+        embed_dim=open_clip.get_model_config(cfg.model_name)["embed_dim"],
+        mean=preprocess_cfg["mean"],
+        std=preprocess_cfg["std"],
+        image_size=preprocess_cfg["size"],
+    )
+    return clip.to(device)
+
+
+__all__ = ["FrozenClip", "TEMPLATES", "build_clip", "PACKAGE_MODEL_CONFIGS"]
