@@ -1,0 +1,90 @@
+"""ResNet backbone: res2..res5 feature maps (strides 4, 8, 16, 32) from a torchvision ResNet."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+BackboneNorm = Literal["frozen_bn", "gn"]
+
+_BUILDERS: dict[str, Callable[..., torchvision.models.ResNet]] = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+}
+
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+
+def _norm_layer(norm: BackboneNorm) -> Callable[[int], nn.Module]:
+    if norm == "frozen_bn":
+        # ImageNet BN statistics are kept fixed, as detectron2/Mask2Former do: with a few images per
+        # GPU (16 over 8 GPUs in the paper) batch statistics are too noisy to re-estimate, and
+        # updating them would wreck the pretrained features' calibration.
+        return FrozenBatchNorm2d
+    if norm == "gn":
+        # Without pretrained statistics a frozen BN is an identity and the residual stream grows
+        # unnormalised block after block; GroupNorm trains from scratch and does not depend on the
+        # per-worker batch size ("Rethinking ImageNet Pre-training", He et al. 2019).
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ValueError(f"unknown backbone norm {norm!r}; expected 'frozen_bn' or 'gn'")
+
+
+def load_imagenet_weights(net: torchvision.models.ResNet, path: str | Path) -> None:
+    """Load a torchvision ImageNet state dict into `net` (classifier `fc.*` keys are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file {str(path)!r} does not exist (set by model.backbone_weights; "
+            f"use null to train the backbone from scratch)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone weights file {str(path)!r} does not hold a state dict "
+                         f"(model.backbone_weights)")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # Checked by hand (the fc keys are dropped on purpose, so strict=True would complain): a file
+    # for another depth must fail loudly rather than leave layers at random init.
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"backbone weights file {str(path)!r} (model.backbone_weights) does not match the "
+            f"architecture: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}")
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet trunk without its pooling/classifier; returns res2..res5."""
+
+    def __init__(self, name: BackboneName, weights: str | Path | None = None,
+                 norm: BackboneNorm = "frozen_bn") -> None:
+        super().__init__()
+        if name not in _BUILDERS:
+            raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_BUILDERS)}")
+        net = _BUILDERS[name](weights=None, norm_layer=_norm_layer(norm))
+        if weights is not None:
+            load_imagenet_weights(net, weights)
+        self.name = name
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.res2, self.res3, self.res4, self.res5 = net.layer1, net.layer2, net.layer3, net.layer4
+        # Basic blocks (18/34) keep the width; bottlenecks (50/101) expand it 4x.
+        expansion = 1 if name in ("resnet18", "resnet34") else 4
+        self.out_channels: dict[str, int] = {
+            f"res{i + 2}": 64 * 2 ** i * expansion for i in range(4)}
+        self.out_strides: dict[str, int] = dict(FEATURE_STRIDES)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """images [B, 3, H, W] normalised -> {"res2": [B, C2, H/4, W/4], ..., "res5": [.., H/32, ..]}"""
+        x = self.stem(images)
+        features: dict[str, Tensor] = {}
+        for name in FEATURE_NAMES:
+            x = getattr(self, name)(x)
+            features[name] = x
+        return features

@@ -1,0 +1,144 @@
+"""The Split Matching segmentor: backbone -> pixel decoder -> masked transformer decoder (+ MFE).
+
+The model only predicts; which query is matched to which target (Split Matching) is the matcher's
+business (style.md, practice 1). The model's one concession is the query order: queries
+[0, Ks) are the seen queries and [Ks, Ks+Ku) the candidate queries, then any random queries.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splitmatch.config import ModelConfig
+from splitmatch.model.backbone import ResNetBackbone
+from splitmatch.model.mfe import MultiScaleFeatureEnhancement
+from splitmatch.model.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
+from splitmatch.model.transformer_decoder import MaskedTransformerDecoder
+
+# torchvision's ImageNet statistics, on the 0..255 scale of the uint8 input.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def semantic_inference(pred_logits: Tensor, pred_masks: Tensor, output_size: tuple[int, int],
+                       seen_class_ids: Sequence[int] | Tensor | None = None,
+                       seen_score_calibration: float = 0.0) -> Tensor:
+    """Per-pixel class scores sum_q p[q, k] * sigmoid(mask_q): pred_logits [B, Q, K],
+    pred_masks [B, Q, h, w] -> [B, K, H, W].
+
+    Mask2Former's semantic inference with sigmoid class probabilities (there is no no-object
+    column to drop). With `seen_score_calibration` > 0 that amount is subtracted from the seen
+    classes' probabilities first: ZegCLIP's inductive calibration against the bias towards the
+    classes seen in training.
+    """
+    probs = pred_logits.sigmoid()  # [B, Q, K]
+    if seen_score_calibration > 0 and seen_class_ids is not None:
+        seen = torch.as_tensor(seen_class_ids, dtype=torch.long, device=probs.device)
+        probs = probs.clone()
+        probs[..., seen] -= seen_score_calibration
+    masks = F.interpolate(pred_masks, size=tuple(output_size), mode="bilinear",
+                          align_corners=False).sigmoid()  # [B, Q, H, W]
+    return torch.einsum("bqk,bqhw->bkhw", probs, masks.to(probs.dtype))
+
+
+class Segmentor(nn.Module):
+    """uint8 images + class embeddings -> Mask2Former-style predictions (plain dict)."""
+
+    def __init__(self, backbone: ResNetBackbone, pixel_decoder: nn.Module,
+                 transformer_decoder: MaskedTransformerDecoder,
+                 mfe: MultiScaleFeatureEnhancement | None, num_seen_queries: int,
+                 num_candidate_queries: int,
+                 pixel_mean: Sequence[float] = IMAGENET_MEAN,
+                 pixel_std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        if num_seen_queries + num_candidate_queries != transformer_decoder.num_queries:
+            raise ValueError(
+                f"num_seen_queries ({num_seen_queries}) + num_candidate_queries "
+                f"({num_candidate_queries}) must equal the decoder's "
+                f"{transformer_decoder.num_queries} learned queries")
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.transformer_decoder = transformer_decoder
+        self.mfe = mfe
+        self.num_seen_queries = num_seen_queries
+        self.num_candidate_queries = num_candidate_queries
+        # Not persistent: they are constants of the input convention, not learned state.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.transformer_decoder.embed_dim
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [B, 3, H, W] RGB 0..255 -> float, ImageNet-normalised."""
+        if images.dtype != torch.uint8:
+            # Refusing floats catches inputs that were already normalised (and would be twice).
+            raise TypeError(f"Segmentor expects torch.uint8 images (RGB 0..255), got {images.dtype}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Segmentor expects images [B, 3, H, W], got {tuple(images.shape)}")
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: Tensor, class_embeds: Tensor, num_random_queries: int = 0) -> dict:
+        """images uint8 [B, 3, H, W]; class_embeds [K, C] or [B, K, C], L2-normalised ->
+        {"pred_logits" [B, Q, K], "pred_masks" [B, Q, H/4, W/4], "pred_embeds" [B, Q, C],
+        "aux_outputs": [...], "mfe_logits" [B, K, H/8, W/8] (training with MFE only)}"""
+        if class_embeds.dim() not in (2, 3) or class_embeds.shape[-1] != self.embed_dim:
+            raise ValueError(f"class_embeds must be [K, {self.embed_dim}] or "
+                             f"[B, K, {self.embed_dim}], got {tuple(class_embeds.shape)}")
+        if class_embeds.dim() == 3 and class_embeds.shape[0] != images.shape[0]:
+            raise ValueError(f"class_embeds has {class_embeds.shape[0]} sets for "
+                             f"{images.shape[0]} images")
+        features = self.backbone(self.normalize(images))
+        mask_features, multi_scale = self.pixel_decoder(features)
+        output = self.transformer_decoder(multi_scale, mask_features, class_embeds,
+                                          num_random_queries=num_random_queries)
+        if self.training and self.mfe is not None:
+            output["mfe_logits"] = self.mfe(multi_scale, class_embeds,
+                                            self.transformer_decoder.classifier)
+        return output
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, class_embeds: Tensor, num_random_queries: int = 0,
+                seen_class_ids: Sequence[int] | Tensor | None = None,
+                seen_score_calibration: float = 0.0) -> Tensor:
+        """Class index per pixel -> LongTensor [B, H, W] (eval mode; training flag restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            output = self(images, class_embeds, num_random_queries=num_random_queries)
+        finally:
+            self.train(was_training)
+        scores = semantic_inference(output["pred_logits"], output["pred_masks"],
+                                    images.shape[-2:], seen_class_ids, seen_score_calibration)
+        return scores.argmax(dim=1)
+
+
+def build_segmentor(cfg: ModelConfig, embed_dim: int) -> Segmentor:
+    """The one place that reads ModelConfig; `embed_dim` is the CLIP embedding width C."""
+    # Pretrained BN statistics are frozen; without pretrained weights there are no statistics to
+    # freeze, so the backbone normalises with GroupNorm instead (see backbone._norm_layer).
+    norm = "frozen_bn" if cfg.backbone_weights is not None else "gn"
+    backbone = ResNetBackbone(cfg.backbone, weights=cfg.backbone_weights, norm=norm)
+    if cfg.pixel_decoder == "msdeform":
+        # Mask2Former hard-codes a 1024-wide encoder FFN next to the decoder's 2048: keep the ratio.
+        pixel_decoder: nn.Module = MSDeformAttnPixelDecoder(
+            backbone.out_channels, cfg.hidden_dim, cfg.mask_dim, cfg.num_heads,
+            max(1, cfg.dim_feedforward // 2), cfg.enc_layers)
+    elif cfg.pixel_decoder == "fpn":
+        pixel_decoder = FPNPixelDecoder(backbone.out_channels, cfg.hidden_dim, cfg.mask_dim)
+    else:
+        raise ValueError(f"unknown model.pixel_decoder {cfg.pixel_decoder!r}")
+    num_queries = cfg.num_seen_queries + cfg.num_candidate_queries
+    transformer_decoder = MaskedTransformerDecoder(
+        cfg.hidden_dim, cfg.mask_dim, embed_dim, num_queries, cfg.num_heads,
+        cfg.dim_feedforward, cfg.dec_layers)
+    mfe = None
+    if cfg.mfe.enabled:
+        mfe = MultiScaleFeatureEnhancement(cfg.hidden_dim, embed_dim, cfg.mfe.norm,
+                                           cfg.mfe.num_groups)
+    return Segmentor(backbone, pixel_decoder, transformer_decoder, mfe,
+                     cfg.num_seen_queries, cfg.num_candidate_queries)

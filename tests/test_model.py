@@ -1,0 +1,332 @@
+"""Model tests: shapes of the output contract, MFE/random-query behaviour, and brute-force references
+for the optimised pieces (deformable sampling, attention masks, semantic inference)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from splitmatch.config import MFEConfig, ModelConfig
+from splitmatch.model import build_segmentor, semantic_inference
+from splitmatch.model.backbone import ResNetBackbone
+from splitmatch.model.pixel_decoder import (MSDeformAttnPixelDecoder, ms_deform_attn_sample,
+                                            sine_position_encoding)
+from splitmatch.model.transformer_decoder import attention_mask_from_masks
+
+EMBED_DIM = 16
+NUM_CLASSES = 7
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    cfg = ModelConfig(backbone="resnet18", pixel_decoder="msdeform", hidden_dim=32, mask_dim=32,
+                      num_heads=2, dim_feedforward=64, enc_layers=2, dec_layers=3,
+                      num_seen_queries=5, num_candidate_queries=3,
+                      mfe=MFEConfig(enabled=True, norm="gn", num_groups=8))
+    return dataclasses.replace(cfg, **overrides)
+
+
+def images(batch: int = 2, height: int = 64, width: int = 64, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8,
+                         generator=generator)
+
+
+def class_embeddings(num: int = NUM_CLASSES, batch: int | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    shape = (num, EMBED_DIM) if batch is None else (batch, num, EMBED_DIM)
+    return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_segmentor(tiny_config(), EMBED_DIM)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("decoder", ["msdeform", "fpn"])
+def test_pixel_decoder_shapes(decoder):
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(pixel_decoder=decoder), EMBED_DIM)
+    x = seg.normalize(images(height=64, width=96))
+    mask_features, multi_scale = seg.pixel_decoder(seg.backbone(x))
+    assert mask_features.shape == (2, 32, 16, 24)
+    assert [tuple(f.shape) for f in multi_scale] == [(2, 32, 2, 3), (2, 32, 4, 6), (2, 32, 8, 12)]
+
+
+@pytest.mark.parametrize("decoder", ["msdeform", "fpn"])
+def test_output_contract(decoder):
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(pixel_decoder=decoder), EMBED_DIM).eval()
+    with torch.no_grad():
+        out = seg(images(), class_embeddings())
+    q = seg.num_seen_queries + seg.num_candidate_queries
+    assert (seg.num_seen_queries, seg.num_candidate_queries) == (5, 3)
+    assert out["pred_logits"].shape == (2, q, NUM_CLASSES)
+    assert out["pred_masks"].shape == (2, q, 16, 16)
+    assert out["pred_embeds"].shape == (2, q, EMBED_DIM)
+    assert torch.allclose(out["pred_embeds"].norm(dim=-1), torch.ones(2, q), atol=1e-5)
+    assert "mfe_logits" not in out
+    assert len(out["aux_outputs"]) == 3  # initial queries + layers 1..2; layer 3 is the final one
+    for aux in out["aux_outputs"]:
+        assert {k: tuple(v.shape) for k, v in aux.items()} == {
+            "pred_logits": (2, q, NUM_CLASSES), "pred_masks": (2, q, 16, 16),
+            "pred_embeds": (2, q, EMBED_DIM)}
+
+
+def test_initial_class_probability_is_focal_prior(model):
+    # With random embeddings the cosine is ~0, so the sigmoid sits near the 0.01 prior.
+    logit_bias = model.transformer_decoder.classifier.logit_bias
+    assert math.isclose(torch.sigmoid(logit_bias).item(), 0.01, rel_tol=1e-5)
+    assert math.isclose(model.transformer_decoder.classifier.logit_scale.exp().item(), 10.0,
+                        rel_tol=1e-5)
+
+
+def test_shared_and_per_image_class_embeddings_agree(model):
+    model.eval()
+    shared = class_embeddings()
+    with torch.no_grad():
+        a = model(images(), shared)
+        b = model(images(), shared[None].expand(2, -1, -1).contiguous())
+    assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-5)
+
+
+def test_rejects_float_images(model):
+    with pytest.raises(TypeError, match="uint8"):
+        model(images().float(), class_embeddings())
+
+
+# ----------------------------------------------------------------------------- MFE
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn", "none"])
+def test_mfe_only_in_training(norm):
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(mfe=MFEConfig(enabled=True, norm=norm, num_groups=8)),
+                          EMBED_DIM)
+    seg.train()
+    out = seg(images(), class_embeddings())
+    assert out["mfe_logits"].shape == (2, NUM_CLASSES, 8, 8)
+    seg.eval()
+    with torch.no_grad():
+        assert "mfe_logits" not in seg(images(), class_embeddings())
+
+
+def test_mfe_disabled_gives_no_logits():
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(mfe=MFEConfig(enabled=False)), EMBED_DIM).train()
+    assert seg.mfe is None
+    assert "mfe_logits" not in seg(images(), class_embeddings())
+
+
+# ----------------------------------------------------------------------------- random queries
+
+
+def test_random_queries_extend_q_and_are_deterministic(model):
+    model.eval()
+    with torch.no_grad():
+        first = model(images(), class_embeddings(), num_random_queries=4)
+        second = model(images(), class_embeddings(), num_random_queries=4)
+    assert first["pred_logits"].shape == (2, 8 + 4, NUM_CLASSES)
+    assert first["pred_masks"].shape == (2, 8 + 4, 16, 16)
+    assert all(a["pred_logits"].shape[1] == 12 for a in first["aux_outputs"])
+    for key in ("pred_logits", "pred_masks", "pred_embeds"):
+        assert torch.equal(first[key], second[key])
+    # The random queries are not copies of the learned ones.
+    feats, pos = model.transformer_decoder.random_queries(4, torch.device("cpu"), torch.float32)
+    assert feats.shape == pos.shape == (4, 32)
+    assert not torch.equal(feats, pos)
+
+
+# ----------------------------------------------------------------------------- attention mask
+
+
+def test_attention_mask_unblocks_fully_blocked_rows():
+    mask_logits = torch.full((1, 3, 4, 4), -5.0)  # all three queries: empty masks
+    mask_logits[0, 0, :2, :2] = 5.0  # query 0 covers the top-left quarter
+    mask_logits[0, 2, :, :] = 5.0  # query 2 covers everything
+    blocked = attention_mask_from_masks(mask_logits, (4, 4), num_heads=2)
+    assert blocked.shape == (2, 3, 16) and blocked.dtype == torch.bool
+    expected_q0 = torch.ones(4, 4, dtype=torch.bool)
+    expected_q0[:2, :2] = False
+    for head in range(2):
+        assert torch.equal(blocked[head, 0], expected_q0.flatten())
+        assert not blocked[head, 1].any()  # fully blocked row -> unblocked
+        assert not blocked[head, 2].any()
+    # A mask that is empty after resizing to a coarser level is unblocked there too.
+    tiny = torch.full((1, 1, 8, 8), -5.0)
+    tiny[0, 0, 0, 0] = 5.0
+    assert not attention_mask_from_masks(tiny, (2, 2), num_heads=1).any()
+
+
+# ----------------------------------------------------------------------------- deformable attention
+
+
+def bilinear_sample_naive(image: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """image [C, h, w]; (x, y) in [0, 1] of the map's extent; zeros outside."""
+    _, h, w = image.shape
+    px, py = x * w - 0.5, y * h - 0.5  # pixel centres at integer coordinates
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(image.shape[0], dtype=image.dtype)
+    for xi, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+        for yi, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+            if 0 <= xi < w and 0 <= yi < h:
+                out += wx * wy * image[:, yi, xi]
+    return out
+
+
+def test_ms_deform_attn_sampling_matches_naive_loop():
+    generator = torch.Generator().manual_seed(0)
+    batch, num_query, heads, head_dim, points = 2, 5, 2, 3, 2
+    shapes = [(3, 4), (2, 2), (5, 3)]
+    levels = len(shapes)
+    total = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, total, heads, head_dim, generator=generator, dtype=torch.float64)
+    # Some locations fall outside [0, 1] to exercise the zero padding.
+    locations = torch.rand(batch, num_query, heads, levels, points, 2, generator=generator,
+                           dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(batch, num_query, heads, levels, points, generator=generator,
+                         dtype=torch.float64)
+    fast = ms_deform_attn_sample(value, shapes, locations, weights)
+
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    expected = torch.zeros(batch, num_query, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for q in range(num_query):
+            for m in range(heads):
+                for lvl, (h, w) in enumerate(shapes):
+                    image = value[b, starts[lvl]:starts[lvl + 1], m].T.reshape(head_dim, h, w)
+                    for p in range(points):
+                        x, y = locations[b, q, m, lvl, p].tolist()
+                        expected[b, q, m] += weights[b, q, m, lvl, p] * bilinear_sample_naive(
+                            image, x, y)
+    assert torch.allclose(fast, expected.reshape(batch, num_query, heads * head_dim), atol=1e-10)
+
+
+def test_msdeform_decoder_without_encoder_layers():
+    torch.manual_seed(0)
+    decoder = MSDeformAttnPixelDecoder({"res2": 8, "res3": 8, "res4": 8, "res5": 8}, 16, 8,
+                                       num_heads=2, dim_feedforward=32, num_layers=0)
+    feats = {f"res{i}": torch.randn(1, 8, 64 // 2 ** i, 64 // 2 ** i) for i in range(2, 6)}
+    mask_features, multi_scale = decoder(feats)
+    assert mask_features.shape == (1, 8, 16, 16)
+    assert [f.shape[-1] for f in multi_scale] == [2, 4, 8]
+
+
+def test_sine_position_encoding_is_bounded_and_distinct():
+    pos = sine_position_encoding(3, 5, 10)
+    assert pos.shape == (10, 3, 5)
+    assert pos.abs().max() <= 1
+    flat = pos.flatten(1).T  # [15, 10]
+    assert torch.cdist(flat, flat).add(torch.eye(15)).min() > 1e-3  # every position distinct
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+def test_backbone_weights_load_from_local_file(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    with torch.no_grad():  # non-trivial BN statistics, so loading buffers is checked too
+        reference.bn1.running_mean.uniform_(-1, 1)
+        reference.layer3[0].bn2.running_var.uniform_(0.5, 2)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+
+    seg = build_segmentor(tiny_config(backbone_weights=str(path)), EMBED_DIM)
+    backbone = seg.backbone
+    assert torch.equal(backbone.stem[0].weight, reference.conv1.weight)
+    assert torch.equal(backbone.stem[1].running_mean, reference.bn1.running_mean)
+    assert torch.equal(backbone.res4[0].bn2.running_var, reference.layer3[0].bn2.running_var)
+    assert torch.equal(backbone.res5[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert isinstance(backbone.stem[1], torchvision.ops.FrozenBatchNorm2d)
+
+
+def test_backbone_weights_for_another_depth_fail(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(ValueError, match="model.backbone_weights"):
+        ResNetBackbone("resnet18", weights=path)
+
+
+def test_missing_backbone_weights_name_the_key(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError) as info:
+        build_segmentor(tiny_config(backbone_weights=str(missing)), EMBED_DIM)
+    assert "model.backbone_weights" in str(info.value) and str(missing) in str(info.value)
+
+
+def test_resnet50_forward_and_resnet101_builds():
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(backbone="resnet50", pixel_decoder="fpn"), EMBED_DIM).eval()
+    with torch.no_grad():
+        out = seg(images(batch=1), class_embeddings())
+    assert out["pred_masks"].shape == (1, 8, 16, 16)
+    deep = ResNetBackbone("resnet101", norm="gn")
+    assert deep.out_channels == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
+    assert len(deep.res4) == 23
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def total_output(out: dict) -> torch.Tensor:
+    total = sum(out[k].sum() for k in ("pred_logits", "pred_masks", "pred_embeds", "mfe_logits"))
+    return total + sum(v.sum() for aux in out["aux_outputs"] for v in aux.values())
+
+
+@pytest.mark.parametrize("decoder", ["msdeform", "fpn"])
+def test_gradient_reaches_every_trainable_parameter(decoder):
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(pixel_decoder=decoder), EMBED_DIM).train()
+    params = {n: p for n, p in seg.named_parameters() if p.requires_grad}
+    # Deformable attention starts with zero-weight offset/attention projections (Deformable DETR
+    # init), so nothing reaches the encoder's query side (positional + level embeddings) on the
+    # very first step; one SGD step later every parameter must receive gradient.
+    optimizer = torch.optim.SGD(params.values(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        total_output(seg(images(), class_embeddings(batch=2))).backward()
+        optimizer.step()
+    dead = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"no gradient for {dead}"
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_semantic_inference_matches_loop():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
+    masks = torch.randn(2, 4, 5, 6, generator=generator, dtype=torch.float64)
+    seen = [0, 2]
+    scores = semantic_inference(logits, masks, (10, 12), seen_class_ids=seen,
+                                seen_score_calibration=0.1)
+    upsampled = F.interpolate(masks, size=(10, 12), mode="bilinear", align_corners=False)
+    expected = torch.zeros(2, 3, 10, 12, dtype=torch.float64)
+    for b in range(2):
+        for k in range(3):
+            for q in range(4):
+                prob = torch.sigmoid(logits[b, q, k]) - (0.1 if k in seen else 0.0)
+                expected[b, k] += prob * torch.sigmoid(upsampled[b, q])
+    assert torch.allclose(scores, expected, atol=1e-12)
+    plain = semantic_inference(logits, masks, (10, 12))
+    assert torch.all(plain[:, 1] == scores[:, 1]) and torch.all(plain[:, 0] > scores[:, 0])
+
+
+def test_predict_returns_labels_and_keeps_training_flag(model):
+    model.train()
+    labels = model.predict(images(height=64, width=96), class_embeddings(), num_random_queries=2,
+                           seen_class_ids=[0, 1], seen_score_calibration=0.1)
+    assert labels.shape == (2, 64, 96) and labels.dtype == torch.long
+    assert 0 <= labels.min() and labels.max() < NUM_CLASSES
+    assert model.training
