@@ -1,0 +1,1 @@
+"""Benchmarks behind `splitmatch bench ...`: scripts that print figures, never timed tests."""

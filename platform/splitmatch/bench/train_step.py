@@ -1,0 +1,78 @@
+"""The matcher's share of one CPU training step of `experiments/toyworld.yaml`."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitmatch.clip import build_clip
+from splitmatch.config import load_config
+from splitmatch.criterion import build_criterion
+from splitmatch.data import build_dataset, collate
+from splitmatch.matcher import build_matcher
+from splitmatch.model import build_segmentor
+from splitmatch.train import build_class_space, build_optimizer, training_step
+
+TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yaml"
+
+
+class TimedMatcher(nn.Module):
+    """Adds up the wall time spent inside the wrapped matcher."""
+
+    def __init__(self, matcher: nn.Module):
+        super().__init__()
+        self.matcher, self.seconds = matcher, 0.0
+
+    def forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.matcher(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return result
+
+
+def toy_batch_with_candidates(cfg, clip) -> dict:
+    """A training batch whose unseen objects stand in for pseudo masks (same sizes and counts)."""
+    val = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    batch = collate([val[i] for i in range(cfg.train.batch_size)])
+    unseen = torch.tensor(val.unseen_ids)
+    cmaps, embeds = torch.zeros_like(batch["label"], dtype=torch.uint8), []
+    for b, label in enumerate(batch["label"]):
+        masks = [label == u for u in unseen.tolist() if (label == u).any()]
+        for j, m in enumerate(masks):
+            cmaps[b][m] = j + 1
+        embeds.append(clip.masked_cls(batch["image"][b:b + 1], torch.stack(masks),
+                                      torch.zeros(len(masks), dtype=torch.long))
+                      if masks else torch.zeros(0, clip.embed_dim))
+    batch["label"][torch.isin(batch["label"], unseen)] = 255
+    return {**batch, "candidate_map": cmaps, "candidate_embeds": embeds}
+
+
+def matcher_share_of_step(steps: int = 5, config: Path = TOY_CONFIG) -> dict:
+    cfg = load_config(config)
+    torch.manual_seed(cfg.seed)
+    clip = build_clip(cfg.clip)
+    classes = build_class_space(cfg, clip)
+    model = build_segmentor(cfg.model, clip.embed_dim)
+    matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
+                                         cfg.model.num_candidate_queries))
+    criterion = build_criterion(cfg.loss, matcher)
+    optimizer = build_optimizer(model, cfg.optim)
+    batch = toy_batch_with_candidates(cfg, clip)
+    device = torch.device("cpu")
+
+    def step():
+        loss = sum(training_step(model, criterion, batch, classes, True, device).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    matcher.seconds = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - start) / steps
+    matcher_s = matcher.seconds / steps
+    return {"step_s": step_s, "matcher_s": matcher_s, "share": matcher_s / step_s}

@@ -1,0 +1,155 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+from splitmatch.criterion import (SetCriterion, dice_loss, iou_loss, pseudo_label_map,
+                                  sigmoid_focal_loss, uncertain_point_coords)
+from splitmatch.matcher import HungarianMatcher, SplitMatcher
+from splitmatch.targets import (UnseenLabelError, build_targets, class_embedding_sets,
+                                seen_lookup)
+
+SEEN = [0, 2, 3]  # global ids 1 and 4 are unseen
+
+
+def make_batch(seed=0, b=2, q=6, c=8, size=16):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((b, size, size), 255, dtype=torch.long)
+    labels[:, :8, :8] = 0
+    labels[0, 8:, 8:] = 3
+    labels[1, :8, 8:] = 2
+    cmaps = torch.zeros(b, size, size, dtype=torch.uint8)
+    cmaps[:, 10:14, 0:6] = 1
+    cmaps[0, 0:4, 10:16] = 2
+    cand = [F.normalize(torch.randn(2, c, generator=g), dim=-1),
+            F.normalize(torch.randn(1, c, generator=g), dim=-1)]
+    text = F.normalize(torch.randn(len(SEEN), c, generator=g), dim=-1)
+    outputs = {"pred_logits": torch.randn(b, q, len(SEEN) + 2, generator=g, requires_grad=True),
+               "pred_masks": torch.randn(b, q, size // 4, size // 4, generator=g, requires_grad=True),
+               "pred_embeds": F.normalize(torch.randn(b, q, c, generator=g), dim=-1).requires_grad_()}
+    return labels, cmaps, cand, text, outputs
+
+
+def test_targets_map_seen_ids_and_candidates():
+    labels, cmaps, cand, text, _ = make_batch()
+    lut = seen_lookup(SEEN)
+    targets = build_targets(labels, lut, cmaps, num_seen=len(SEEN))
+    t0 = targets[0]
+    assert t0["labels"].tolist() == [0, 2, 3, 4]  # seen idx of ids 0, 3; candidates 1, 2 → 3, 4
+    assert t0["is_candidate"].tolist() == [False, False, True, True]
+    assert t0["masks"][0].sum() == 64 and t0["masks"][2].sum() == 24
+    assert targets[1]["labels"].tolist() == [0, 1, 3]
+    embeds, valid = class_embedding_sets(text, cand, 2)
+    assert embeds.shape == (2, 5, 8) and valid.tolist() == [[True] * 5, [True] * 4 + [False]]
+    assert torch.equal(embeds[0, 3:], cand[0]) and torch.equal(embeds[1, :3], text)
+
+
+def test_unseen_id_never_reaches_the_loss():
+    labels, *_ = make_batch()
+    labels[1, 0, 0] = 4  # an unseen class id left in a training label
+    with pytest.raises(UnseenLabelError, match=r"\[4\]"):
+        build_targets(labels, seen_lookup(SEEN))
+    labels[1, 0, 0] = 77  # unknown id
+    with pytest.raises(UnseenLabelError):
+        build_targets(labels, seen_lookup(SEEN))
+
+
+def test_pseudo_label_map():
+    labels, cmaps, *_ = make_batch()
+    yp = pseudo_label_map(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    assert yp[0, 0, 0] == 0 and yp[0, 15, 15] == 2 and yp[0, 12, 2] == 3 and yp[0, 1, 12] == 4
+    assert yp[1, 15, 15] == 255
+
+
+def test_focal_dice_iou_against_references():
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(5, 30, generator=g), (torch.rand(5, 30, generator=g) > 0.5).float()
+    assert torch.allclose(sigmoid_focal_loss(x, t), tv_focal(x, t, reduction="none"), atol=1e-6)
+    p = x.sigmoid()
+    ref_iou = 1 - ((p * t).sum(1) + 1) / ((p + t - p * t).sum(1) + 1)
+    ref_dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    assert torch.allclose(iou_loss(x, t), ref_iou, atol=1e-6)
+    assert torch.allclose(dice_loss(x, t), ref_dice, atol=1e-6)
+    perfect = torch.where(t > 0, 20.0, -20.0)
+    assert iou_loss(perfect, t).max() < 1e-3 and dice_loss(perfect, t).max() < 1e-3
+
+
+def test_importance_sampling_prefers_uncertain_points():
+    logits = torch.full((1, 8, 8), 10.0)
+    logits[0, :, :4] = 0.0  # left half uncertain
+    torch.manual_seed(0)
+    coords = uncertain_point_coords(logits, num_points=100, oversample_ratio=3.0,
+                                    importance_sample_ratio=0.75)
+    assert coords.shape == (1, 100, 2)
+    assert (coords[0, :75, 0] < 0.5).float().mean() > 0.95
+
+
+def criterion(matcher, **kw):
+    return SetCriterion(matcher, num_points=64, **kw)
+
+
+def test_split_losses_and_padding_ignored():
+    labels, cmaps, cand, text, outputs = make_batch()
+    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    _, valid = class_embedding_sets(text, cand, 2)
+    crit = criterion(SplitMatcher(HungarianMatcher(num_points=64), 4, 2), deep_supervision=False)
+    torch.manual_seed(0)
+    losses = crit(outputs, targets, valid, candidate_embeds=cand, num_seen_classes=3)
+    assert set(losses) == {"loss_cls", "loss_iou", "loss_dice", "loss_cos"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    # The padding column of image 1 (it has one candidate, image 0 two) must not matter.
+    changed = {k: v.detach().clone() for k, v in outputs.items()}
+    changed["pred_logits"][1, :, 4] = 50.0
+    torch.manual_seed(0)
+    again = crit(changed, targets, valid, candidate_embeds=cand, num_seen_classes=3)
+    assert again["loss_cls"].item() == pytest.approx(losses["loss_cls"].item(), rel=1e-6)
+    sum(losses.values()).backward()
+    assert outputs["pred_logits"].grad.abs().sum() > 0 and outputs["pred_embeds"].grad.abs().sum() > 0
+
+
+def test_cosine_loss_is_zero_when_embeddings_equal_cls():
+    labels, cmaps, cand, text, outputs = make_batch()
+    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    matcher = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)
+    crit = criterion(matcher)
+    matches = matcher(outputs, targets)
+    embeds = outputs["pred_embeds"].detach().clone()
+    for b, (q, t) in enumerate(matches):
+        for qi, ti in zip(q.tolist(), t.tolist()):
+            if targets[b]["is_candidate"][ti]:
+                embeds[b, qi] = cand[b][targets[b]["labels"][ti] - 3]
+    loss = crit.loss_cosine(embeds, targets, matches, cand, 3)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss = crit.loss_cosine(-embeds, targets, matches, cand, 3)
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_baseline_mode_ignores_candidates():
+    labels, _, _, text, outputs = make_batch()
+    outputs["pred_logits"] = outputs["pred_logits"][..., :3].detach().requires_grad_()
+    targets = build_targets(labels, seen_lookup(SEEN))
+    _, valid = class_embedding_sets(text, None, 2)
+    crit = criterion(HungarianMatcher(num_points=64))
+    losses = crit(outputs, targets, valid)
+    assert "loss_cos" not in losses and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_deep_supervision_and_mfe_terms():
+    labels, cmaps, cand, text, outputs = make_batch()
+    outputs["aux_outputs"] = [{k: v.detach() for k, v in outputs.items()} for _ in range(2)]
+    outputs["mfe_logits"] = torch.randn(2, 5, 8, 8, requires_grad=True)
+    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    _, valid = class_embedding_sets(text, cand, 2)
+    yp = pseudo_label_map(labels, seen_lookup(SEEN), cmaps, 3)
+    crit = criterion(SplitMatcher(HungarianMatcher(num_points=64), 4, 2))
+    losses = crit(outputs, targets, valid, candidate_embeds=cand, num_seen_classes=3, pseudo_labels=yp)
+    for name in ("loss_cls_aux0", "loss_dice_aux1", "loss_cos_aux1", "loss_mfe_ce", "loss_mfe_focal"):
+        assert name in losses
+    # A confident, correct MFE prediction has near-zero MFE loss.
+    small = F.interpolate(yp[:, None].float(), size=(8, 8), mode="nearest")[:, 0].long()
+    perfect = torch.full((2, 5, 8, 8), -20.0)
+    for b in range(2):
+        for k in range(5):
+            perfect[b, k][small[b] == k] = 20.0
+    ce, focal = crit.loss_mfe(perfect, yp, valid)
+    assert ce.item() < 1e-4 and focal.item() < 1e-4

@@ -1,0 +1,150 @@
+"""The core training path end to end on the toy world: ZSS label hygiene, overfitting, the local job."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from splitmatch.clip import TEMPLATES, build_clip
+from splitmatch.config import config_from_dict
+from splitmatch.criterion import build_criterion
+from splitmatch.data import build_dataset, collate
+from splitmatch.data.splits import TOYWORLD_CLASSES, seen_ids, unseen_ids
+from splitmatch.data.toyworld import render
+from splitmatch.matcher import build_matcher
+from splitmatch.model import build_segmentor
+from splitmatch.targets import seen_lookup
+from splitmatch.train import ClassSpace, build_optimizer, lr_factor, train_local, training_step
+
+TINY_MODEL = {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
+              "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
+              "num_seen_queries": 8, "num_candidate_queries": 4, "mfe": {"num_groups": 8}}
+TINY_CLIP = {"model_name": "splitmatch-tiny-vit", "pretrained": None}
+
+
+def toy_classes(clip):
+    seen, unseen = seen_ids("toyworld"), unseen_ids("toyworld")
+    text = clip.text_embeddings(TOYWORLD_CLASSES, TEMPLATES["single"])
+    return ClassSpace(TOYWORLD_CLASSES, tuple(TOYWORLD_CLASSES[i] for i in unseen), seen,
+                      seen_lookup(seen), text)
+
+
+class RecordingCriterion(torch.nn.Module):
+    """Wraps the real criterion and keeps every target label that reaches it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen_labels, self.pseudo_values = inner, [], set()
+
+    def forward(self, outputs, targets, class_valid, **kw):
+        for t in targets:
+            self.seen_labels += t["labels"][~t["is_candidate"]].tolist()
+        self.pseudo_values |= set(kw["pseudo_labels"].unique().tolist())
+        return self.inner(outputs, targets, class_valid, **kw)
+
+
+def test_no_unseen_label_reaches_the_loss():
+    torch.manual_seed(0)
+    cfg = config_from_dict({"model": TINY_MODEL, "clip": TINY_CLIP,
+                            "data": {"crop_size": 64, "toyworld": {"num_train": 24, "image_size": 64}},
+                            "matching": {"num_points": 256}, "loss": {"num_points": 256}})
+    clip = build_clip(cfg.clip)
+    classes = toy_classes(clip)
+    model = build_segmentor(cfg.model, clip.embed_dim)
+    criterion = RecordingCriterion(build_criterion(cfg.loss, build_matcher(
+        cfg.matching, cfg.loss, 8, 4)))
+    dataset = build_dataset(cfg.data, "train", train=True)
+    raw_unseen_pixels = 0
+    for i in range(len(dataset)):  # the generator really draws unseen objects into these images
+        from splitmatch.data.toyworld import generate
+        _, label = generate(cfg.data.toyworld, "train", i)
+        raw_unseen_pixels += int(torch.isin(torch.from_numpy(label).long(),
+                                            torch.tensor(unseen_ids("toyworld"))).sum())
+    assert raw_unseen_pixels > 0
+    for batch in DataLoader(dataset, batch_size=6, collate_fn=collate):
+        training_step(model, criterion, batch, classes, True, torch.device("cpu"))
+    assert criterion.seen_labels, "no seen targets were built"
+    assert max(criterion.seen_labels) < classes.num_seen
+    assert criterion.pseudo_values <= set(range(classes.num_seen)) | {255}
+
+
+def fixed_toy_batch(clip, size=128):
+    """Two toy images with their unseen objects as candidate pseudo masks (test data, not a method)."""
+    unseen = torch.tensor(unseen_ids("toyworld"))
+    images, labels, cmaps, embeds = [], [], [], []
+    for seed, objects in ((3, [0, 5, 4]), (11, [1, 7, 6])):
+        image, label = render(seed, size, 3, classes=objects)
+        image = torch.from_numpy(image).permute(2, 0, 1)
+        label = torch.from_numpy(label).long()
+        cmap = torch.zeros_like(label, dtype=torch.uint8)
+        masks = []
+        for u in unseen.tolist():
+            if (label == u).any():
+                masks.append(label == u)
+                cmap[label == u] = len(masks)
+        label[torch.isin(label, unseen)] = 255
+        embeds.append(clip.masked_cls(image[None], torch.stack(masks),
+                                      torch.zeros(len(masks), dtype=torch.long)))
+        images.append(image), labels.append(label), cmaps.append(cmap)
+    return {"image": torch.stack(images), "label": torch.stack(labels),
+            "candidate_map": torch.stack(cmaps), "candidate_embeds": embeds}
+
+
+def test_overfits_a_fixed_batch_with_split_matching():
+    torch.manual_seed(0)
+    # Uniform mask points: importance sampling puts 75% of the points on mask boundaries, where a
+    # stride-4 mask can never be exact, so its loss floor measures resolution, not learning.
+    cfg = config_from_dict({"model": TINY_MODEL, "clip": TINY_CLIP,
+                            "matching": {"mode": "split", "num_points": 512},
+                            "loss": {"num_points": 512, "importance_sample_ratio": 0.0},
+                            "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "weight_decay": 0.0}})
+    clip = build_clip(cfg.clip)
+    classes = toy_classes(clip)
+    batch = fixed_toy_batch(clip)
+    model = build_segmentor(cfg.model, clip.embed_dim)
+    criterion = build_criterion(cfg.loss, build_matcher(cfg.matching, cfg.loss, 8, 4))
+    optimizer = build_optimizer(model, cfg.optim)
+    curve, terms = [], {}
+    for step in range(300):
+        losses = training_step(model, criterion, batch, classes, True, torch.device("cpu"))
+        assert "loss_cos" in losses and "loss_mfe_ce" in losses  # split matching + MFE are on
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+        if step % 50 == 0 or step == 299:
+            terms[step] = {k: round(v.item(), 4) for k, v in losses.items() if "_aux" not in k}
+    final = sum(curve[-20:]) / 20
+    print("overfit curve:", {s: round(curve[s], 3) for s in terms}, "final(mean last 20):",
+          round(final, 3), "terms:", terms)
+    assert final <= 0.1 * curve[0], f"loss fell only from {curve[0]:.3f} to {final:.3f}"
+
+
+def test_lr_schedules():
+    from splitmatch.config import OptimConfig
+    poly = OptimConfig(schedule="poly", poly_power=0.9, warmup_iters=10)
+    assert lr_factor(0, 100, poly) == pytest.approx(0.1)
+    assert lr_factor(10, 100, poly) == pytest.approx(0.9 ** 0.9)
+    assert lr_factor(100, 100, poly) == 0.0
+    cos = OptimConfig(schedule="cosine")
+    assert lr_factor(50, 100, cos) == pytest.approx(0.5)
+
+
+def test_local_job_writes_config_checkpoint_and_metrics(tmp_path):
+    cfg = config_from_dict({
+        "name": "smoke", "model": TINY_MODEL, "clip": TINY_CLIP,
+        "data": {"crop_size": 64, "toyworld": {"num_train": 8, "num_val": 4, "image_size": 64}},
+        "matching": {"num_points": 256}, "loss": {"num_points": 256},
+        "train": {"max_iters": 3, "batch_size": 2, "loader_workers": 0, "log_every": 1},
+        "inference": {"num_random_queries": 2}})
+    metrics = train_local(cfg, tmp_path, log=lambda *_: None)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == set(TOYWORLD_CLASSES)
+    for key in ("hIoU", "sIoU", "uIoU", "mIoU"):
+        assert key in saved and (saved[key] == metrics[key] or saved[key] != saved[key])
+    assert len(saved["history"]) == 3
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    model = build_segmentor(cfg.model, 64)
+    model.load_state_dict(state)
+    assert (tmp_path / "config.yaml").read_text().startswith("name: smoke")
