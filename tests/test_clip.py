@@ -255,3 +255,16 @@ def test_extra_config_dir_and_non_vit_tower(tmp_path: Path) -> None:
     assert resnet_clip.encode_images(images).shape == (2, 32)
     with pytest.raises(TypeError, match="VisionTransformer"):
         resnet_clip.dense_features(images)
+
+
+def test_paper_vit_b16_architecture_builds_offline() -> None:
+    """The ViT-B/16 of the paper configs, randomly initialised (weights cannot be downloaded here)."""
+    from splitmatch.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "voc_split_matching.yaml",
+                      ["clip.pretrained=null"])
+    torch.manual_seed(0)
+    clip = build_clip(cfg.clip)
+    assert clip.embed_dim == 512
+    image = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
+    assert clip.dense_features(image).shape == (1, 512, 14, 14)

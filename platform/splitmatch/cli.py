@@ -7,7 +7,6 @@ from pathlib import Path
 
 from splitmatch.config import ConfigError, dump_config, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "toyworld.yaml"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -85,8 +85,13 @@ def lr_factor(iteration: int, max_iters: int, optim_cfg: OptimConfig) -> float:
 
 
 def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classes: ClassSpace,
-                  split_matching: bool, device: torch.device) -> dict[str, Tensor]:
-    """Forward + weighted losses for one batch (no backward: the caller owns the optimiser)."""
+                  split_matching: bool, device: torch.device, amp: bool = False) -> dict[str, Tensor]:
+    """Forward + weighted losses for one batch (no backward: the caller owns the optimiser).
+
+    With `amp`, only the model runs under bf16 autocast (no loss scaling needed, unlike fp16); the
+    matcher and the losses stay in float32, as in Mask2Former, since Hungarian costs in bf16 can
+    flip assignments.
+    """
     images = batch["image"].to(device, non_blocking=True)  # [B, 3, H, W] uint8
     labels = batch["label"].to(device, non_blocking=True)  # [B, H, W] global ids, unseen = ignore
     candidate_maps, candidate_embeds = None, None
@@ -96,7 +101,8 @@ def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classe
     targets = build_targets(labels, classes.seen_lut, candidate_maps, classes.num_seen)
     class_embeds, class_valid = class_embedding_sets(classes.seen_text.to(device), candidate_embeds,
                                                      images.shape[0])
-    outputs = model(images, class_embeds)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(images, class_embeds)
     pseudo_labels = pseudo_label_map(labels, classes.seen_lut, candidate_maps, classes.num_seen,
                                      classes.ignore_index)
     return criterion(outputs, targets, class_valid, candidate_embeds=candidate_embeds,
@@ -148,6 +154,7 @@ def train_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     log(f"training {cfg.name}: {len(train_set)} train / {len(val_set)} val images, "
         f"{classes.num_seen} seen + {len(classes.unseen)} unseen classes, matching={cfg.matching.mode}, "
         f"device={device}")
+    use_amp = cfg.train.amp and device.type == "cuda"
     model.train()
     iteration, epoch, start = 0, 0, time.perf_counter()
     history: list[dict] = []
@@ -160,7 +167,8 @@ def train_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
             factor = lr_factor(iteration, cfg.train.max_iters, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-            losses = training_step(model, criterion, batch, classes, split_matching, device)
+            losses = training_step(model, criterion, batch, classes, split_matching, device,
+                                   amp=use_amp)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
