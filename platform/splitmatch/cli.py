@@ -29,6 +29,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pseudo(args) -> int:
+    from splitmatch.pseudo.pipeline import run_pseudo
+    manifest = run_pseudo(load_config(args.config, args.overrides), split=args.split)
+    return 0 if manifest["complete"] else 1
+
+
 def cmd_bench(args) -> int:
     if args.what == "matching":
         from splitmatch.bench.matching import run
@@ -53,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None,
                    help="where config, checkpoint and metrics go (default: train.storage_path/name)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pseudo", help="build the CLIP pseudo-mask cache on Ray Data (resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
+    p.set_defaults(func=cmd_pseudo)
 
     p = sub.add_parser("bench", help="print benchmark figures",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

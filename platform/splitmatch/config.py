@@ -87,13 +87,22 @@ class ClipConfig:
 
 @dataclass
 class PseudoMaskConfig:
-    # Window sizes S of Eq. 1, in CLIP patch units.
-    scales: list[int] = field(default_factory=lambda: [3, 5, 7])
+    # Window sizes S of Eq. 1, in CLIP patch units. On the 14×14 grid of ViT-B/16 at 224 px,
+    # 5, 7 and 9 give 25, 9 and 4 seeds: fine, medium and coarse partitions to fuse.
+    scales: list[int] = field(default_factory=lambda: [5, 7, 9])
     merge_threshold: float = 0.85
     min_area: int = 64
     kmeans_iters: int = 30
     kmeans_tol: float = 1e-4
+    # CLIP input side for the dense features; None = the model's own (224 → 14×14 for ViT-B/16).
+    image_size: int | None = None
     cache_dir: str = "runs/pseudo_cache"
+    # Ray Data: images per kernel call, actors in the pool, resources per actor. GPUs are used
+    # only when the cluster has them.
+    batch_size: int = 8
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
 
 
 @dataclass
@@ -299,6 +308,13 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                           f"and must lie in [-1, 1], got {p.merge_threshold}")
     _positive(p.min_area, "pseudo_masks.min_area", source, allow_zero=True)
     _positive(p.kmeans_iters, "pseudo_masks.kmeans_iters", source)
+    _positive(p.kmeans_tol, "pseudo_masks.kmeans_tol", source, allow_zero=True)
+    if p.image_size is not None:
+        _positive(p.image_size, "pseudo_masks.image_size", source)
+    _positive(p.batch_size, "pseudo_masks.batch_size", source)
+    _positive(p.num_actors, "pseudo_masks.num_actors", source)
+    _positive(p.cpus_per_actor, "pseudo_masks.cpus_per_actor", source, allow_zero=True)
+    _positive(p.gpus_per_actor, "pseudo_masks.gpus_per_actor", source, allow_zero=True)
     _positive(cfg.matching.num_points, "matching.num_points", source)
     for key in ("cost_class", "cost_mask", "cost_dice"):
         _positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)

@@ -228,10 +228,13 @@ def collate(samples: Sequence[Sample | None]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- building
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> SegmentationDataset:
+def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0,
+                  augment: bool = True) -> SegmentationDataset:
     """The dataset `cfg.dataset` for `split`; `train=True` masks unseen classes and augments.
 
     `seed` drives augmentation only (toy-world images come from `cfg.toyworld.seed`).
+    `augment=False` keeps train-mode labels (unseen → ignore) at full size: what the pseudo-mask
+    pipeline needs to know which pixels are unannotated.
     """
     # Imported here: each dataset module imports this one for the base class.
     from splitmatch.data.coco_stuff import CocoStuff
@@ -240,7 +243,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> Se
 
     unseen = splits.unseen_ids(cfg.dataset, cfg.unseen)
     augment = (TrainAugment(cfg.crop_size, cfg.min_scale, cfg.max_scale, cfg.ignore_index)
-               if train else None)
+               if train and augment else None)
     common = dict(unseen_ids=unseen, train=train, augment=augment, ignore_index=cfg.ignore_index,
                   on_error=cfg.on_error, seed=seed)
     if cfg.dataset == "voc":

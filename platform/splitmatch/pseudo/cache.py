@@ -1,0 +1,192 @@
+"""The pseudo-mask cache: content-addressed folders of atomically written NPZ shards + a manifest.
+
+Layout of `{pseudo_masks.cache_dir}/{key}/`:
+    key.json            what the key was computed from (dataset split, CLIP, pseudo-mask settings)
+    shards/*.npz        one per kernel batch, written to a temporary name then renamed, so a crash
+                        never leaves a half shard that looks complete
+    manifest.json       written at the end of a run: shards, failures, statistics, quality
+The key is a hash of everything that changes the result, so a config change gives a new folder and
+never a stale cache. Shards are plain arrays (`allow_pickle=False` on read): nothing executable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitmatch.clip import PACKAGE_MODEL_CONFIGS
+from splitmatch.config import Config
+from splitmatch.data import splits
+from splitmatch.pseudo.kernel import KERNEL_VERSION
+
+SHARD_FIELDS = ("indices", "ok", "errors", "paths", "map_shapes", "map_data", "num_candidates",
+                "embeds", "q_segments", "q_best_iou_sum", "q_covered", "q_unseen")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _clip_identity(cfg: Config) -> dict:
+    """What makes two CLIP models the same: name, weights file identity, model-config contents."""
+    clip = cfg.clip
+    identity: dict = {"model_name": clip.model_name, "force_quick_gelu": clip.force_quick_gelu}
+    if clip.pretrained and Path(clip.pretrained).is_file():
+        # Size + mtime, not a content hash: hashing a 600 MB checkpoint on every start is wasteful,
+        # and replacing weights in place changes the mtime.
+        stat = Path(clip.pretrained).stat()
+        identity["pretrained"] = {"path": str(Path(clip.pretrained).resolve()), "size": stat.st_size,
+                                  "mtime_ns": stat.st_mtime_ns}
+    else:
+        identity["pretrained"] = clip.pretrained
+    for folder in filter(None, [clip.model_config_dir, str(PACKAGE_MODEL_CONFIGS)]):
+        candidate = Path(folder) / f"{clip.model_name}.json"
+        if candidate.is_file():
+            identity["model_config_sha256"] = _file_sha256(candidate)
+            break
+    return identity
+
+
+def cache_inputs(cfg: Config, split: str) -> dict:
+    """Everything the cached result depends on (and nothing it does not, e.g. batch size)."""
+    data = cfg.data
+    unseen = sorted(data.unseen) if data.unseen is not None else sorted(splits.default_unseen(data.dataset))
+    dataset: dict = {"name": data.dataset, "split": split, "unseen": unseen,
+                     "ignore_index": data.ignore_index}
+    if data.dataset == "toyworld":
+        dataset["toyworld"] = vars(data.toyworld).copy()
+    else:
+        dataset["root"] = str(Path(data.root).resolve())
+    p = cfg.pseudo_masks
+    pseudo = {"scales": list(p.scales), "merge_threshold": p.merge_threshold, "min_area": p.min_area,
+              "kmeans_iters": p.kmeans_iters, "kmeans_tol": p.kmeans_tol, "image_size": p.image_size}
+    return {"kernel_version": KERNEL_VERSION, "dataset": dataset, "clip": _clip_identity(cfg),
+            "pseudo_masks": pseudo}
+
+
+def cache_key(cfg: Config, split: str) -> str:
+    canonical = json.dumps(cache_inputs(cfg, split), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def cache_dir(cfg: Config, split: str) -> Path:
+    return Path(cfg.pseudo_masks.cache_dir).resolve() / cache_key(cfg, split)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def write_shard(shard_dir: Path, arrays: dict[str, np.ndarray]) -> str:
+    """Write one shard atomically; the name depends only on its image indices, so a retried batch
+    replaces its own shard instead of adding a duplicate."""
+    indices = arrays["indices"]
+    digest = hashlib.sha1(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:10]
+    name = f"shard-{int(indices.min()):08d}-{digest}.npz"
+    tmp = shard_dir / f".{name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, shard_dir / name)
+    return name
+
+
+def scan_shards(shard_dir: Path) -> dict[int, dict]:
+    """One record per image index found in complete shards (first shard by name wins)."""
+    records: dict[int, dict] = {}
+    for path in sorted(shard_dir.glob("shard-*.npz")):
+        with np.load(path, allow_pickle=False) as shard:
+            indices, ok = shard["indices"], shard["ok"]
+            errors, paths, counts = shard["errors"], shard["paths"], shard["num_candidates"]
+            quality = [shard[k] for k in ("q_segments", "q_best_iou_sum", "q_covered", "q_unseen")]
+        for pos, index in enumerate(indices.tolist()):
+            if index in records:
+                continue
+            records[index] = {"shard": path.name, "pos": pos, "ok": bool(ok[pos]),
+                              "error": str(errors[pos]), "path": str(paths[pos]),
+                              "num_candidates": int(counts[pos]),
+                              "quality": [float(q[pos]) for q in quality]}
+    return records
+
+
+def remove_temporaries(shard_dir: Path) -> int:
+    """Delete half-written shards left by a crash (they never carry a final name)."""
+    leftovers = list(shard_dir.glob(".shard-*.tmp"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+class PseudoMaskCache:
+    """Read side: candidate map + Cu of an image index, from a complete cache folder."""
+
+    def __init__(self, root: Path, max_open_shards: int = 4):
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no pseudo-mask manifest at {manifest_path}")
+        self.manifest = json.loads(manifest_path.read_text())
+        self._where: dict[int, tuple[str, int, int, int]] = {}
+        self._open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self.max_open_shards = max_open_shards
+        for name in self.manifest["shards"]:
+            with np.load(self.root / "shards" / name, allow_pickle=False) as shard:
+                shapes, counts, ok = shard["map_shapes"], shard["num_candidates"], shard["ok"]
+                indices = shard["indices"]
+            map_offset, embed_offset = 0, 0
+            for pos, index in enumerate(indices.tolist()):
+                if ok[pos] and index not in self._where:
+                    self._where[index] = (name, map_offset, embed_offset, pos)
+                if ok[pos]:
+                    map_offset += int(shapes[pos].prod())
+                    embed_offset += int(counts[pos])
+
+    @classmethod
+    def open(cls, cfg: Config, split: str, config_path: str = "CONFIG") -> "PseudoMaskCache":
+        """The complete cache for (cfg, split), or an error saying which command builds it."""
+        root = cache_dir(cfg, split)
+        manifest = root / "manifest.json"
+        if not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+            raise FileNotFoundError(
+                f"pseudo-mask cache {root.name} for split '{split}' is missing or incomplete at "
+                f"{root}; build it with: splitmatch pseudo {config_path}")
+        return cls(root)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._where
+
+    def _shard(self, name: str) -> dict[str, np.ndarray]:
+        if name in self._open:
+            self._open.move_to_end(name)
+            return self._open[name]
+        with np.load(self.root / "shards" / name, allow_pickle=False) as shard:
+            arrays = {k: shard[k] for k in ("map_shapes", "map_data", "num_candidates", "embeds")}
+        self._open[name] = arrays
+        if len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)
+        return arrays
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate map [H, W] uint8, Cu [U, C] float16) of image `index`."""
+        if index not in self._where:
+            raise KeyError(f"image {index} has no pseudo masks in {self.root} (failed or absent; "
+                           f"see the manifest's failures)")
+        name, map_offset, embed_offset, pos = self._where[index]
+        shard = self._shard(name)
+        height, width = shard["map_shapes"][pos].tolist()
+        count = int(shard["num_candidates"][pos])
+        cmap = shard["map_data"][map_offset:map_offset + height * width].reshape(height, width)
+        embeds = shard["embeds"][embed_offset:embed_offset + count]
+        return torch.from_numpy(cmap.copy()), torch.from_numpy(embeds.copy())

@@ -1,0 +1,103 @@
+"""Batched K-means seeded by window means of the CLIP dense features (paper Eq. 1).
+
+Everything runs on the features' device and handles many (image, scale) problems at once: seeds of
+different scales are padded to one K with a validity mask, so a batch of B images and S scales is
+one [B·S, N, C] Lloyd iteration of a few matrix products, not B·S Python-level K-means runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def window_stride(scale: int) -> int:
+    """Eq. 1's index step ⌊s/2⌋ (at least 1, so s = 1 still tiles the grid)."""
+    return max(1, scale // 2)
+
+
+def window_seeds(features: Tensor, scale: int) -> Tensor:
+    """Eq. 1 for one window size: features [B, C, H', W'] → seeds [B, K_s, C].
+
+    Seed (i, j) is the mean of O[u, v] over the s×s window at (i, j), for i ∈ {0, ⌊s/2⌋, …} up to
+    H' − s (likewise j); average pooling with kernel s and stride ⌊s/2⌋ enumerates exactly those
+    windows. A window larger than the grid is clamped to the grid.
+    """
+    height, width = features.shape[-2:]
+    s = min(scale, height, width)
+    pooled = F.avg_pool2d(features, kernel_size=s, stride=window_stride(s))  # [B, C, nI, nJ]
+    return pooled.flatten(2).transpose(1, 2)  # [B, nI·nJ, C]
+
+
+def multi_scale_seeds(features: Tensor, scales: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Seeds of all scales, padded: → seeds [B, S, Kmax, C], valid [S, Kmax]."""
+    per_scale = [window_seeds(features, s) for s in scales]
+    kmax = max(seeds.shape[1] for seeds in per_scale)
+    b, c = features.shape[:2]
+    padded = features.new_zeros(b, len(scales), kmax, c)
+    valid = torch.zeros(len(scales), kmax, dtype=torch.bool, device=features.device)
+    for i, seeds in enumerate(per_scale):
+        padded[:, i, : seeds.shape[1]] = seeds
+        valid[i, : seeds.shape[1]] = True
+    return padded, valid
+
+
+def _sq_distances(points: Tensor, points_sq: Tensor, centroids: Tensor, valid: Tensor) -> Tensor:
+    """Squared Euclidean distances [P, N, K]; invalid (padding) centroids are at +inf."""
+    dist = points_sq[:, :, None] - 2 * points @ centroids.transpose(1, 2)
+    dist = dist + (centroids * centroids).sum(-1)[:, None, :]
+    return dist.clamp_min_(0).masked_fill_(~valid[:, None, :], float("inf"))
+
+
+def batched_kmeans(points: Tensor, seeds: Tensor, valid: Tensor | None = None, max_iters: int = 30,
+                   tol: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
+    """Lloyd's K-means on P independent problems at once.
+
+    points [P, N, C], seeds [P, K, C], valid [P, K] (False = padding seed, never used) →
+    (centroids [P, K, C], assignment [P, N], inertia [P]).
+    Stops when every problem's total squared centroid shift is ≤ tol × (mean per-feature variance
+    of its points), scikit-learn's convergence rule, or after `max_iters`. An empty cluster keeps
+    its previous centroid. Labels and inertia come from a final assignment to the final centroids.
+    Deterministic: no random draw anywhere (the seeds are Eq. 1's window means).
+    """
+    p, _, _ = points.shape
+    k = seeds.shape[1]
+    if valid is None:
+        valid = torch.ones(p, k, dtype=torch.bool, device=points.device)
+    points = points.float()
+    centroids = seeds.float().clone()
+    points_sq = (points * points).sum(-1)  # [P, N]
+    tol_abs = tol * points.var(dim=1, unbiased=False).mean(-1)  # [P]
+    for _ in range(max_iters):
+        assign = _sq_distances(points, points_sq, centroids, valid).argmin(-1)  # [P, N]
+        onehot = F.one_hot(assign, k).to(points.dtype)  # [P, N, K]
+        counts = onehot.sum(1)  # [P, K]
+        sums = onehot.transpose(1, 2) @ points  # [P, K, C]
+        updated = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None],
+                              centroids)
+        shift = ((updated - centroids) ** 2).sum((1, 2))  # [P]
+        centroids = updated
+        if bool((shift <= tol_abs).all()):
+            break
+    dist = _sq_distances(points, points_sq, centroids, valid)
+    min_dist, assign = dist.min(-1)
+    return centroids, assign, min_dist.sum(-1)
+
+
+def multi_scale_kmeans(features: Tensor, scales: Sequence[int], max_iters: int = 30,
+                       tol: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 1 seeds + K-means for every image and scale of `features` [B, C, H', W'].
+
+    → centroids [B, S, Kmax, C], assignment [B, S, H'·W'], valid [S, Kmax].
+    """
+    b, c = features.shape[:2]
+    seeds, valid = multi_scale_seeds(features, scales)  # [B, S, Kmax, C], [S, Kmax]
+    s, kmax = valid.shape
+    points = features.flatten(2).transpose(1, 2)  # [B, N, C]
+    points = points[:, None].expand(b, s, -1, c).reshape(b * s, -1, c)  # [B·S, N, C]
+    problem_valid = valid[None].expand(b, s, kmax).reshape(b * s, kmax)
+    centroids, assign, _ = batched_kmeans(points, seeds.reshape(b * s, kmax, c), problem_valid,
+                                          max_iters, tol)
+    return centroids.view(b, s, kmax, c), assign.view(b, s, -1), valid

@@ -1,0 +1,171 @@
+"""`splitmatch pseudo`: the pseudo-mask kernel sharded over a Ray Data actor pool, cached on disk.
+
+Each actor loads the frozen CLIP once, decodes its images itself (a corrupt image becomes a failure
+row, not a failed block: Ray Data would otherwise drop or retry the whole block), runs the kernel
+and writes its batch as one shard. Re-running skips every image already in a complete shard, so an
+interrupted run resumes where it stopped and ends with exactly one record per image.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitmatch.config import Config, config_from_dict, to_dict
+from splitmatch.data import build_dataset
+from splitmatch.pseudo.cache import (cache_dir, cache_inputs, remove_temporaries, scan_shards,
+                                     write_json_atomic, write_shard)
+
+
+class PseudoMaskActor:
+    """Ray Data callable class: one frozen CLIP per actor, one shard per batch."""
+
+    def __init__(self, config: dict, split: str, shard_dir: str, with_quality: bool):
+        from splitmatch.clip import build_clip
+        from splitmatch.pseudo.kernel import build_kernel
+
+        cfg = config_from_dict(config)
+        # Ray sets CUDA_VISIBLE_DEVICES for actors that asked for a GPU, and hides GPUs otherwise.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(max(1, int(cfg.pseudo_masks.cpus_per_actor)))
+        torch.manual_seed(cfg.seed)  # only matters for a randomly initialised (test) CLIP
+        self.clip = build_clip(cfg.clip, device=device)
+        self.kernel = build_kernel(cfg.pseudo_masks, self.clip, cfg.data.ignore_index)
+        self.train_set = build_dataset(cfg.data, split, train=True, augment=False)
+        # The toy world knows where its unseen objects are: measure how well candidates find them.
+        self.full_set = build_dataset(cfg.data, split, train=False) if with_quality else None
+        self.shard_dir = Path(shard_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from splitmatch.pseudo.kernel import candidate_quality
+
+        indices = [int(i) for i in batch["index"]]
+        samples, errors = {}, {}
+        for index in indices:
+            try:
+                samples[index] = self.train_set.load(index)
+            except Exception as exc:  # record and go on: one bad image must not stop the run
+                errors[index] = f"{type(exc).__name__}: {exc}"
+        good = [i for i in indices if i in samples]
+        results = dict(zip(good, self.kernel([samples[i]["image"] for i in good],
+                                             [samples[i]["label"] for i in good]))) if good else {}
+        quality = {}
+        if self.full_set is not None:
+            for index in good:
+                q = candidate_quality(results[index].candidate_map,
+                                      self.full_set.load(index)["label"], self.train_set.unseen_ids)
+                quality[index] = (q["segments"], q["best_iou_sum"], q["covered_pixels"],
+                                  q["unseen_pixels"])
+        maps = [results[i].candidate_map.numpy().ravel() for i in good]
+        embeds = [results[i].embeds.numpy() for i in good]
+        arrays = {
+            "indices": np.array(indices, dtype=np.int64),
+            "ok": np.array([i in results for i in indices]),
+            "errors": np.array([errors.get(i, "") for i in indices], dtype=str),
+            "paths": np.array([samples[i]["path"] if i in samples else self.train_set.path_of(i)
+                               for i in indices], dtype=str),
+            "map_shapes": np.array([tuple(results[i].candidate_map.shape) if i in results else (0, 0)
+                                    for i in indices], dtype=np.int32).reshape(-1, 2),
+            "map_data": np.concatenate(maps) if maps else np.zeros(0, np.uint8),
+            "num_candidates": np.array([results[i].embeds.shape[0] if i in results else 0
+                                        for i in indices], dtype=np.int32),
+            "embeds": (np.concatenate(embeds) if embeds
+                       else np.zeros((0, self.clip.embed_dim), np.float16)),
+        }
+        for k, name in enumerate(("q_segments", "q_best_iou_sum", "q_covered", "q_unseen")):
+            arrays[name] = np.array([quality.get(i, (0, 0.0, 0, 0))[k] for i in indices],
+                                    dtype=np.float64)
+        shard = write_shard(self.shard_dir, arrays)
+        return {"index": arrays["indices"], "ok": arrays["ok"],
+                "num_candidates": arrays["num_candidates"], "shard": np.array([shard] * len(indices))}
+
+
+def _summarise(records: dict[int, dict], num_images: int, with_quality: bool) -> dict:
+    ok = [r for r in records.values() if r["ok"]]
+    counts = np.array([r["num_candidates"] for r in ok]) if ok else np.zeros(0)
+    stats = {"images": num_images, "processed": len(records), "succeeded": len(ok),
+             "failed": len(records) - len(ok),
+             "candidates_per_image_mean": float(counts.mean()) if len(counts) else 0.0,
+             "candidates_per_image_max": int(counts.max()) if len(counts) else 0}
+    quality = None
+    if with_quality:
+        totals = np.array([r["quality"] for r in ok]).sum(0) if ok else np.zeros(4)
+        segments, best_iou_sum, covered, unseen = totals.tolist()
+        quality = {"unseen_segments": int(segments),
+                   "best_match_iou": best_iou_sum / segments if segments else float("nan"),
+                   "coverage": covered / unseen if unseen else float("nan")}
+    return {"stats": stats, "quality": quality}
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit` and on cluster nodes) joins a cluster; otherwise a
+        # local instance is started on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
+    """Build (or finish) the pseudo-mask cache of `split`; returns the manifest."""
+    import ray
+
+    split = split or cfg.data.train_split
+    root = cache_dir(cfg, split)
+    shard_dir = root / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / "key.json", cache_inputs(cfg, split))
+    dataset = build_dataset(cfg.data, split, train=True, augment=False)
+    num_images = len(dataset)
+    with_quality = cfg.data.dataset == "toyworld"
+    removed = remove_temporaries(shard_dir)
+    done = scan_shards(shard_dir)
+    todo = [i for i in range(num_images) if i not in done]
+    log(f"pseudo masks for {cfg.data.dataset}/{split}: {num_images} images, {len(done)} cached, "
+        f"{len(todo)} to do (cache {root})" + (f"; removed {removed} partial shards" if removed else ""))
+    seconds = 0.0
+    if todo:
+        _init_ray()
+        p = cfg.pseudo_masks
+        use_gpu = p.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
+        start = time.perf_counter()
+        ds = ray.data.from_items([{"index": i} for i in todo])
+        ds = ds.map_batches(
+            PseudoMaskActor,
+            fn_constructor_kwargs={"config": to_dict(cfg), "split": split,
+                                   "shard_dir": str(shard_dir), "with_quality": with_quality},
+            batch_size=p.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=p.num_actors),
+            num_cpus=p.cpus_per_actor,
+            num_gpus=p.gpus_per_actor if use_gpu else 0,
+        )
+        processed = sum(len(batch["index"]) for batch in ds.iter_batches(batch_size=None))
+        seconds = time.perf_counter() - start
+        log(f"processed {processed} images in {seconds:.1f} s on "
+            f"{p.num_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
+    records = scan_shards(shard_dir)
+    summary = _summarise(records, num_images, with_quality)
+    failures = [{"index": i, "path": r["path"], "error": r["error"]}
+                for i, r in sorted(records.items()) if not r["ok"]]
+    manifest = {
+        "key": root.name, "split": split, "inputs": cache_inputs(cfg, split),
+        "complete": all(i in records for i in range(num_images)),
+        "shards": sorted({r["shard"] for r in records.values()}),
+        "failures": failures, **summary,
+        "images_per_second": len(todo) / seconds if seconds else None,
+    }
+    write_json_atomic(root / "manifest.json", manifest)
+    stats = summary["stats"]
+    log(f"images {stats['images']}  failures {stats['failed']}  candidates/image "
+        f"{stats['candidates_per_image_mean']:.1f} (max {stats['candidates_per_image_max']})"
+        + (f"  images/s {manifest['images_per_second']:.2f}" if manifest["images_per_second"] else ""))
+    if summary["quality"]:
+        q = summary["quality"]
+        log(f"toy-world pseudo-mask quality on {q['unseen_segments']} hidden unseen segments: "
+            f"best-match IoU {q['best_match_iou']:.3f}  coverage {q['coverage']:.3f}")
+    for failure in failures[:10]:
+        log(f"failed: image {failure['index']} {failure['path']}: {failure['error']}")
+    return manifest
