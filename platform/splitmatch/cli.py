@@ -39,6 +39,9 @@ def cmd_bench(args) -> int:
     if args.what == "matching":
         from splitmatch.bench.matching import run
         run(repeats=args.repeats)
+    elif args.what == "pseudo":
+        from splitmatch.bench.pseudo import run
+        run(num_images=args.images, clip_name=args.clip, repeats=args.repeats, device=args.device)
     return 0
 
 
@@ -68,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="print benchmark figures",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["matching"], help="which benchmark")
-    p.add_argument("--repeats", type=int, default=7, help="timed repetitions (best is kept)")
+    p.add_argument("what", choices=["matching", "pseudo"], help="which benchmark")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is kept)")
+    p.add_argument("--images", type=int, default=8, help="pseudo: toy images in the batch")
+    p.add_argument("--clip", default="ViT-B-16",
+                   help="pseudo: open_clip model (random init) or 'tiny' for the test CLIP")
+    p.add_argument("--device", default=None, help="pseudo: cpu or cuda (default: cuda if present)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -65,14 +65,13 @@ class PseudoMaskKernel:
         dense = self.clip.dense_features(batch, image_size=self.image_size)  # [B, C, h, w]
         centroids, assign, valid = multi_scale_kmeans(dense.float(), self.scales, self.kmeans_iters,
                                                       self.kmeans_tol)
-        kmax = valid.shape[1]
-        maps = []
-        for b, label in enumerate(labels):
-            sizes = F.one_hot(assign[b], kmax).sum(1)  # [S, Kmax] points per cluster
-            groups = fuse_clusters(centroids[b][valid], sizes[valid], self.merge_threshold)  # [U, C]
-            scores = region_scores(dense[b].float(), groups)  # [U, h, w]
-            unannotated = label.to(dense.device) == self.ignore_index
-            maps.append(cut_candidates(scores, unannotated, self.min_area))
+        b, num_scales, kmax, c = centroids.shape
+        sizes = F.one_hot(assign, kmax).sum(2) * valid  # [B, S, Kmax] points per cluster
+        groups, group_valid = fuse_clusters(centroids.view(b, num_scales * kmax, c),
+                                            sizes.view(b, -1), self.merge_threshold)
+        scores = region_scores(dense, groups, group_valid)  # [B, G, h, w]
+        maps = [cut_candidates(scores[i], label.to(dense.device) == self.ignore_index, self.min_area)
+                for i, label in enumerate(labels)]
         return maps, dense
 
     def candidate_embeddings(self, batch: Tensor, maps: Sequence[Tensor]) -> list[Tensor]:

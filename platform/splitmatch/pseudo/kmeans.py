@@ -44,11 +44,12 @@ def multi_scale_seeds(features: Tensor, scales: Sequence[int]) -> tuple[Tensor, 
     return padded, valid
 
 
-def _sq_distances(points: Tensor, points_sq: Tensor, centroids: Tensor, valid: Tensor) -> Tensor:
-    """Squared Euclidean distances [P, N, K]; invalid (padding) centroids are at +inf."""
-    dist = points_sq[:, :, None] - 2 * points @ centroids.transpose(1, 2)
-    dist = dist + (centroids * centroids).sum(-1)[:, None, :]
-    return dist.clamp_min_(0).masked_fill_(~valid[:, None, :], float("inf"))
+def _centroid_scores(points: Tensor, centroids: Tensor, valid: Tensor) -> Tensor:
+    """‖c‖² − 2·x·c [P, N, K]: the squared distance minus ‖x‖², enough to pick the nearest centroid.
+    Padding centroids score +inf."""
+    scores = torch.baddbmm((centroids * centroids).sum(-1)[:, None, :], points,
+                           centroids.transpose(1, 2), alpha=-2)
+    return scores.masked_fill_(~valid[:, None, :], float("inf"))
 
 
 def batched_kmeans(points: Tensor, seeds: Tensor, valid: Tensor | None = None, max_iters: int = 30,
@@ -57,33 +58,51 @@ def batched_kmeans(points: Tensor, seeds: Tensor, valid: Tensor | None = None, m
 
     points [P, N, C], seeds [P, K, C], valid [P, K] (False = padding seed, never used) →
     (centroids [P, K, C], assignment [P, N], inertia [P]).
-    Stops when every problem's total squared centroid shift is ≤ tol × (mean per-feature variance
-    of its points), scikit-learn's convergence rule, or after `max_iters`. An empty cluster keeps
-    its previous centroid. Labels and inertia come from a final assignment to the final centroids.
-    Deterministic: no random draw anywhere (the seeds are Eq. 1's window means).
+    Stops when no assignment changes, or when every problem's total squared centroid shift is
+    ≤ tol × (mean per-feature variance of its points) — scikit-learn's two convergence rules — or
+    after `max_iters`. An empty cluster moves to a far point (scikit-learn's rule). Labels and
+    inertia come from a final assignment to the final centroids. Deterministic: no random draw anywhere (the seeds are
+    Eq. 1's window means).
     """
-    p, _, _ = points.shape
+    p, n, c = points.shape
     k = seeds.shape[1]
     if valid is None:
         valid = torch.ones(p, k, dtype=torch.bool, device=points.device)
     points = points.float()
     centroids = seeds.float().clone()
-    points_sq = (points * points).sum(-1)  # [P, N]
     tol_abs = tol * points.var(dim=1, unbiased=False).mean(-1)  # [P]
+    flat_points = points.reshape(p * n, c)
+    offsets = (torch.arange(p, device=points.device) * k)[:, None]  # [P, 1]
+    points_sq = (points * points).sum(-1)  # [P, N]
+    previous = None
     for _ in range(max_iters):
-        assign = _sq_distances(points, points_sq, centroids, valid).argmin(-1)  # [P, N]
-        onehot = F.one_hot(assign, k).to(points.dtype)  # [P, N, K]
-        counts = onehot.sum(1)  # [P, K]
-        sums = onehot.transpose(1, 2) @ points  # [P, K, C]
-        updated = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None],
-                              centroids)
+        nearest, assign = _centroid_scores(points, centroids, valid).min(-1)  # [P, N]
+        if previous is not None and torch.equal(assign, previous):
+            break
+        previous = assign
+        # Sums and counts per (problem, cluster) with one scatter each instead of a one-hot matmul.
+        flat_assign = (assign + offsets).flatten()
+        sums = torch.zeros(p * k, c, dtype=points.dtype, device=points.device)
+        sums.index_add_(0, flat_assign, flat_points)
+        counts = torch.bincount(flat_assign, minlength=p * k).view(p, k, 1).to(points.dtype)
+        updated = torch.where(counts > 0, sums.view(p, k, c) / counts.clamp_min(1), centroids)
+        empty = (counts[..., 0] == 0) & valid  # [P, K]
+        if bool(empty.any()):
+            # As scikit-learn does, an empty cluster restarts at a point far from its centroid
+            # (the r-th empty cluster of a problem takes its r-th farthest point).
+            num_far = int(empty.sum(1).max())
+            farthest = (nearest + points_sq).topk(num_far, dim=1).indices  # [P, E]
+            rank = (empty.cumsum(1) - 1).clamp(0, num_far - 1)  # [P, K]
+            far_points = points.gather(1, farthest.gather(1, rank)[..., None].expand(-1, -1, c))
+            updated = torch.where(empty[..., None], far_points, updated)
         shift = ((updated - centroids) ** 2).sum((1, 2))  # [P]
         centroids = updated
         if bool((shift <= tol_abs).all()):
             break
-    dist = _sq_distances(points, points_sq, centroids, valid)
-    min_dist, assign = dist.min(-1)
-    return centroids, assign, min_dist.sum(-1)
+    scores = _centroid_scores(points, centroids, valid)
+    best, assign = scores.min(-1)
+    inertia = (best + points_sq).clamp_min(0).sum(-1)
+    return centroids, assign, inertia
 
 
 def multi_scale_kmeans(features: Tensor, scales: Sequence[int], max_iters: int = 30,

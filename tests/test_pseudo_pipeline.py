@@ -1,0 +1,143 @@
+"""`splitmatch pseudo` on a real local Ray instance with the tiny CLIP: cache keys, resume after a
+kill, failure recording, and what training reads back."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from splitmatch.config import config_from_dict, dump_config
+from splitmatch.data import build_dataset
+from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir, cache_key, scan_shards
+from splitmatch.pseudo.pipeline import run_pseudo
+
+
+def toy_config(tmp_path, **sections):
+    data = {
+        "data": {"toyworld": {"num_train": 12, "num_val": 4, "image_size": 64}},
+        "clip": {"model_name": "splitmatch-tiny-vit", "pretrained": None},
+        "pseudo_masks": {"image_size": 64, "scales": [4, 6], "min_area": 8, "batch_size": 4,
+                         "cache_dir": str(tmp_path / "cache"), "gpus_per_actor": 0.0},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data)
+
+
+def test_cache_key_tracks_what_changes_the_result(tmp_path):
+    base = toy_config(tmp_path)
+    key = cache_key(base, "train")
+    assert cache_key(toy_config(tmp_path), "train") == key
+    # Execution settings do not change the result, so they keep the key.
+    same = toy_config(tmp_path, pseudo_masks={"batch_size": 2, "num_actors": 2})
+    assert cache_key(same, "train") == key
+    changed = [
+        toy_config(tmp_path, pseudo_masks={"scales": [4, 5]}),
+        toy_config(tmp_path, pseudo_masks={"merge_threshold": 0.5}),
+        toy_config(tmp_path, pseudo_masks={"min_area": 9}),
+        toy_config(tmp_path, data={"unseen": ["lemon"]}),
+        toy_config(tmp_path, data={"toyworld": {"num_train": 12, "num_val": 4, "image_size": 64,
+                                                "seed": 1}}),
+        toy_config(tmp_path, clip={"model_name": "ViT-B-16"}),
+    ]
+    keys = {cache_key(c, "train") for c in changed} | {cache_key(base, "val")}
+    assert key not in keys and len(keys) == len(changed) + 1
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"0" * 10)
+    a = cache_key(toy_config(tmp_path, clip={"pretrained": str(weights)}), "train")
+    weights.write_bytes(b"1" * 11)
+    assert cache_key(toy_config(tmp_path, clip={"pretrained": str(weights)}), "train") != a
+
+
+def test_missing_cache_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="splitmatch pseudo exp.yaml"):
+        PseudoMaskCache.open(toy_config(tmp_path), "train", config_path="exp.yaml")
+
+
+def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
+    cfg = toy_config(tmp_path)
+    manifest = run_pseudo(cfg, log=lambda *_: None)
+    assert manifest["complete"] and not manifest["failures"]
+    assert manifest["stats"]["succeeded"] == 12 and manifest["stats"]["candidates_per_image_mean"] > 0
+    assert 0 <= manifest["quality"]["best_match_iou"] <= 1 and 0 <= manifest["quality"]["coverage"] <= 1
+    cache = PseudoMaskCache.open(cfg, "train")
+    train = build_dataset(cfg.data, "train", train=True, augment=False)
+    for i in range(12):
+        cmap, embeds = cache.get(i)
+        label = train[i]["label"]
+        assert cmap.shape == label.shape and embeds.shape == (int(cmap.max()), 64)
+        assert not ((cmap > 0) & (label != 255)).any(), "a candidate covers an annotated pixel"
+    # A second run finds everything cached and does no work.
+    again = run_pseudo(cfg, log=lambda *_: None)
+    assert again["shards"] == manifest["shards"] and again["images_per_second"] is None
+
+
+def write_voc(root: Path, corrupt: str) -> None:
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    names = [f"img{i}" for i in range(5)]
+    rng = np.random.default_rng(0)
+    for name in names:
+        label = np.zeros((48, 64), np.uint8)
+        label[10:30, 10:30] = 5  # a seen object (bottle); the rest is background → ignore
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            root / "JPEGImages" / f"{name}.jpg")
+        Image.fromarray(label).save(root / "SegmentationClassAug" / f"{name}.png")
+    (root / "JPEGImages" / f"{corrupt}.jpg").write_bytes(b"this is not a jpeg")
+    (root / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(names))
+
+
+def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, ray_cluster):
+    root = tmp_path / "VOC2012"
+    write_voc(root, corrupt="img3")
+    cfg = toy_config(tmp_path, data={"dataset": "voc", "root": str(root), "train_split": "train_aug"})
+    manifest = run_pseudo(cfg, log=lambda *_: None)
+    assert manifest["complete"] and manifest["stats"]["succeeded"] == 4
+    assert len(manifest["failures"]) == 1
+    failure = manifest["failures"][0]
+    assert failure["index"] == 3 and "img3.jpg" in failure["error"] + failure["path"]
+    cache = PseudoMaskCache.open(cfg, "train_aug")
+    assert 3 not in cache and 2 in cache
+    with pytest.raises(KeyError, match="image 3"):
+        cache.get(3)
+    assert manifest["quality"] is None  # only the toy world knows its hidden unseen objects
+
+
+def test_killed_run_resumes_with_one_record_per_image(tmp_path, ray_cluster):
+    cfg = toy_config(tmp_path, data={"toyworld": {"num_train": 40, "num_val": 4, "image_size": 64}},
+                     pseudo_masks={"batch_size": 2})
+    config_file = tmp_path / "pseudo.yaml"
+    config_file.write_text(dump_config(cfg))
+    shard_dir = cache_dir(cfg, "train") / "shards"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "splitmatch.cli", "pseudo", str(config_file)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(shard_dir.glob("shard-*.npz"))) < 3:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a real crash: no clean-up code runs
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.npz")}
+    assert 3 <= len(before) and len(scan_shards(shard_dir)) < 40
+    assert not (shard_dir.parent / "manifest.json").exists()
+
+    manifest = run_pseudo(cfg, log=lambda *_: None)
+    assert manifest["complete"]
+    records = []
+    for name in manifest["shards"]:
+        with np.load(shard_dir / name) as shard:
+            records += shard["indices"].tolist()
+    assert sorted(records) == list(range(40)), "every image exactly once"
+    for name, mtime in before.items():  # finished shards were kept, not recomputed
+        assert (shard_dir / name).stat().st_mtime_ns == mtime
+    assert json.loads((shard_dir.parent / "manifest.json").read_text())["stats"]["processed"] == 40
