@@ -79,6 +79,30 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
     again = run_pseudo(cfg, log=lambda *_: None)
     assert again["shards"] == manifest["shards"] and again["images_per_second"] is None
 
+    # Training samples carry the candidates through the same random crop/flip as the label.
+    augmented = build_dataset(cfg.data, "train", train=True, seed=3, candidates=cache)
+    plain = build_dataset(cfg.data, "train", train=True, seed=3)
+    for epoch in range(3):
+        augmented.set_epoch(epoch), plain.set_epoch(epoch)
+        for i in range(12):
+            sample = augmented[i]
+            assert torch.equal(sample["label"], plain[i]["label"])  # same draw, same label
+            cmap = sample["candidate_map"]
+            assert cmap.dtype == torch.uint8 and cmap.shape == sample["label"].shape
+            assert not ((cmap > 0) & (sample["label"] != 255)).any()
+            assert int(cmap.max()) <= sample["candidate_embeds"].shape[0]
+    # ... and reach the loss: a short local run has a cosine term on candidate queries.
+    from splitmatch.train import train_local
+    small = config_from_dict({**yaml.safe_load(dump_config(cfg)), "model": {
+        "backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
+        "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 1,
+        "num_seen_queries": 6, "num_candidate_queries": 6, "mfe": {"num_groups": 8}},
+        "train": {"max_iters": 2, "batch_size": 2, "log_every": 1, "loader_workers": 0},
+        "matching": {"num_points": 128}, "loss": {"num_points": 128}})
+    result = train_local(small, tmp_path / "run", log=lambda *_: None, candidates=cache)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert all(record["loss_cos"] > 0 for record in history) and "hIoU" in result
+
 
 def write_voc(root: Path, corrupt: str) -> None:
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):

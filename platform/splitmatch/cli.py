@@ -22,10 +22,15 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from splitmatch.train import train_local
+    from splitmatch.train import open_pseudo_masks, train_local
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path(cfg.train.storage_path) / cfg.name).resolve()
-    train_local(cfg, run_dir)
+    try:
+        candidates = open_pseudo_masks(cfg, args.build_pseudo_masks, args.config)
+    except FileNotFoundError as exc:
+        print(f"error: {exc} (or pass --build-pseudo-masks)", file=sys.stderr)
+        return 2
+    train_local(cfg, run_dir, candidates=candidates)
     return 0
 
 
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", default=None,
                    help="where config, checkpoint and metrics go (default: train.storage_path/name)")
+    p.add_argument("--build-pseudo-masks", action="store_true",
+                   help="build the pseudo-mask cache first if it is missing (splitmatch pseudo)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pseudo", help="build the CLIP pseudo-mask cache on Ray Data (resumable)",

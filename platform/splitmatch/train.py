@@ -125,8 +125,32 @@ def evaluate(model: nn.Module, loader: DataLoader, classes: ClassSpace, num_rand
     return evaluator.compute()
 
 
-def train_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
-    """Single-process training + evaluation; writes config, checkpoint and metrics to `run_dir`."""
+def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONFIG", log=print):
+    """The pseudo-mask cache of the training split (Split Matching needs it; the baseline does not).
+
+    Missing → an error naming the command that builds it, or, with `build`, it is built first.
+    """
+    from splitmatch.pseudo.cache import PseudoMaskCache
+
+    if cfg.matching.mode != "split":
+        return None
+    try:
+        return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
+    except FileNotFoundError:
+        if not build:
+            raise
+    from splitmatch.pseudo.pipeline import run_pseudo
+
+    run_pseudo(cfg, cfg.data.train_split, log=log)
+    return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
+
+
+def train_local(cfg: Config, run_dir: str | Path, log=print, candidates=None) -> dict:
+    """Single-process training + evaluation; writes config, checkpoint and metrics to `run_dir`.
+
+    `candidates` is the pseudo-mask cache of the training split (see `open_pseudo_masks`); without
+    it Split Matching has no candidate targets and trains like the baseline.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -142,7 +166,8 @@ def train_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index)
     optimizer = build_optimizer(model, cfg.optim)
 
-    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed,
+                              candidates=candidates)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
@@ -153,7 +178,7 @@ def train_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
 
     log(f"training {cfg.name}: {len(train_set)} train / {len(val_set)} val images, "
         f"{classes.num_seen} seen + {len(classes.unseen)} unseen classes, matching={cfg.matching.mode}, "
-        f"device={device}")
+        f"pseudo masks={'cache ' + candidates.root.name if candidates else 'none'}, device={device}")
     use_amp = cfg.train.amp and device.type == "cuda"
     model.train()
     iteration, epoch, start = 0, 0, time.perf_counter()

@@ -128,6 +128,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.last_error: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []
+        # Unseen-candidate pseudo masks (a `PseudoMaskCache`): when set, samples also carry
+        # "candidate_map" [H, W] uint8 and "candidate_embeds" [U, C], augmented with the label.
+        self.candidates = None
         # -1 marks raw values that are out of range; a 256-entry table covers every uint8 value.
         lut = np.full(256, -1, dtype=np.int16)
         for raw, cls in raw_to_class.items():
@@ -172,11 +175,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
                             f"from label {label_path} size {raw.shape[1]}x{raw.shape[0]}")
         label = torch.from_numpy(self.map_label(raw, label_path))  # [H, W] int64
         image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W]
+        extra: dict[str, Any] = {}
+        if self.candidates is not None:
+            try:
+                candidate_map, extra["candidate_embeds"] = self.candidates.get(index)
+            except KeyError as exc:
+                raise DataError(f"{image_path}: {exc.args[0]}") from exc
+            if candidate_map.shape != label.shape:
+                raise DataError(f"{image_path}: cached pseudo masks are {tuple(candidate_map.shape)}, "
+                                f"label is {tuple(label.shape)}: the cache belongs to other data")
+            # Pack candidate ids above the 8 label bits, so crops, flips and nearest-neighbour
+            # rescaling move both maps together; padding with ignore (255) means "no candidate".
+            label = label | (candidate_map.long() << 8)
         if self.augment is not None:
             generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
             image_t, label = self.augment(image_t, label, generator)
+        if self.candidates is not None:
+            extra["candidate_map"] = (label >> 8).to(torch.uint8).contiguous()
+            label = label & 0xFF
         return {"image": image_t.contiguous(), "label": label.contiguous(), "index": index,
-                "path": image_path}
+                "path": image_path, **extra}
 
     def __getitem__(self, index: int) -> Sample | None:
         try:
@@ -221,20 +239,25 @@ def collate(samples: Sequence[Sample | None]) -> dict[str, Any]:
     else:
         images = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
         labels = torch.empty(0, 0, 0, dtype=torch.int64)
-    return {"image": images, "label": labels, "index": [s["index"] for s in kept],
-            "path": [s["path"] for s in kept], "skipped": skipped}
+    batch = {"image": images, "label": labels, "index": [s["index"] for s in kept],
+             "path": [s["path"] for s in kept], "skipped": skipped}
+    if kept and "candidate_map" in kept[0]:
+        batch["candidate_map"] = torch.stack([s["candidate_map"] for s in kept])  # [B, H, W]
+        batch["candidate_embeds"] = [s["candidate_embeds"] for s in kept]  # B × [U_b, C]
+    return batch
 
 
 # ----------------------------------------------------------------------------- building
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0,
-                  augment: bool = True) -> SegmentationDataset:
+                  augment: bool = True, candidates=None) -> SegmentationDataset:
     """The dataset `cfg.dataset` for `split`; `train=True` masks unseen classes and augments.
 
     `seed` drives augmentation only (toy-world images come from `cfg.toyworld.seed`).
     `augment=False` keeps train-mode labels (unseen → ignore) at full size: what the pseudo-mask
-    pipeline needs to know which pixels are unannotated.
+    pipeline needs to know which pixels are unannotated. `candidates` (a `PseudoMaskCache` of this
+    split) adds each image's unseen-candidate map and embeddings to its samples.
     """
     # Imported here: each dataset module imports this one for the base class.
     from splitmatch.data.coco_stuff import CocoStuff
@@ -247,9 +270,12 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0,
     common = dict(unseen_ids=unseen, train=train, augment=augment, ignore_index=cfg.ignore_index,
                   on_error=cfg.on_error, seed=seed)
     if cfg.dataset == "voc":
-        return VOC(cfg.root, split, **common)
-    if cfg.dataset == "coco_stuff":
-        return CocoStuff(cfg.root, split, **common)
-    if cfg.dataset == "toyworld":
-        return ToyWorld(cfg.toyworld, split, **common)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}")
+        dataset: SegmentationDataset = VOC(cfg.root, split, **common)
+    elif cfg.dataset == "coco_stuff":
+        dataset = CocoStuff(cfg.root, split, **common)
+    elif cfg.dataset == "toyworld":
+        dataset = ToyWorld(cfg.toyworld, split, **common)
+    else:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}")
+    dataset.candidates = candidates
+    return dataset

@@ -27,7 +27,8 @@ def rescale(image: torch.Tensor, label: torch.Tensor, scale: float
     resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
                             antialias=scale < 1.0)  # [1, 3, h, w]
     image = resized[0].round().clamp(0, 255).to(torch.uint8)
-    # Class ids <= 255 are exact in float32, so the round trip through float loses nothing.
+    # Label codes below 2^24 (class ids, or class ids packed with candidate ids) are exact in
+    # float32, so the round trip through float loses nothing.
     label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
     return image, label
 
