@@ -86,6 +86,19 @@ class ClipConfig:
 
 
 @dataclass
+class ToyClipConfig:
+    """The project's own small CLIP, pretrained on toy-world images + captions (`splitmatch toy-clip`)."""
+
+    model_name: str = "splitmatch-toy-vit"
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    image_size: int = 64
+    cache_dir: str = "runs/toy_clip"
+
+
+@dataclass
 class PseudoMaskConfig:
     # Window sizes S of Eq. 1, in CLIP patch units. On the 14×14 grid of ViT-B/16 at 224 px,
     # 5, 7 and 9 give 25, 9 and 4 seeds: fine, medium and coarse partitions to fuse.
@@ -183,6 +196,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    toy_clip: ToyClipConfig = field(default_factory=ToyClipConfig)
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -298,6 +312,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _positive(t.min_objects, "data.toyworld.min_objects", source)
     if t.max_objects < t.min_objects:
         raise ConfigError(f"{source}: 'data.toyworld.max_objects' must be >= 'min_objects'")
+    tc = cfg.toy_clip
+    for key in ("steps", "batch_size", "lr", "image_size"):
+        _positive(getattr(tc, key), f"toy_clip.{key}", source)
     p = cfg.pseudo_masks
     if not p.scales:
         raise ConfigError(f"{source}: 'pseudo_masks.scales' must not be empty")
@@ -424,7 +441,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "MFEConfig", "DataConfig", "ToyWorldConfig",
-    "ClipConfig", "PseudoMaskConfig", "MatchingConfig", "LossConfig", "OptimConfig", "TrainConfig",
+    "ClipConfig", "ToyClipConfig", "PseudoMaskConfig", "MatchingConfig", "LossConfig", "OptimConfig", "TrainConfig",
     "InferenceConfig", "EvalConfig", "TrackingConfig", "load_config", "config_from_dict",
     "apply_overrides", "dump_config", "to_dict", "flatten", "validate",
 ]
