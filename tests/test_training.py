@@ -1,6 +1,4 @@
-"""The core training path end to end on the toy world: ZSS label hygiene, overfitting, the local job."""
-import json
-
+"""The core training path on the toy world, without Ray: ZSS label hygiene, overfitting, schedules."""
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -14,7 +12,7 @@ from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.targets import seen_lookup
-from splitmatch.train import ClassSpace, build_optimizer, lr_factor, train_local, training_step
+from splitmatch.train import ClassSpace, build_optimizer, lr_factor, training_step
 
 TINY_MODEL = {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
               "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
@@ -129,22 +127,3 @@ def test_lr_schedules():
     assert lr_factor(100, 100, poly) == 0.0
     cos = OptimConfig(schedule="cosine")
     assert lr_factor(50, 100, cos) == pytest.approx(0.5)
-
-
-def test_local_job_writes_config_checkpoint_and_metrics(tmp_path):
-    cfg = config_from_dict({
-        "name": "smoke", "model": TINY_MODEL, "clip": TINY_CLIP,
-        "data": {"crop_size": 64, "toyworld": {"num_train": 8, "num_val": 4, "image_size": 64}},
-        "matching": {"num_points": 256}, "loss": {"num_points": 256},
-        "train": {"max_iters": 3, "batch_size": 2, "loader_workers": 0, "log_every": 1},
-        "inference": {"num_random_queries": 2}})
-    metrics = train_local(cfg, tmp_path, log=lambda *_: None)
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["per_class"]) == set(TOYWORLD_CLASSES)
-    for key in ("hIoU", "sIoU", "uIoU", "mIoU"):
-        assert key in saved and (saved[key] == metrics[key] or saved[key] != saved[key])
-    assert len(saved["history"]) == 3
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
-    model = build_segmentor(cfg.model, 64)
-    model.load_state_dict(state)
-    assert (tmp_path / "config.yaml").read_text().startswith("name: smoke")

@@ -22,15 +22,35 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from splitmatch.train import open_pseudo_masks, train_local
+    from splitmatch.train import launch
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or Path(cfg.train.storage_path) / cfg.name).resolve()
     try:
-        candidates = open_pseudo_masks(cfg, args.build_pseudo_masks, args.config)
-    except FileNotFoundError as exc:
-        print(f"error: {exc} (or pass --build-pseudo-masks)", file=sys.stderr)
+        result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
+                        config_path=args.config)
+    except (FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    train_local(cfg, run_dir, candidates=candidates)
+    if result.error is not None:
+        print(f"training failed: {result.error}", file=sys.stderr)
+        return 1
+    metrics = result.metrics or {}
+    print("hIoU {:.2f}  sIoU {:.2f}  uIoU {:.2f}  mIoU {:.2f}".format(
+        *(metrics.get(k, float("nan")) for k in ("hIoU", "sIoU", "uIoU", "mIoU"))))
+    print(f"run directory: {result.path}")
+    if result.best_checkpoints:
+        print(f"best checkpoint: {result.best_checkpoints[0][0].path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from splitmatch.train import evaluate_checkpoint
+    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    return 0
+
+
+def cmd_sync_mlflow(args) -> int:
+    from splitmatch.tracking import replay
+    replay(args.offline_file, uri=args.tracking_uri)
     return 0
 
 
@@ -61,14 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("train", help="train and evaluate a segmentor (single process)",
+    p = sub.add_parser("train", help="train on Ray Train, tracked in MLflow",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_args(p)
-    p.add_argument("--run-dir", default=None,
-                   help="where config, checkpoint and metrics go (default: train.storage_path/name)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run train.storage_path/name from its latest checkpoint")
     p.add_argument("--build-pseudo-masks", action="store_true",
                    help="build the pseudo-mask cache first if it is missing (splitmatch pseudo)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory, its state.pt, or a model state dict (best_model.pt)")
+    p.add_argument("--out", default=None, help="CSV file for the per-class IoU")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sync-mlflow", help="replay MLflow records a run could not send",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("offline_file", help="the run's mlflow_offline.jsonl")
+    p.add_argument("--tracking-uri", default=None,
+                   help="send them here instead of the URI the run used")
+    p.set_defaults(func=cmd_sync_mlflow)
 
     p = sub.add_parser("pseudo", help="build the CLIP pseudo-mask cache on Ray Data (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

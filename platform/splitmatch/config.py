@@ -157,6 +157,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_iters: int = 20000
+    # The global batch, split evenly over the Ray Train workers (paper: 16 over 8 GPUs).
     batch_size: int = 16
     num_workers: int = 1
     use_gpu: bool = False
@@ -166,6 +167,10 @@ class TrainConfig:
     eval_every: int = 2000
     log_every: int = 20
     loader_workers: int = 2
+    # Ray Train restarts the worker group from the latest checkpoint up to this many times.
+    max_failures: int = 3
+    # Validation images drawn (image, ground truth, prediction, candidate queries) at each eval.
+    num_visualizations: int = 3
     storage_path: str = "runs"
 
 
@@ -357,6 +362,11 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                 "eval_every", "log_every"):
         _positive(getattr(tr, key), f"train.{key}", source)
     _positive(tr.loader_workers, "train.loader_workers", source, allow_zero=True)
+    _positive(tr.max_failures, "train.max_failures", source, allow_zero=True)
+    _positive(tr.num_visualizations, "train.num_visualizations", source, allow_zero=True)
+    if tr.batch_size % tr.num_workers:
+        raise ConfigError(f"{source}: 'train.batch_size' ({tr.batch_size}) must be divisible by "
+                          f"'train.num_workers' ({tr.num_workers}): it is the global batch")
     _positive(cfg.inference.num_random_queries, "inference.num_random_queries", source,
               allow_zero=True)
     _positive(cfg.eval.batch_size, "eval.batch_size", source)
@@ -414,6 +424,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(data, source)
 
 
+def resolve_paths(cfg: Config) -> Config:
+    """A copy with every local path made absolute, before anything is shipped to Ray workers or
+    Tune trials (which run in other working directories)."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    data = to_dict(cfg)
+    data["data"]["root"] = absolute(cfg.data.root)
+    data["train"]["storage_path"] = absolute(cfg.train.storage_path)
+    data["pseudo_masks"]["cache_dir"] = absolute(cfg.pseudo_masks.cache_dir)
+    data["toy_clip"]["cache_dir"] = absolute(cfg.toy_clip.cache_dir)
+    data["model"]["backbone_weights"] = absolute(cfg.model.backbone_weights)
+    data["clip"]["model_config_dir"] = absolute(cfg.clip.model_config_dir)
+    if cfg.clip.pretrained and Path(cfg.clip.pretrained).expanduser().exists():
+        data["clip"]["pretrained"] = absolute(cfg.clip.pretrained)
+    if cfg.tracking.uri and cfg.tracking.uri.startswith("sqlite:///") and \
+            not cfg.tracking.uri.startswith("sqlite:////"):
+        data["tracking"]["uri"] = "sqlite:///" + absolute(cfg.tracking.uri[len("sqlite:///"):])
+    return config_from_dict(data, "<resolved>")
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -443,5 +474,5 @@ __all__ = [
     "Config", "ConfigError", "ModelConfig", "MFEConfig", "DataConfig", "ToyWorldConfig",
     "ClipConfig", "ToyClipConfig", "PseudoMaskConfig", "MatchingConfig", "LossConfig", "OptimConfig", "TrainConfig",
     "InferenceConfig", "EvalConfig", "TrackingConfig", "load_config", "config_from_dict",
-    "apply_overrides", "dump_config", "to_dict", "flatten", "validate",
+    "apply_overrides", "dump_config", "to_dict", "flatten", "validate", "resolve_paths",
 ]

@@ -1,21 +1,27 @@
-"""The training loop: set-up, loop, evaluate, checkpoint (style.md practice 5).
+"""Training: the per-worker loop (set-up, loop, evaluate, report/checkpoint) and its Ray Train
+launcher (style.md practice 5). The Ray calls are visible in the loop, not hidden in a framework.
 
-Pure PyTorch; the Ray Train launcher wraps `train_loop` rather than re-implementing it.
+`train_loop_per_worker` runs on every Ray Train worker (DDP over gloo on CPU, NCCL on GPU); rank 0
+alone talks to MLflow. `launch` builds the `TorchTrainer` on the driver and is what
+`splitmatch train` (and each Tune trial) calls.
 """
 from __future__ import annotations
 
-import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import Config, OptimConfig, dump_config
+from splitmatch.config import (Config, OptimConfig, config_from_dict, dump_config, flatten,
+                               resolve_paths, to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
 from splitmatch.data.splits import class_names as dataset_classes
@@ -109,18 +115,42 @@ def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classe
                      num_seen_classes=classes.num_seen, pseudo_labels=pseudo_labels)
 
 
+class TimedMatcher(nn.Module):
+    """Adds up the wall time spent inside the wrapped matcher (for the step-time breakdown)."""
+
+    def __init__(self, matcher: nn.Module):
+        super().__init__()
+        self.matcher, self.seconds = matcher, 0.0
+
+    def forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.matcher(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return result
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, classes: ClassSpace, num_random_queries: int,
-             seen_score_calibration: float, device: torch.device) -> dict:
-    """Full-split ZSS metrics; classification is against the text embeddings of all classes."""
+def evaluate(model: nn.Module, dataset, classes: ClassSpace, num_random_queries: int,
+             seen_score_calibration: float, device: torch.device, batch_size: int = 1,
+             rank: int = 0, world_size: int = 1) -> dict:
+    """ZSS metrics over the full split; classification against the text embeddings of all classes.
+
+    Each rank predicts every world_size-th image (no padding, so no image counts twice) and the
+    confusion matrices are summed across ranks before the IoUs are computed.
+    """
     model.eval()
     evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
     text = classes.text.to(device)
-    for batch in loader:
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
         pred = model.predict(batch["image"].to(device), text, num_random_queries=num_random_queries,
                              seen_class_ids=classes.seen_ids,
                              seen_score_calibration=seen_score_calibration)
         evaluator.update(pred.cpu(), batch["label"])
+    if world_size > 1:
+        confusion = evaluator.confusion.to(device)
+        dist.all_reduce(confusion)
+        evaluator.confusion = confusion.cpu()
     model.train()
     return evaluator.compute()
 
@@ -145,50 +175,141 @@ def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONF
     return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
 
 
-def train_local(cfg: Config, run_dir: str | Path, log=print, candidates=None) -> dict:
-    """Single-process training + evaluation; writes config, checkpoint and metrics to `run_dir`.
+def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir: Path,
+               iteration: int) -> list[Path]:
+    """Pictures of the first validation images (rank 0): what the model predicts and what its
+    candidate queries claim."""
+    from splitmatch.visualize import prediction_figure, save_figure
 
-    `candidates` is the pseudo-mask cache of the training split (see `open_pseudo_masks`); without
-    it Split Matching has no candidate targets and trains like the baseline.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    model.eval()
+    paths = []
+    ks, ku = cfg.model.num_seen_queries, cfg.model.num_candidate_queries
+    with torch.no_grad():
+        for i in range(min(cfg.train.num_visualizations, len(dataset))):
+            sample = dataset[i]
+            image = sample["image"][None].to(device)
+            out = model(image, classes.text.to(device),
+                        num_random_queries=cfg.inference.num_random_queries)
+            masks = torch.nn.functional.interpolate(out["pred_masks"].float(), size=image.shape[-2:],
+                                                    mode="bilinear", align_corners=False)[0]
+            winner = (masks.sigmoid() * out["pred_logits"][0].float().sigmoid().max(-1).values[:, None, None]
+                      ).argmax(0)  # [H, W] query that wins each pixel
+            owner = torch.where((winner >= ks) & (winner < ks + ku), winner - ks,
+                                torch.full_like(winner, -1))
+            pred = model.predict(image, classes.text.to(device),
+                                 num_random_queries=cfg.inference.num_random_queries,
+                                 seen_class_ids=classes.seen_ids,
+                                 seen_score_calibration=cfg.inference.seen_score_calibration)[0]
+            fig = prediction_figure(sample["image"], sample["label"], pred, owner, classes.names,
+                                    classes.unseen, classes.ignore_index)
+            paths.append(save_figure(fig, out_dir / f"it{iteration:07d}_val{i}.png"))
+    model.train()
+    return paths
+
+
+def _save_checkpoint(directory: Path, model: nn.Module, optimizer, iteration: int, epoch: int,
+                     best_hiou: float) -> Path:
+    """Tensors and plain numbers only, so loading can use `torch.load(weights_only=True)`."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "iteration": iteration, "epoch": epoch, "best_hiou": best_hiou}
+    torch.save(state, directory / "state.pt")
+    return directory
+
+
+def load_state(path: str | Path) -> dict:
+    """A checkpoint directory (or its state.pt / a bare model state dict), loaded without pickles."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state if "model" in state else {"model": state}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The whole training of one Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"], "<train loop>")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    run_dir = Path(config["run_dir"])
+    # ---------------------------------------------------------------- set-up
+    torch.manual_seed(cfg.seed + rank)  # different dropout/sampling noise per rank
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    device = ray.train.torch.get_device()
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     clip = build_clip(cfg.clip, device=device)
     classes = build_class_space(cfg, clip)
-    model = build_segmentor(cfg.model, embed_dim=clip.embed_dim).to(device)
+    del clip  # frozen CLIP is only needed for the text embeddings here: free it
+    model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
     split_matching = cfg.matching.mode == "split"
-    matcher = build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
-                            cfg.model.num_candidate_queries)
+    matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
+                                         cfg.model.num_candidate_queries))
     criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index)
-    optimizer = build_optimizer(model, cfg.optim)
-
+    candidates = None
+    if split_matching:
+        from splitmatch.pseudo.cache import PseudoMaskCache
+        candidates = PseudoMaskCache.open(cfg, cfg.data.train_split)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed,
                               candidates=candidates)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                              drop_last=True, collate_fn=collate, generator=generator,
-                              num_workers=cfg.train.loader_workers)
-    val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, collate_fn=collate,
-                            num_workers=cfg.train.loader_workers)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.train.batch_size // world_size, sampler=sampler,
+                        drop_last=True, collate_fn=collate, num_workers=cfg.train.loader_workers)
+    if len(loader) == 0:
+        raise ValueError(f"the training split has {len(train_set)} images: too few for a global "
+                         f"batch of {cfg.train.batch_size} over {world_size} workers")
 
-    log(f"training {cfg.name}: {len(train_set)} train / {len(val_set)} val images, "
-        f"{classes.num_seen} seen + {len(classes.unseen)} unseen classes, matching={cfg.matching.mode}, "
-        f"pseudo masks={'cache ' + candidates.root.name if candidates else 'none'}, device={device}")
+    start_iteration, epoch, best_hiou = 0, 0, -1.0
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint is not None:  # a restarted worker group, or the same run started again
+        with checkpoint.as_directory() as directory:
+            state = load_state(directory)
+        model.load_state_dict(state["model"])
+        start_iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
+    model = ray.train.torch.prepare_model(model)  # DDP + device
+    core = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(core, cfg.optim)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    tracker = None
+    if rank == 0:
+        from splitmatch.tracking import Tracker, git_commit
+        tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_key"],
+                          cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"))
+        tracker.open(flatten(cfg), {
+            "git_commit": git_commit(), "dataset": cfg.data.dataset,
+            "split": f"{cfg.data.train_split}/{cfg.data.val_split}",
+            "unseen": ",".join(classes.unseen), "matching": cfg.matching.mode,
+            "pseudo_cache_key": candidates.root.name if candidates else "none"})
+        if state is None:
+            config_path = run_dir / "config.yaml"
+            config_path.write_text(dump_config(cfg))
+            tracker.log_artifact(config_path)
+        else:
+            tracker.set_tags({"resumed_from_iteration": start_iteration})
+
     use_amp = cfg.train.amp and device.type == "cuda"
+    timers = {"data": 0.0, "step": 0.0, "optimizer": 0.0}
+    matcher.seconds = 0.0
+    steps_timed = 0
+    iteration = start_iteration
     model.train()
-    iteration, epoch, start = 0, 0, time.perf_counter()
-    history: list[dict] = []
+    # ---------------------------------------------------------------- loop
     while iteration < cfg.train.max_iters:
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        for batch in train_loader:
-            if iteration >= cfg.train.max_iters:
-                break
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        tick = time.perf_counter()
+        for batch in loader:
+            fetched = time.perf_counter()
             factor = lr_factor(iteration, cfg.train.max_iters, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
@@ -197,26 +318,154 @@ def train_local(cfg: Config, run_dir: str | Path, log=print, candidates=None) ->
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            before_step = time.perf_counter()
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            done = time.perf_counter()
+            timers["data"] += fetched - tick
+            timers["optimizer"] += done - before_step
+            timers["step"] += done - tick
+            steps_timed += 1
             iteration += 1
-            if iteration % cfg.train.log_every == 0 or iteration == 1:
-                record = {"iteration": iteration, "loss": loss.item(),
-                          "lr": optimizer.param_groups[0]["lr"],
-                          **{k: v.item() for k, v in losses.items() if "_aux" not in k}}
-                history.append(record)
-                log(f"it {iteration:>6} loss {record['loss']:.4f} "
-                    f"({(time.perf_counter() - start) / iteration:.3f} s/it)")
-        epoch += 1
 
-    metrics = evaluate(model, val_loader, classes, cfg.inference.num_random_queries,
-                       cfg.inference.seen_score_calibration, device)
-    torch.save(model.state_dict(), run_dir / "model.pt")
-    summary = {k: metrics[k] for k in ("hIoU", "sIoU", "uIoU", "mIoU")}
-    (run_dir / "metrics.json").write_text(json.dumps(
-        {**summary, "per_class": metrics["per_class"], "history": history,
-         "seconds": time.perf_counter() - start}, indent=2))
-    log("hIoU {hIoU:.2f}  sIoU {sIoU:.2f}  uIoU {uIoU:.2f}  mIoU {mIoU:.2f}".format(**summary))
-    log(f"run directory: {run_dir.resolve()}")
-    return metrics
+            # ------------------------------------------------------------ report / checkpoint
+            metrics: dict[str, float] = {}
+            last = iteration == cfg.train.max_iters
+            if iteration % cfg.train.log_every == 0 or last:
+                metrics.update({"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+                metrics.update({k: v.item() for k, v in losses.items() if "_aux" not in k})
+                metrics.update({
+                    "time/step_s": timers["step"] / steps_timed,
+                    "time/data_fraction": timers["data"] / timers["step"],
+                    "time/matcher_fraction": matcher.seconds / timers["step"],
+                    "time/optimizer_fraction": timers["optimizer"] / timers["step"]})
+                timers = dict.fromkeys(timers, 0.0)
+                matcher.seconds, steps_timed = 0.0, 0
+            wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
+            if wants_checkpoint or iteration % cfg.train.eval_every == 0:
+                result = evaluate(core, val_set, classes, cfg.inference.num_random_queries,
+                                  cfg.inference.seen_score_calibration, device,
+                                  cfg.eval.batch_size, rank, world_size)
+                metrics.update({k: result[k] for k in ("hIoU", "sIoU", "uIoU", "mIoU")})
+                metrics.update({f"IoU/{name}": v for name, v in result["per_class"].items()})
+                if rank == 0 and not math.isnan(result["hIoU"]) and result["hIoU"] > best_hiou:
+                    best_hiou = result["hIoU"]
+                    torch.save(core.state_dict(), run_dir / "best_model.pt")
+                if rank == 0:
+                    for path in _visualize(core, val_set, classes, cfg, device, run_dir / "viz",
+                                           iteration):
+                        tracker.log_artifact(path, "predictions")
+            if metrics:
+                metrics["iteration"] = iteration
+                if tracker is not None:
+                    tracker.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)},
+                                        step=iteration)
+                # ray.train.report is a barrier: every rank reports at the same iterations, and
+                # only rank 0 hands over a checkpoint (with hIoU, the score that ranks them).
+                if wants_checkpoint:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        ckpt = None
+                        if rank == 0:
+                            ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
+                                Path(tmp), core, optimizer, iteration, epoch, best_hiou))
+                        ray.train.report({**metrics, "hIoU": _score(metrics["hIoU"])},
+                                         checkpoint=ckpt)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                break
+            tick = time.perf_counter()
+        epoch += 1
+    # ---------------------------------------------------------------- finish
+    if tracker is not None:
+        if (run_dir / "best_model.pt").exists():
+            tracker.log_artifact(run_dir / "best_model.pt", "checkpoints")
+        tracker.set_tags({"best_hIoU": f"{best_hiou:.4f}"})
+        tracker.finish("FINISHED")
+
+
+def _score(hiou: float) -> float:
+    """Checkpoint score: a NaN hIoU (no unseen pixels evaluated) ranks lowest instead of breaking
+    Ray's ordering."""
+    return -1.0 if math.isnan(hiou) else hiou
+
+
+def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
+           config_path: str = "CONFIG", parent_run_id: str | None = None, callbacks=None,
+           log=print):
+    """Run training on Ray Train (local instance, or the cluster in RAY_ADDRESS); returns the Result.
+
+    The run lives in `train.storage_path/name`; starting the same name again resumes it from its
+    latest checkpoint, which Ray Train finds there, so that needs `resume=True` to be deliberate.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from splitmatch.pseudo.pipeline import _init_ray
+    from splitmatch.tracking import default_tracking_uri
+
+    cfg = resolve_paths(cfg)
+    run_dir = Path(cfg.train.storage_path) / cfg.name
+    if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
+        raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
+                              f"continue it, or choose another name (--set name=...)")
+    open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
+    _init_ray()
+    if cfg.train.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < cfg.train.num_workers:
+            # Ray Train would wait for GPUs that never come; say so instead.
+            raise RuntimeError(f"train.use_gpu is true with {cfg.train.num_workers} workers, but the "
+                               f"Ray cluster has {gpus:g} GPU(s); set train.use_gpu=false or add GPUs")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
+    loop_config = {"cfg": to_dict(cfg), "run_dir": str(run_dir), "tracking_uri": tracking_uri,
+                   "run_key": str(run_dir), "parent_run_id": parent_run_id}
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=cfg.train.storage_path, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="hIoU",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
+        f"worker(s); run directory {run_dir}; MLflow {tracking_uri}")
+    return trainer.fit()
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path | None = None,
+                        log=print) -> dict:
+    """`splitmatch eval`: a finished model on the validation split, per-class IoU to CSV."""
+    import csv
+
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    clip = build_clip(cfg.clip, device=device)
+    classes = build_class_space(cfg, clip)
+    model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
+    model.load_state_dict(load_state(checkpoint)["model"])
+    model.to(device)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    result = evaluate(model, val_set, classes, cfg.inference.num_random_queries,
+                      cfg.inference.seen_score_calibration, device, cfg.eval.batch_size)
+    if out_csv is not None:
+        out_csv = Path(out_csv)
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "split", "IoU"])
+            for name, iou in result["per_class"].items():
+                writer.writerow([name, "unseen" if name in classes.unseen else "seen",
+                                 "" if math.isnan(iou) else f"{iou:.4f}"])
+    log(f"{len(val_set)} images of {cfg.data.dataset}/{cfg.data.val_split}: hIoU {result['hIoU']:.2f}  "
+        f"sIoU {result['sIoU']:.2f}  uIoU {result['uIoU']:.2f}  mIoU {result['mIoU']:.2f}"
+        + (f"; per-class IoU in {out_csv}" if out_csv else ""))
+    return result

@@ -1,0 +1,249 @@
+"""MLflow tracking that a training run can rely on.
+
+One `Tracker` per training run, used by rank 0 only. It finds or creates the run by a deterministic
+key (so a resumed run, or a restarted worker group, keeps logging into the same MLflow run), logs
+through an explicit `MlflowClient` (no global active-run state), and never lets the tracking server
+stop the training: on the first failure it warns once, then appends every call it could not make to
+a local JSONL file that `splitmatch sync-mlflow` replays later. After a resume it skips metric steps
+the run already has, so no step is logged twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+# Fail fast against a dead server instead of MLflow's default of minutes of retries: training must
+# not stall on tracking. Set before mlflow reads them; users can still override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+RUN_KEY_TAG = "splitmatch.run_key"
+
+
+def default_tracking_uri(storage_path: str | Path) -> str:
+    """The embedded store: one SQLite file beside the runs, absolute (trials chdir elsewhere)."""
+    return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of the embedded store live beside its database; a server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def git_commit() -> str:
+    """The commit of the source tree the package runs from ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_or_create_run(client, experiment: str, run_key: str, run_name: str,
+                       parent_run_id: str | None = None, tags: dict | None = None,
+                       artifact_location: str | None = None) -> tuple[str, bool]:
+    """(run id, whether it already existed) for the run tagged `run_key` in `experiment`."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception:  # created concurrently by another process: look it up again
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id, True
+    all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id, False
+
+
+class Tracker:
+    """Rank-0 MLflow logging for one training run; see the module docstring."""
+
+    def __init__(self, uri: str, experiment: str, run_key: str, run_name: str,
+                 offline_path: str | Path, parent_run_id: str | None = None, log=print):
+        self.uri = uri
+        self.experiment = experiment
+        self.run_key = run_key
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.offline_path = Path(offline_path)
+        self.run_id: str | None = None
+        self.offline = False
+        self.log = log
+        self._floor: dict[str, int] = {}  # metric → last step the run already has (after resume)
+        self._client = None
+
+    # ------------------------------------------------------------------ failure handling
+
+    def _go_offline(self, what: str, exc: Exception) -> None:
+        if not self.offline:
+            message = (f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {exc}); training "
+                       f"goes on and unsent records go to {self.offline_path} — replay them with "
+                       f"`splitmatch sync-mlflow {self.offline_path}`")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self.log(f"warning: {message}")
+        self.offline = True
+
+    def _record(self, record: dict) -> None:
+        self.offline_path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"uri": self.uri, "experiment": self.experiment, "run_key": self.run_key,
+                  "run_name": self.run_name, "parent_run_id": self.parent_run_id, "run_id": self.run_id}
+        with open(self.offline_path, "a") as handle:
+            handle.write(json.dumps({**header, **record}) + "\n")
+
+    def _do(self, record: dict, call) -> None:
+        if not self.offline:
+            try:
+                call()
+                return
+            except Exception as exc:  # the one place where "record and go on" is the requirement
+                self._go_offline(record["kind"], exc)
+        self._record(record)
+
+    # ------------------------------------------------------------------ API
+
+    def open(self, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        """Find (resume) or create the run and log params + tags; returns the run id or None."""
+        def call():
+            self._client = _client(self.uri)
+            self.run_id, existed = find_or_create_run(
+                self._client, self.experiment, self.run_key, self.run_name, self.parent_run_id,
+                tags, artifact_root(self.uri))
+            if existed:
+                self._load_floor()
+                self._client.update_run(self.run_id, status="RUNNING")
+            else:
+                self._log_params(params)
+            self._client.set_tag(self.run_id, "splitmatch.status", "running")
+        try:
+            call()
+        except Exception as exc:
+            self._go_offline("open", exc)
+            self._record({"kind": "open", "params": _stringify(params), "tags": tags})
+        return self.run_id
+
+    def _load_floor(self) -> None:
+        run = self._client.get_run(self.run_id)
+        for key in run.data.metrics:
+            history = self._client.get_metric_history(self.run_id, key)
+            if history:
+                self._floor[key] = max(m.step for m in history)
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, v) for k, v in _stringify(params).items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self._client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._floor.get(k, -1)}
+        if not fresh:
+            return
+        timestamp = int(time.time() * 1000)
+
+        def call():
+            from mlflow.entities import Metric
+            self._client.log_batch(self.run_id, metrics=[
+                Metric(k, v, timestamp, step) for k, v in fresh.items()])
+        self._do({"kind": "metrics", "step": step, "timestamp": timestamp, "values": fresh}, call)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path).resolve()
+        self._do({"kind": "artifact", "path": str(path), "artifact_path": artifact_path},
+                 lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        def call():
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, str(value))
+        self._do({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}}, call)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        def call():
+            self._client.set_tag(self.run_id, "splitmatch.status", status.lower())
+            self._client.set_terminated(self.run_id, status=status)
+        self._do({"kind": "finish", "status": status}, call)
+
+
+def _stringify(params: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+
+
+def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
+    """`splitmatch sync-mlflow`: send the records of an offline file to MLflow, in order.
+
+    The run is found by its key (or created, if it never reached the server); metric steps the run
+    already has are skipped, so replaying twice is harmless. The file is renamed `*.synced` after.
+    """
+    from mlflow.entities import Metric, Param
+
+    offline_path = Path(offline_path)
+    if not offline_path.is_file():
+        raise FileNotFoundError(f"no offline MLflow records at {offline_path}")
+    records = [json.loads(line) for line in offline_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return {"records": 0}
+    first = records[0]
+    uri = uri or first["uri"]
+    client = _client(uri)
+    run_id, existed = find_or_create_run(client, first["experiment"], first["run_key"],
+                                         first["run_name"], first["parent_run_id"],
+                                         artifact_location=artifact_root(uri))
+    floor: dict[str, int] = {}
+    run = client.get_run(run_id)
+    for key in run.data.metrics:
+        floor[key] = max(m.step for m in client.get_metric_history(run_id, key))
+    counts = {"metrics": 0, "skipped_steps": 0, "artifacts": 0, "tags": 0}
+    for record in records:
+        kind = record["kind"]
+        if kind == "open":
+            if not existed:
+                params = [Param(k, v) for k, v in record["params"].items()]
+                for start in range(0, len(params), 100):
+                    client.log_batch(run_id, params=params[start:start + 100])
+            for key, value in record["tags"].items():
+                client.set_tag(run_id, key, value)
+        elif kind == "metrics":
+            fresh = {k: v for k, v in record["values"].items() if record["step"] > floor.get(k, -1)}
+            counts["skipped_steps"] += len(record["values"]) - len(fresh)
+            if fresh:
+                client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
+                                                  for k, v in fresh.items()])
+                counts["metrics"] += len(fresh)
+                for k in fresh:
+                    floor[k] = record["step"]
+        elif kind == "artifact":
+            client.log_artifact(run_id, record["path"], record["artifact_path"])
+            counts["artifacts"] += 1
+        elif kind == "tags":
+            for key, value in record["tags"].items():
+                client.set_tag(run_id, key, value)
+            counts["tags"] += 1
+        elif kind == "finish":
+            client.set_tag(run_id, "splitmatch.status", record["status"].lower())
+            client.set_terminated(run_id, status=record["status"])
+    offline_path.rename(offline_path.with_name(offline_path.name + ".synced"))
+    log(f"replayed {len(records)} records into run {run_id} at {uri}: {counts}")
+    return {"records": len(records), "run_id": run_id, **counts}
