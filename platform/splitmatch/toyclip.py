@@ -366,7 +366,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, max_log_scale)
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % recipe.log_every == 0 or step + 1 == cfg.steps:
             count = (step % recipe.log_every) + 1
             entry = {"step": step + 1, "loss": running / count, "lr": lr,

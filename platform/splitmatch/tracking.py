@@ -247,3 +247,72 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
     offline_path.rename(offline_path.with_name(offline_path.name + ".synced"))
     log(f"replayed {len(records)} records into run {run_id} at {uri}: {counts}")
     return {"records": len(records), "run_id": run_id, **counts}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A local `mlflow server` over one SQLite file: the single writer that concurrent trials (or a
+    test) log to over HTTP, since many processes writing one SQLite file fail with "database is
+    locked". Binds to loopback unless told otherwise."""
+
+    def __init__(self, store_dir: str | Path, host: str = "127.0.0.1", port: int | None = None):
+        self.store_dir = Path(store_dir).resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
+        import sys
+        import urllib.request
+
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mlflow", "server",
+                   "--backend-store-uri", f"sqlite:///{self.store_dir / 'mlflow.db'}",
+                   "--artifacts-destination", str(self.store_dir / "mlartifacts"),
+                   "--host", self.host, "--port", str(self.port), "--workers", "1"]
+        log = open(self.store_dir / "mlflow_server.log", "ab")
+        # Its own session, so stopping it also stops the web workers it forks.
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see "
+                                   f"{self.store_dir / 'mlflow_server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"mlflow server at {self.url} not healthy after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,72 @@
+"""The MLflow layer against a real SQLite store: run lookup by key, no duplicate steps, offline
+records and their replay."""
+import json
+import warnings
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from splitmatch.tracking import Tracker, default_tracking_uri, replay
+
+
+def steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_tracker_resumes_the_same_run_without_duplicate_steps(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    first = Tracker(uri, "exp", "runs/a", "a", tmp_path / "offline.jsonl")
+    run_id = first.open({"model.num_seen_queries": 8, "pseudo_masks.scales": [4, 6]}, {"dataset": "toyworld"})
+    for step in (1, 2, 3):
+        first.log_metrics({"loss": 10.0 - step}, step)
+    # A restarted rank 0 replays steps 2..5 after resuming from the checkpoint at step 1.
+    second = Tracker(uri, "exp", "runs/a", "a", tmp_path / "offline.jsonl")
+    assert second.open({}, {}) == run_id
+    for step in (2, 3, 4, 5):
+        second.log_metrics({"loss": 20.0 + step}, step)
+    second.finish()
+    client = MlflowClient(uri)
+    assert steps(client, run_id, "loss") == [1, 2, 3, 4, 5]
+    run = client.get_run(run_id)
+    assert run.data.params["pseudo_masks.scales"] == "[4, 6]" and run.info.status == "FINISHED"
+    other = Tracker(uri, "exp", "runs/b", "b", tmp_path / "o2.jsonl")
+    assert other.open({}, {}) != run_id
+    assert not (tmp_path / "offline.jsonl").exists()
+
+
+def test_unreachable_server_goes_offline_and_replays(tmp_path):
+    offline = tmp_path / "run" / "mlflow_offline.jsonl"
+    # Nothing listens on port 9 of loopback: every call fails at once.
+    tracker = Tracker("http://127.0.0.1:9", "exp", "runs/c", "c", offline, log=lambda *_: None)
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        assert tracker.open({"seed": 3}, {"dataset": "toyworld"}) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later failures are silent
+        for step in (1, 2):
+            tracker.log_metrics({"loss": 5.0 / step, "hIoU": 10.0 * step}, step)
+        artifact = tmp_path / "config.yaml"
+        artifact.write_text("seed: 3\n")
+        tracker.log_artifact(artifact)
+        tracker.finish()
+    kinds = [json.loads(line)["kind"] for line in offline.read_text().splitlines()]
+    assert kinds == ["open", "metrics", "metrics", "artifact", "finish"]
+
+    uri = default_tracking_uri(tmp_path / "store")
+    copy = offline.with_name("copy.jsonl")
+    copy.write_text(offline.read_text())
+    summary = replay(offline, uri=uri, log=lambda *_: None)
+    assert summary["metrics"] == 4 and summary["artifacts"] == 1
+    assert not offline.exists() and offline.with_name(offline.name + ".synced").exists()
+    again = replay(copy, uri=uri, log=lambda *_: None)  # replaying twice adds nothing
+    assert again["run_id"] == summary["run_id"] and again["metrics"] == 0
+    client = MlflowClient(uri)
+    run = client.get_run(summary["run_id"])
+    assert steps(client, run.info.run_id, "loss") == [1, 2]
+    assert run.data.params["seed"] == "3" and run.data.tags["dataset"] == "toyworld"
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+
+def test_replay_of_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        replay(tmp_path / "nothing.jsonl")

@@ -1,0 +1,165 @@
+"""Training on a real local Ray cluster with real MLflow stores: a 2-worker run, a worker killed
+mid-run, and a tracking server that goes away."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from splitmatch.config import config_from_dict, dump_config
+from splitmatch.data import build_dataset
+from splitmatch.data.splits import TOYWORLD_CLASSES
+from splitmatch.tracking import MlflowServer, default_tracking_uri
+
+TINY = {
+    "model": {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
+              "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
+              "num_seen_queries": 6, "num_candidate_queries": 4, "mfe": {"num_groups": 8}},
+    "data": {"crop_size": 64, "toyworld": {"num_train": 16, "num_val": 4, "image_size": 64}},
+    "clip": {"model_name": "splitmatch-tiny-vit", "pretrained": None},
+    "pseudo_masks": {"image_size": 64, "scales": [4, 6], "min_area": 8, "batch_size": 8,
+                     "gpus_per_actor": 0.0},
+    "matching": {"num_points": 256}, "loss": {"num_points": 256},
+    "inference": {"num_random_queries": 2},
+}
+
+
+def write_config(tmp_path, name, **train):
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["name"] = name
+    data["pseudo_masks"]["cache_dir"] = str(tmp_path / "cache")
+    data["tracking"] = {"experiment": "tests"}
+    data["train"] = {"max_iters": 6, "batch_size": 4, "num_workers": 2, "checkpoint_every": 3,
+                     "eval_every": 3, "log_every": 1, "loader_workers": 0, "num_visualizations": 1,
+                     "storage_path": str(tmp_path / "runs"), **train}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(dump_config(config_from_dict(data)))
+    return path
+
+
+def splitmatch(*args, address, **kw):
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "splitmatch.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc, timeout=400):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def the_run(uri, experiment="tests"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def steps(client, run, key):
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
+    config = write_config(tmp_path, "two")
+    out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
+    assert "hIoU" in out and "best checkpoint" in out
+    run_dir = tmp_path / "runs" / "two"
+    assert sorted(p.name for p in (run_dir / "workers").iterdir()) == ["rank0.pid", "rank1.pid"]
+    client, run = the_run(default_tracking_uri(tmp_path / "runs"))
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    for key in ("hIoU", "sIoU", "uIoU", "mIoU", "loss", "lr", "loss_cls", "loss_cos", "loss_mfe_ce",
+                "time/matcher_fraction"):
+        assert key in metrics, key
+    # Per-class IoU of every class the validation split contains (absent classes are NaN: unlogged).
+    val = build_dataset(config_from_dict(yaml.safe_load(config.read_text())).data, "val", train=False)
+    present = set().union(*(set(val[i]["label"].unique().tolist()) for i in range(len(val)))) - {255}
+    assert {f"IoU/{TOYWORLD_CLASSES[c]}" for c in present} == {k for k in metrics if k.startswith("IoU/")}
+    assert steps(client, run, "loss") == [1, 2, 3, 4, 5, 6]
+    assert steps(client, run, "hIoU") == [3, 6]
+    assert params["model.num_candidate_queries"] == "4" and params["train.num_workers"] == "2"
+    assert tags["dataset"] == "toyworld" and len(tags["git_commit"]) == 40
+    assert tags["pseudo_cache_key"] != "none" and run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "predictions", "checkpoints"} <= artifacts
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
+    assert pictures == ["predictions/it0000003_val0.png", "predictions/it0000006_val0.png"]
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints and all((c / "state.pt").exists() for c in checkpoints)
+
+    # A finished model evaluates on its own, with per-class IoU in a CSV.
+    csv = tmp_path / "per_class.csv"
+    out = finish(subprocess.Popen(
+        [sys.executable, "-m", "splitmatch.cli", "eval", str(config), "--checkpoint",
+         str(checkpoints[-1]), "--out", str(csv)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True))
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "class,split,IoU" and len(rows) == 11 and "leaf,unseen," in csv.read_text()
+    # Starting the same run again without --resume is refused instead of silently resuming.
+    again = splitmatch("train", str(config), address=ray_cluster)
+    out, _ = again.communicate(timeout=200)
+    assert again.returncode == 2 and "--resume" in out
+
+
+def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_cluster):
+    config = write_config(tmp_path, "kill", max_iters=16, checkpoint_every=4, eval_every=8,
+                          max_failures=2)
+    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+    run_dir = tmp_path / "runs" / "kill"
+    deadline = time.time() + 300
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    # Wait until Ray Train has registered a checkpoint (not merely until rank 0 wrote one: a
+    # checkpoint counts only once every rank has reported it).
+    while time.time() < deadline and not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    victim = int((run_dir / "workers" / "rank1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)  # a real worker death, not an exception
+    finish(proc)
+    assert int((run_dir / "workers" / "rank1.pid").read_text()) != victim  # a new worker group
+    client, run = the_run(default_tracking_uri(tmp_path / "runs"))
+    assert steps(client, run, "loss") == list(range(1, 17)), "a step was logged twice or lost"
+    assert run.data.metrics["iteration"] == 16 and run.info.status == "FINISHED"
+    assert int(run.data.tags["resumed_from_iteration"]) >= 4
+
+
+def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
+    server = MlflowServer(tmp_path / "server").start()
+    port = server.port
+    try:
+        config = write_config(tmp_path, "outage", max_iters=14, num_workers=1, batch_size=2,
+                              checkpoint_every=7, eval_every=7)
+        data = yaml.safe_load(config.read_text())
+        data["tracking"]["uri"] = server.url
+        config.write_text(yaml.safe_dump(data))
+        proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+        client = MlflowClient(server.url)
+        deadline = time.time() + 300
+        logged = []
+        while time.time() < deadline and len(logged) < 2:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            exp = client.get_experiment_by_name("tests")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            logged = steps(client, runs[0], "loss") if runs else []
+            time.sleep(0.2)
+        server.stop()  # the server goes away mid-run
+        out = finish(proc)
+        assert "unreachable" in out
+        offline = tmp_path / "runs" / "outage" / "mlflow_offline.jsonl"
+        assert offline.exists()
+        server = MlflowServer(tmp_path / "server", port=port).start()
+        client = MlflowClient(server.url)
+        run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+        assert len(steps(client, run, "loss")) < 14
+        finish(subprocess.Popen([sys.executable, "-m", "splitmatch.cli", "sync-mlflow",
+                                 str(offline)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True))
+        run = client.get_run(run.info.run_id)
+        assert steps(client, run, "loss") == list(range(1, 15))
+        assert steps(client, run, "hIoU") == [7, 14] and run.info.status == "FINISHED"
+    finally:
+        server.stop()
