@@ -64,6 +64,9 @@ def cmd_bench(args) -> int:
     if args.what == "matching":
         from splitmatch.bench.matching import run
         run(repeats=args.repeats)
+    elif args.what == "train":
+        from splitmatch.bench.train import run
+        run(iterations=args.iterations)
     elif args.what == "pseudo":
         from splitmatch.bench.pseudo import run
         run(num_images=args.images, clip_name=args.clip, repeats=args.repeats, device=args.device)
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="print benchmark figures",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["matching", "pseudo"], help="which benchmark")
+    p.add_argument("what", choices=["matching", "pseudo", "train"], help="which benchmark")
+    p.add_argument("--iterations", type=int, default=40, help="train: iterations per run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is kept)")
     p.add_argument("--images", type=int, default=8, help="pseudo: toy images in the batch")
     p.add_argument("--clip", default="ViT-B-16",

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from splitmatch.clip import build_clip
 from splitmatch.config import load_config
@@ -13,23 +12,9 @@ from splitmatch.criterion import build_criterion
 from splitmatch.data import build_dataset, collate
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
-from splitmatch.train import build_class_space, build_optimizer, training_step
+from splitmatch.train import TimedMatcher, build_class_space, build_optimizer, training_step
 
 TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yaml"
-
-
-class TimedMatcher(nn.Module):
-    """Adds up the wall time spent inside the wrapped matcher."""
-
-    def __init__(self, matcher: nn.Module):
-        super().__init__()
-        self.matcher, self.seconds = matcher, 0.0
-
-    def forward(self, *args, **kwargs):
-        start = time.perf_counter()
-        result = self.matcher(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        return result
 
 
 def toy_batch_with_candidates(cfg, clip) -> dict:

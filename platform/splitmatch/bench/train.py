@@ -1,0 +1,42 @@
+"""`splitmatch bench train`: iterations/s of the toy config on Ray Train with 1 and 2 workers, and
+where a step's time goes (data loading, matching, optimizer step)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from splitmatch.config import load_config, to_dict, config_from_dict
+
+TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yaml"
+
+
+def run(iterations: int = 40, workers: tuple[int, ...] = (1, 2), config: Path = TOY_CONFIG,
+        log=print) -> dict:
+    from splitmatch.train import launch
+
+    base = load_config(config)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in workers:
+            data = to_dict(base)
+            data["name"] = f"bench_{n}w"
+            data["train"].update(max_iters=iterations, num_workers=n, log_every=iterations // 2,
+                                 eval_every=iterations, checkpoint_every=iterations,
+                                 storage_path=str(Path(tmp) / "runs"), num_visualizations=0)
+            data["tracking"] = {"uri": None, "experiment": "bench"}
+            cfg = config_from_dict(data, "bench")
+            result = launch(cfg, build_pseudo_masks=True, log=lambda *_: None)
+            if result.error is not None:
+                raise RuntimeError(f"benchmark run with {n} workers failed: {result.error}")
+            m = result.metrics  # the second half of the run: warm-up excluded
+            results[n] = {"iters_per_s": 1.0 / m["time/step_s"],
+                          "data": m["time/data_fraction"], "matcher": m["time/matcher_fraction"],
+                          "optimizer": m["time/optimizer_fraction"]}
+            log(f"workers={n} global_batch={cfg.train.batch_size} iters_per_s={results[n]['iters_per_s']:.2f} "
+                f"images_per_s={results[n]['iters_per_s'] * cfg.train.batch_size:.1f} "
+                f"data_fraction={m['time/data_fraction']:.3f} "
+                f"matcher_fraction={m['time/matcher_fraction']:.3f} "
+                f"optimizer_fraction={m['time/optimizer_fraction']:.3f}")
+    last = results[workers[-1]]["iters_per_s"]
+    log(f"iters_per_s={last:.2f}")
+    return results
