@@ -41,8 +41,8 @@ def write_config(tmp_path, name, **train):
     return path
 
 
-def splitmatch(*args, address, **kw):
-    env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
+def splitmatch(*args, address, env_extra=None, **kw):
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "splitmatch.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 

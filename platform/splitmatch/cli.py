@@ -42,6 +42,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from splitmatch.tune import run_search
+    try:
+        run_search(load_config(args.config, args.overrides), resume=args.resume)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import splitmatch.tracking  # noqa: F401  (fail fast against a dead server, not minutes of retries)
+    from splitmatch.dashboards.report import build_report
+    uri = args.tracking_uri or f"sqlite:///{(Path(args.storage_path) / 'mlflow.db').resolve()}"
+    report = build_report(uri, args.out, experiments=args.experiment or None,
+                          parent_run_id=args.parent, top_k=args.top_k,
+                          log_to_run_id=args.parent if args.log_to_parent else None)
+    if not report["runs"]:
+        print(report["message"])
+        return 1
+    table = report["table"]
+    columns = [c for c in ("rank", "hIoU", "sIoU", "uIoU", "candidate_queries", "kmeans_scales",
+                           "mfe_norm", "lr", "matching", "run_name") if c in table]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"report: {report['report']}  table: {report['csv']}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from splitmatch.train import evaluate_checkpoint
     evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out)
@@ -92,6 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-pseudo-masks", action="store_true",
                    help="build the pseudo-mask cache first if it is missing (splitmatch pseudo)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="hyperparameter search on Ray Tune (tune: section of the config)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search without re-running finished trials")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("compare", help="rank and plot runs from MLflow into an HTML report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store or server (default: the embedded store of --storage-path)")
+    p.add_argument("--storage-path", default="runs", help="train.storage_path of the runs")
+    p.add_argument("--experiment", action="append", default=[],
+                   help="experiment name (repeatable; default: the parent's, else all)")
+    p.add_argument("--parent", default=None, help="only the child runs of this search run id")
+    p.add_argument("--top-k", type=int, default=5, help="best runs shown in the detail plots")
+    p.add_argument("--out", default="runs/compare", help="output folder")
+    p.add_argument("--log-to-parent", action="store_true",
+                   help="also log the report as artifacts of the --parent run")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -195,6 +195,23 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`splitmatch tune`: the search space and how to explore it.
+
+    `space` maps flattened config keys to one distribution each: {"grid": [...]} (every value),
+    {"choice": [...]}, {"uniform": [lo, hi]}, {"loguniform": [lo, hi]} or {"randint": [lo, hi]}.
+    """
+
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = 1  # random: trials drawn; grid: repeats of the whole grid
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: int = 100  # ASHA: iterations before a trial can be stopped
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 1
+    space: dict = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     name: str = "splitmatch"
     seed: int = 0
@@ -210,6 +227,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # ----------------------------------------------------------------------------- building
@@ -235,6 +253,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(
                 f"{source}: '{key}' must be one of {list(get_args(tp))}, got {value!r}")
         return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -370,7 +392,43 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _positive(cfg.inference.num_random_queries, "inference.num_random_queries", source,
               allow_zero=True)
     _positive(cfg.eval.batch_size, "eval.batch_size", source)
+    _validate_tune(cfg, source)
     return cfg
+
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+def _validate_tune(cfg: Config, source: str) -> None:
+    t = cfg.tune
+    for key in ("num_samples", "grace_period", "reduction_factor", "max_concurrent_trials"):
+        _positive(getattr(t, key), f"tune.{key}", source)
+    known = set(flatten(Config()))
+    for key, spec in t.space.items():
+        where = f"tune.space.{key}"
+        if key not in known or key.startswith("tune."):
+            raise ConfigError(f"{source}: '{where}' is not a config key that a trial can set")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ConfigError(f"{source}: '{where}' must be one of {{kind: values}} with kind in "
+                              f"{list(SPACE_KINDS)}, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: '{where}.{kind}' must be a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+            raise ConfigError(f"{source}: '{where}.{kind}' must be [low, high]")
+        if t.search == "grid" and kind != "grid":
+            raise ConfigError(f"{source}: '{where}' uses '{kind}' but tune.search is grid")
+        if kind in ("grid", "choice"):  # every value must make a valid config
+            for value in values:
+                try:
+                    config_from_dict(apply_overrides(to_dict(cfg) | {"tune": {}},
+                                                     [f"{key}={_yaml_value(value)}"]), source)
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: '{where}' value {value!r} is invalid: {exc}") from exc
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
@@ -473,6 +531,6 @@ def flatten(cfg: Config) -> dict[str, Any]:
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "MFEConfig", "DataConfig", "ToyWorldConfig",
     "ClipConfig", "ToyClipConfig", "PseudoMaskConfig", "MatchingConfig", "LossConfig", "OptimConfig", "TrainConfig",
-    "InferenceConfig", "EvalConfig", "TrackingConfig", "load_config", "config_from_dict",
+    "InferenceConfig", "EvalConfig", "TrackingConfig", "TuneConfig", "load_config", "config_from_dict",
     "apply_overrides", "dump_config", "to_dict", "flatten", "validate", "resolve_paths",
 ]

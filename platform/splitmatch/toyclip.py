@@ -96,6 +96,7 @@ class ToyClipRecipe:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_logit_scale: float = 100.0  # CLIP's clamp of the learned temperature
+    targets: str = "jaccard"  # "jaccard": soft partial credit; "exact": same set only, partial masked
     eval_images: int = 500  # held-out single-object images for the recorded accuracy
     log_every: int = 100
 
@@ -213,10 +214,19 @@ def jaccard_targets(class_sets: Tensor) -> Tensor:
     return jaccard / jaccard.sum(1, keepdim=True)
 
 
+def exact_targets(class_sets: Tensor) -> tuple[Tensor, Tensor]:
+    same = (class_sets[:, None] == class_sets[None]).all(-1).float()
+    overlap = (class_sets.float() @ class_sets.float().T) > 0
+    ignore = overlap & (same == 0)
+    return same / same.sum(1, keepdim=True), ignore
+
+
 def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor,
-                     targets: Tensor) -> Tensor:
+                     targets: Tensor, ignore: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE with soft targets; embeddings [B, C] L2-normalised, targets [B, B]."""
     logits = logit_scale * image_embeds @ text_embeds.T                # [B, B] image x caption
+    if ignore is not None:
+        logits = logits.masked_fill(ignore, -1e4)
     image_to_text = -(targets * logits.log_softmax(dim=1)).sum(1).mean()
     text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(1).mean()
     return (image_to_text + text_to_image) / 2
@@ -357,8 +367,12 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
         image_embeds = model.encode_image(_normalise(images, mean, std, input_size),
                                           normalize=True)          # [B, C]
         text_embeds = model.encode_text(tokenizer(captions), normalize=True)  # [B, C]
+        if recipe.targets == "exact":
+            targets, ignore = exact_targets(class_sets)
+        else:
+            targets, ignore = jaccard_targets(class_sets), None
         loss = contrastive_loss(image_embeds, text_embeds, model.logit_scale.exp(),
-                                jaccard_targets(class_sets))
+                                targets, ignore)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:

@@ -52,21 +52,25 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def experiment_id(client, experiment: str, artifact_location: str | None = None) -> str:
+    """The id of `experiment`, created (with that artifact root) if it does not exist yet."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another process: look it up again
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def find_or_create_run(client, experiment: str, run_key: str, run_name: str,
                        parent_run_id: str | None = None, tags: dict | None = None,
                        artifact_location: str | None = None) -> tuple[str, bool]:
     """(run id, whether it already existed) for the run tagged `run_key` in `experiment`."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        try:
-            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        except Exception:  # created concurrently by another process: look it up again
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(client, experiment, artifact_location)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                max_results=1)
     if found:

@@ -160,7 +160,9 @@ def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONF
 
     Missing → an error naming the command that builds it, or, with `build`, it is built first.
     """
-    from splitmatch.pseudo.cache import PseudoMaskCache
+    import fcntl
+
+    from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir
 
     if cfg.matching.mode != "split":
         return None
@@ -171,8 +173,17 @@ def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONF
             raise
     from splitmatch.pseudo.pipeline import run_pseudo
 
-    run_pseudo(cfg, cfg.data.train_split, log=log)
-    return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
+    # Trials with equal pseudo-mask settings share one cache: the first to get the lock builds it,
+    # the others wait and then find it complete (even when the trials start together).
+    root = cache_dir(cfg, cfg.data.train_split)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
+        except FileNotFoundError:
+            run_pseudo(cfg, cfg.data.train_split, log=log)
+            return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
 
 
 def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir: Path,
@@ -302,6 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
     matcher.seconds = 0.0
     steps_timed = 0
     iteration = start_iteration
+    last_hiou = max(best_hiou, -1.0)
     model.train()
     # ---------------------------------------------------------------- loop
     while iteration < cfg.train.max_iters:
@@ -362,17 +374,20 @@ def train_loop_per_worker(config: dict) -> None:
                     tracker.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)},
                                         step=iteration)
                 # ray.train.report is a barrier: every rank reports at the same iterations, and
-                # only rank 0 hands over a checkpoint (with hIoU, the score that ranks them).
+                # only rank 0 hands over a checkpoint. Every report carries hIoU (the latest
+                # evaluation's): it ranks checkpoints, and Tune schedulers require it each time.
+                if "hIoU" in metrics:
+                    last_hiou = _score(metrics["hIoU"])
+                reported = {**metrics, "hIoU": last_hiou}
                 if wants_checkpoint:
                     with tempfile.TemporaryDirectory() as tmp:
                         ckpt = None
                         if rank == 0:
                             ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
                                 Path(tmp), core, optimizer, iteration, epoch, best_hiou))
-                        ray.train.report({**metrics, "hIoU": _score(metrics["hIoU"])},
-                                         checkpoint=ckpt)
+                        ray.train.report(reported, checkpoint=ckpt)
                 else:
-                    ray.train.report(metrics)
+                    ray.train.report(reported)
             if last:
                 break
             tick = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Run comparison over MLflow (`splitmatch compare`); importable as `splitmatch.dashboards`."""

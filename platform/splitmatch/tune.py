@@ -1,0 +1,196 @@
+"""`splitmatch tune`: hyperparameter search on Ray Tune, each trial a Ray Train run (the training
+issue's `launch`, not a copy), one MLflow parent run for the search and one child run per trial.
+
+The V2 pattern (ray-mlflow.md): a function trainable builds a `TorchTrainer` whose
+`TuneReportCallback` forwards rank 0's metrics (hIoU) to Tune. Trial names are deterministic, so a
+restored search resumes unfinished trials from their Train checkpoints and never re-runs finished
+ones. Concurrent trials write MLflow through one local `mlflow server`, never one SQLite file.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import yaml
+
+from splitmatch.config import (Config, apply_overrides, config_from_dict, dump_config,
+                               resolve_paths, to_dict)
+from splitmatch.tracking import (MlflowServer, experiment_id, artifact_root, default_tracking_uri,
+                                 find_or_create_run, git_commit)
+
+
+def search_space(space: dict) -> dict:
+    """The YAML `tune.space` as Tune distributions, keyed by the flattened config key."""
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice,
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in space.items()
+            for kind, values in spec.items()}
+
+
+def trial_config(base: dict, params: dict, name: str) -> Config:
+    """The base config with one trial's sampled values applied (validated like any config)."""
+    data = yaml.safe_load(yaml.safe_dump(base))
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for key, value in params.items()]
+    data = apply_overrides(data, overrides, source="tune trial")
+    data["name"] = name
+    data["tune"] = {}
+    return config_from_dict(data, f"trial {name}")
+
+
+def run_trial(config: dict) -> None:
+    """Tune function trainable: one Ray Train run with this trial's values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from splitmatch.train import launch
+
+    context = tune.get_context()
+    params = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = trial_config(config["_base"], params, f"{config['_search']}-{context.get_trial_name()}")
+    cfg_dict = to_dict(cfg)
+    cfg_dict["tracking"]["uri"] = config["_tracking_uri"]
+    cfg = config_from_dict(cfg_dict, "trial")
+    try:
+        # resume=True: a restored search continues this trial's Train run where it stopped.
+        result = launch(cfg, resume=True, build_pseudo_masks=True,
+                        parent_run_id=config["_parent_run_id"], callbacks=[TuneReportCallback()],
+                        log=lambda *_: None)
+        error = result.error
+    except Exception as exc:  # noqa: BLE001 - recorded below, then re-raised for Tune
+        error = exc
+    if error is not None:
+        _mark_failed(config["_tracking_uri"], cfg, config["_parent_run_id"], error)
+        raise RuntimeError(f"trial {cfg.name} failed: {error}") from (
+            error if isinstance(error, BaseException) else None)
+
+
+def _mark_failed(uri: str, cfg: Config, parent_run_id: str, error) -> None:
+    """The child run of a failed trial says so (the trial's rank 0 may never have finished it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_key = str(Path(cfg.train.storage_path) / cfg.name)
+    run_id, _ = find_or_create_run(client, cfg.tracking.experiment, run_key, cfg.name, parent_run_id,
+                                   artifact_location=artifact_root(uri))
+    client.set_tag(run_id, "splitmatch.status", "failed")
+    client.set_tag(run_id, "error", str(error)[:5000])
+    client.set_terminated(run_id, status="FAILED")
+
+
+def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
+    """Run (or, with `resume`, continue) the search of `cfg.tune`; returns a summary."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from splitmatch.pseudo.pipeline import _init_ray
+
+    cfg = resolve_paths(cfg)
+    if not cfg.tune.space:
+        raise ValueError("tune.space is empty: nothing to search (see experiments/toyworld_search.yaml)")
+    storage = Path(cfg.train.storage_path)
+    search_dir = storage / cfg.name
+    if search_dir.exists() and not resume:
+        raise FileExistsError(f"search '{cfg.name}' already exists in {search_dir}: pass --resume to "
+                              f"continue it, or choose another name (--set name=...)")
+    if resume and not tune.Tuner.can_restore(str(search_dir)):
+        raise FileNotFoundError(f"no search to resume in {search_dir}")
+    _init_ray()
+    server = None
+    uri = cfg.tracking.uri
+    if uri is None:  # one writer for the embedded store: a local server over its SQLite file
+        # The experiment is created directly in the store first, with its file artifact root, so
+        # the runs stay readable (artifacts included) through the plain sqlite:/// URI afterwards.
+        embedded = default_tracking_uri(storage)
+        experiment_id(MlflowClient(embedded), cfg.tracking.experiment, artifact_root(embedded))
+        server = MlflowServer(storage).start()
+        uri = server.url
+    try:
+        client = MlflowClient(uri)
+        parent_id, existed = find_or_create_run(
+            client, cfg.tracking.experiment, str(search_dir), cfg.name,
+            tags={"splitmatch.kind": "search", "git_commit": git_commit(),
+                  "dataset": cfg.data.dataset}, artifact_location=artifact_root(uri))
+        if not existed:
+            client.log_dict(parent_id, {k: v for k, v in cfg.tune.space.items()}, "search_space.yaml")
+            client.log_text(parent_id, dump_config(cfg), "base_config.yaml")
+        base = to_dict(cfg)
+        base["tune"] = {}
+        # The trial function only drives its Train run: it asks for no CPU (the Train workers hold
+        # the CPUs), only some memory, since Tune refuses an empty resource request.
+        trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 256 * 1024 ** 2})
+        scheduler = None
+        if cfg.tune.scheduler == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="iteration", max_t=cfg.train.max_iters,
+                grace_period=min(cfg.tune.grace_period, cfg.train.max_iters),
+                reduction_factor=cfg.tune.reduction_factor)
+        param_space = {**search_space(cfg.tune.space), "_base": base, "_search": cfg.name,
+                       "_tracking_uri": uri, "_parent_run_id": parent_id}
+        if resume:
+            tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric="hIoU", mode="max", scheduler=scheduler,
+                                            num_samples=cfg.tune.num_samples,
+                                            max_concurrent_trials=cfg.tune.max_concurrent_trials),
+                run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage),
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
+            f"{parent_id} at {uri}")
+        results = tuner.fit()
+        summary = _summarise(results, cfg, client, parent_id, search_dir)
+        log(f"{summary['trials']} trials, {summary['errors']} failed; best hIoU "
+            f"{summary['best_hIoU']:.2f} with {summary['best_params']}")
+        return summary
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _summarise(results, cfg: Config, client, parent_id: str, search_dir: Path) -> dict:
+    """Summary table + best trial's config on the parent run."""
+    rows = []
+    searched = list(cfg.tune.space)
+    for result in results:
+        params = {k: result.config.get(k) for k in searched}
+        metrics = result.metrics or {}
+        rows.append({"trial": Path(result.path).name if result.path else "?",
+                     "status": "ERROR" if result.error else "OK",
+                     **{k: json_value(v) for k, v in params.items()},
+                     **{m: metrics.get(m) for m in ("hIoU", "sIoU", "uIoU", "mIoU", "iteration")},
+                     "error": str(result.error)[:300] if result.error else ""})
+    ok = [r for r in rows if r["status"] == "OK" and r["hIoU"] is not None
+          and not math.isnan(r["hIoU"])]
+    ok.sort(key=lambda r: r["hIoU"], reverse=True)
+    table = search_dir / "search_summary.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: -(r["hIoU"] or -math.inf)))
+    client.log_artifact(parent_id, str(table))
+    best = ok[0] if ok else None
+    if best is not None:
+        best_cfg = trial_config(to_dict(cfg) | {"tune": {}},
+                                {k: yaml.safe_load(best[k]) if isinstance(best[k], str) else best[k]
+                                 for k in searched}, f"{cfg.name}-best")
+        client.log_text(parent_id, dump_config(best_cfg), "best_config.yaml")
+        client.log_metric(parent_id, "best_hIoU", best["hIoU"])
+        client.set_tag(parent_id, "best_trial", best["trial"])
+    client.set_terminated(parent_id, status="FINISHED")
+    return {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
+            "best_hIoU": best["hIoU"] if best else float("nan"),
+            "best_params": {k: best[k] for k in searched} if best else {},
+            "table": str(table), "parent_run_id": parent_id, "rows": rows}
+
+
+def json_value(value):
+    """Lists (K-means scale sets) as compact strings so they fit one CSV cell."""
+    return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list) else value
+
