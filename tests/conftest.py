@@ -1,20 +1,48 @@
-"""Test-wide settings: single-machine Ray clusters stay on loopback, and one real Ray per session."""
+"""Test-wide settings and the one real Ray cluster the integration tests share.
+
+The cluster is a real head node (`ray start --head`) with its dashboard / Job API, bound to
+loopback, with token authentication on, as Ray 2.60 ships it. Tests connect to it as drivers, or
+through its Job API.
+"""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 # Ray binds a local cluster to the machine's routable address unless this is off; tests keep all
-# their traffic on 127.0.0.1 (subprocesses inherit it).
+# their traffic on 127.0.0.1 (subprocesses inherit these).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ["RAY_AUTH_MODE"] = "token"  # client and cluster must agree: say it explicitly
+
+
+def _ray(*args):
+    ray_cli = Path(sys.executable).with_name("ray")
+    return subprocess.run([str(ray_cli), *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray instance (2 CPUs) shared by the tests that need one; yields its address."""
+def ray_head():
+    """(GCS address, dashboard URL) of a 2-CPU head node started for this test session."""
+    from splitmatch.tracking import free_port
+
+    port, dashboard = free_port(), free_port()
+    started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                   "--num-cpus", "2", "--disable-usage-stats")
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
+    _ray("stop", "--force")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """This process connected to the session's head node as a driver; yields the GCS address."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    ray.init(address=ray_head[0], log_to_driver=False)
+    yield ray_head[0]
     ray.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.num_candidate_queries=20 "
                              "(repeatable; values are parsed as YAML)")
+
+
+def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS",
+                                                            "http://127.0.0.1:8265"),
+                        help="the cluster's dashboard (Ray Job API) address")
+    parser.add_argument("--token", default=None,
+                        help="cluster auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
 
 
 def cmd_config(args) -> int:
@@ -67,6 +76,42 @@ def cmd_compare(args) -> int:
                            "mfe_norm", "lr", "matching", "run_name") if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"report: {report['report']}  table: {report['csv']}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from splitmatch import jobs
+    load_config(args.config, args.overrides)  # a broken config fails here, before submitting
+    job_id = jobs.submit(args.kind, args.config, args.address, args.overrides, args.extra,
+                         token=args.token, submission_id=args.submission_id)
+    print(job_id)
+    if args.follow:
+        status = jobs.follow(args.address, job_id, args.token)
+        print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from splitmatch import jobs
+    client = jobs.client(args.address, args.token)
+    if args.action == "list":
+        for job in client.list_jobs():
+            print(f"{job.submission_id}\t{job.status.value}\t{job.entrypoint}")
+        return 0
+    if not args.job_id:
+        print(f"error: 'jobs {args.action}' needs a job id", file=sys.stderr)
+        return 2
+    if args.action == "status":
+        print(client.get_job_status(args.job_id).value)
+    elif args.action == "logs":
+        if args.follow:
+            status = jobs.follow(args.address, args.job_id, args.token)
+            print(f"job {args.job_id}: {status}")
+            return 0 if status == "SUCCEEDED" else 1
+        print(client.get_job_logs(args.job_id), end="")
+    elif args.action == "stop":
+        print("stopped" if client.stop_job(args.job_id) else "already finished")
     return 0
 
 
@@ -142,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log the report as artifacts of the --parent run")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("submit", help="run pseudo/train/tune/eval as a Ray Job on a cluster",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", choices=["pseudo", "train", "tune", "eval"], help="the command to run")
+    _add_config_args(p)
+    _add_cluster_args(p)
+    p.add_argument("--submission-id", default=None, help="job id to use (default: Ray's)")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.set_defaults(func=cmd_submit)
+    p.epilog = "Options after a lone -- go to the command itself, e.g. -- --resume."
+
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop cluster jobs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", default=None)
+    _add_cluster_args(p)
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_args(p)
@@ -177,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `splitmatch submit ... -- --resume`: what follows a lone -- belongs to the submitted command.
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
+    args.extra = extra
     try:
         return args.func(args)
     except ConfigError as exc:

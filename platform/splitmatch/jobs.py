@@ -1,0 +1,84 @@
+"""`splitmatch submit` and `splitmatch jobs`: the same commands as cluster jobs (Ray Job API).
+
+A job runs `jobs/entrypoint.py KIND CONFIG ...` in a runtime environment made of this project's
+working directory (configs, entry points) and the `splitmatch` package, so the cluster runs exactly
+the code that submitted it. Ray 2.60 clusters use token authentication: the client sends the
+cluster's token (`--token`, `RAY_AUTH_TOKEN`, or Ray's own token file, ~/.ray/auth_token).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from pathlib import Path
+
+import splitmatch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(splitmatch.__file__).resolve().parent
+KINDS = ("pseudo", "train", "tune", "eval")
+# Never shipped to the cluster: environments, local runs and caches, datasets, VCS data.
+EXCLUDES = [".venv", "runs", "data", ".git", ".whl", ".gl", "**/__pycache__", "*.egg-info",
+            ".pytest_cache"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def client(address: str, token: str | None = None):
+    """A JobSubmissionClient for the cluster dashboard at `address` (e.g. http://127.0.0.1:8265)."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = token or os.environ.get("RAY_AUTH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    if token is None and os.environ.get("RAY_AUTH_MODE") is None and \
+            (Path.home() / ".ray" / "auth_token").exists():
+        # Let Ray's own loader send the token it keeps for this user.
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return JobSubmissionClient(address, headers=headers)
+
+
+def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown job kind {kind!r}; expected one of {KINDS}")
+    parts = ["python", "jobs/entrypoint.py", kind, config]
+    for item in overrides:
+        parts += ["--set", item]
+    return shlex.join(parts + list(extra))
+
+
+def submit(kind: str, config: str, address: str, overrides: list[str] | None = None,
+           extra: list[str] | None = None, token: str | None = None,
+           submission_id: str | None = None, pip: list[str] | None = None) -> str:
+    """Submit `splitmatch KIND CONFIG` as a Ray Job; returns the job id."""
+    config_path = Path(config)
+    try:
+        relative = config_path.resolve().relative_to(PROJECT_ROOT)
+    except ValueError as exc:
+        raise ValueError(f"config {config} must lie inside the project ({PROJECT_ROOT}) so it "
+                         f"travels with the working directory") from exc
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config file {config} not found")
+    runtime_env: dict = {"working_dir": str(PROJECT_ROOT), "py_modules": [str(PACKAGE_DIR)],
+                         "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if pip:
+        runtime_env["pip"] = pip
+    return client(address, token).submit_job(
+        entrypoint=entrypoint(kind, relative.as_posix(), overrides or [], extra or []),
+        runtime_env=runtime_env, submission_id=submission_id,
+        metadata={"splitmatch.kind": kind, "config": relative.as_posix()})
+
+
+def follow(address: str, job_id: str, token: str | None = None, out=print) -> str:
+    """Stream a job's logs until it ends; returns its final status."""
+    jobs = client(address, token)
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            out(lines, end="")
+
+    asyncio.run(tail())
+    status = str(jobs.get_job_status(job_id).value)
+    while status not in TERMINAL:  # logs can end a moment before the status is final
+        time.sleep(0.5)
+        status = str(jobs.get_job_status(job_id).value)
+    return status

@@ -1,0 +1,102 @@
+"""`splitmatch submit` / `splitmatch jobs` against the session's real head node (token auth on)."""
+import subprocess
+import sys
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from splitmatch.jobs import PROJECT_ROOT
+from splitmatch.tracking import default_tracking_uri
+from test_train_ray import TINY
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "splitmatch.cli", *args], capture_output=True,
+                          text=True, timeout=400)
+
+
+def job_config(tmp_path, name, **clip):
+    """A tiny toy-world config inside the project (configs travel with the working directory)."""
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["name"] = name
+    data["clip"].update(clip)
+    data["pseudo_masks"]["cache_dir"] = str(tmp_path / "cache")
+    data["train"] = {"max_iters": 2, "batch_size": 2, "num_workers": 1, "checkpoint_every": 2,
+                     "eval_every": 2, "log_every": 1, "loader_workers": 0, "num_visualizations": 0,
+                     "storage_path": str(tmp_path / "runs")}
+    data["tracking"] = {"experiment": "jobs"}
+    path = PROJECT_ROOT / "experiments" / f"_test_{tmp_path.name}_{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head):
+    _, address = ray_head
+    config = job_config(tmp_path, "jobok")
+    try:
+        submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)), "--address",
+                        address, "--follow", "--", "--build-pseudo-masks")
+    finally:
+        config.unlink()
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = submitted.stdout.splitlines()[0].strip()
+    assert f"job {job_id}: SUCCEEDED" in submitted.stdout
+    status = cli("jobs", "status", job_id, "--address", address)
+    assert status.stdout.strip() == "SUCCEEDED"
+    logs = cli("jobs", "logs", job_id, "--address", address)
+    assert "hIoU" in logs.stdout and "best checkpoint" in logs.stdout
+    listed = cli("jobs", "list", "--address", address)
+    assert job_id in listed.stdout and "jobs/entrypoint.py train" in listed.stdout
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "hIoU" in runs[0].data.metrics
+
+
+def test_broken_config_fails_with_the_error_in_the_logs(tmp_path, ray_head):
+    _, address = ray_head
+    # Valid YAML and types, but its CLIP config folder does not exist on the cluster.
+    config = job_config(tmp_path, "jobbad", model_config_dir=str(tmp_path / "no_such_folder"))
+    try:
+        submitted = cli("submit", "pseudo", str(config.relative_to(PROJECT_ROOT)), "--address",
+                        address)
+    finally:
+        config.unlink()
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    followed = cli("jobs", "logs", job_id, "--address", address, "--follow")
+    assert followed.returncode == 1 and f"job {job_id}: FAILED" in followed.stdout
+    logs = cli("jobs", "logs", job_id, "--address", address).stdout
+    assert "clip.model_config_dir" in logs and "no_such_folder" in logs
+
+
+def test_locally_invalid_config_is_not_submitted(ray_head):
+    _, address = ray_head
+    refused = cli("submit", "train", "experiments/toyworld.yaml", "--address", address, "--set",
+                  "model.num_seen_queries=-1")
+    assert refused.returncode == 2 and "model.num_seen_queries" in refused.stderr
+
+
+def test_wrong_token_is_rejected(ray_head):
+    _, address = ray_head
+    denied = cli("jobs", "list", "--address", address, "--token", "not-the-token")
+    assert denied.returncode != 0
+    assert "auth" in (denied.stdout + denied.stderr).lower()
+
+
+def test_shipped_cluster_specs_keep_auth_on_and_run_the_entry_point():
+    launcher = yaml.safe_load((PROJECT_ROOT / "jobs" / "cluster.yaml").read_text())
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
+    assert any(t["resources"].get("GPU") for t in launcher["available_node_types"].values())
+    rayjob = yaml.safe_load((PROJECT_ROOT / "jobs" / "rayjob.yaml").read_text())
+    spec = rayjob["spec"]
+    assert "jobs/entrypoint.py pseudo" in spec["entrypoint"] and "jobs/entrypoint.py train" in spec["entrypoint"]
+    head_env = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head_env
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    gpu = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"]
+    # The entry point is the CLI itself.
+    helped = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "entrypoint.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "submit" in helped.stdout
