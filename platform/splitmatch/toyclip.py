@@ -36,7 +36,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import open_clip
@@ -148,7 +148,7 @@ def _zoom_crop(image: np.ndarray, label: np.ndarray, size: int, min_pixels: int,
     limit = label.shape[0] - size
     y0, x0 = (int(v) for v in rng.integers(0, limit + 1, 2))
     if not visible_classes(label[y0:y0 + size, x0:x0 + size], min_pixels):
-        # Rare (objects cover much of the image): centre the crop on the largest object instead.
+        # Rare (the window caught background only): centre it on the largest object instead.
         counts = np.bincount(label[label != toyworld.BACKGROUND].ravel())
         ys, xs = np.nonzero(label == int(counts.argmax()))
         y0 = int(np.clip(ys.mean() - size / 2, 0, limit))
@@ -156,9 +156,16 @@ def _zoom_crop(image: np.ndarray, label: np.ndarray, size: int, min_pixels: int,
     return image[y0:y0 + size, x0:x0 + size], label[y0:y0 + size, x0:x0 + size]
 
 
+class CaptionedImage(NamedTuple):
+    image: np.ndarray  # [S, S, 3] uint8 RGB
+    label: np.ndarray  # [S, S] uint8 class ids, 255 background (only used to write the caption)
+    classes: list[int]  # the classes the caption names: those visible in `label`
+    caption: str
+
+
 def training_sample(seed: np.random.SeedSequence, image_size: int, recipe: ToyClipRecipe
-                    ) -> tuple[np.ndarray, list[int], str]:
-    """One (RGB uint8 [S, S, 3], visible class ids, caption), a pure function of `seed`."""
+                    ) -> CaptionedImage:
+    """One captioned toy image, a pure function of `seed`."""
     rng = np.random.default_rng(seed)
     render_seed = int(rng.integers(2 ** 63))
     min_pixels = math.ceil(recipe.min_visible_fraction * image_size * image_size)
@@ -172,10 +179,10 @@ def training_sample(seed: np.random.SeedSequence, image_size: int, recipe: ToyCl
             image, label = _zoom_crop(image, label, image_size, min_pixels, rng)
         else:
             image, label = toyworld.render(render_seed, image_size, n_objects)
-    # Objects are centred inside the image and later ones are drawn whole, so every image shows
-    # at least one class; a fully hidden or sliver-sized one is simply not mentioned.
+    # Objects are centred inside the image and the last one drawn is whole, so every image shows
+    # a class above the threshold; a sliver peeking out from behind another is not mentioned.
     classes = visible_classes(label, min_pixels) or visible_classes(label)
-    return image, classes, make_caption(classes, rng)
+    return CaptionedImage(image, label, classes, make_caption(classes, rng))
 
 
 def training_batch(seed: int, step: int, batch_size: int, image_size: int,
@@ -189,10 +196,10 @@ def training_batch(seed: int, step: int, batch_size: int, image_size: int,
     class_sets = torch.zeros(batch_size, len(CLASS_NAMES), dtype=torch.bool)
     for slot in range(batch_size):
         sample_seed = np.random.SeedSequence([seed & 0xFFFF_FFFF, TRAIN_STREAM, step, slot])
-        image, classes, caption = training_sample(sample_seed, image_size, recipe)
-        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        captions.append(caption)
-        class_sets[slot, classes] = True
+        sample = training_sample(sample_seed, image_size, recipe)
+        images.append(torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1))
+        captions.append(sample.caption)
+        class_sets[slot, sample.classes] = True
     return torch.stack(images), captions, class_sets
 
 
@@ -384,7 +391,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
         if (step + 1) % recipe.log_every == 0 or step + 1 == cfg.steps:
             count = (step % recipe.log_every) + 1
             entry = {"step": step + 1, "loss": running / count, "lr": lr,
-                     "logit_scale": float(model.logit_scale.exp()),
+                     "logit_scale": float(model.logit_scale.detach().exp()),
                      "seconds": time.perf_counter() - start}
             history.append(entry)
             log(f"toy CLIP step {entry['step']}/{cfg.steps}  loss {entry['loss']:.4f}  "
@@ -519,14 +526,14 @@ def pseudo_mask_quality(clip: FrozenClip, pseudo_cfg: PseudoMaskConfig, data_cfg
 # ----------------------------------------------------------------------------- command
 
 
-def main_toy_clip(cfg: Config, log: Callable[[str], None] = print,
-                  quality_images: int = 64) -> dict:
+def main_toy_clip(cfg: Config, log: Callable[[str], None] = print, quality_images: int = 64,
+                  recipe: ToyClipRecipe = DEFAULT_RECIPE) -> dict:
     """`splitmatch toy-clip CONFIG`: build or reuse the toy CLIP, print where it is and how good.
 
     On the toy world it also scores pseudo masks made with the config's `pseudo_masks` settings.
     """
     start = time.perf_counter()
-    checkpoint = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log)
+    checkpoint = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log, recipe=recipe)
     info = checkpoint_info(checkpoint)
     report = info["zero_shot"]
     log(f"checkpoint: {checkpoint}")

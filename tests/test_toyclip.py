@@ -1,0 +1,234 @@
+"""The toy CLIP: captions, loss, a few-step pretraining, its cache, loading through build_clip."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitmatch import toyclip
+from splitmatch.clip import TEMPLATES, build_clip
+from splitmatch.config import ClipConfig, Config, DataConfig, PseudoMaskConfig, ToyClipConfig, \
+    ToyWorldConfig
+from splitmatch.data import render
+from splitmatch.toyclip import (CLASS_NAMES, ToyClipRecipe, checkpoint_dir, checkpoint_info,
+                                checkpoint_key, contrastive_loss, jaccard_targets, make_caption,
+                                toy_clip_checkpoint, training_batch, training_sample,
+                                visible_classes)
+
+# A few steps of small batches: enough to exercise every code path, not to learn anything.
+RECIPE = ToyClipRecipe(eval_images=20, log_every=2)
+
+
+def named_classes(caption: str) -> set[int]:
+    """The class ids whose names occur as words in `caption` (no toy class name contains another)."""
+    return {c for c, name in enumerate(CLASS_NAMES) if re.search(rf"\b{name}\b", caption)}
+
+
+@pytest.fixture(scope="module")
+def toy_cfg(tmp_path_factory) -> ToyClipConfig:
+    return ToyClipConfig(steps=3, batch_size=8, lr=1e-3, seed=0,
+                         cache_dir=str(tmp_path_factory.mktemp("toy_clip")))
+
+
+@pytest.fixture(scope="module")
+def built(toy_cfg):
+    """(checkpoint path, log lines) of one real pretraining into an empty cache."""
+    lines: list[str] = []
+    path = toy_clip_checkpoint(toy_cfg, log=lines.append, recipe=RECIPE)
+    return path, lines
+
+
+# ----------------------------------------------------------------------------- captions and data
+
+
+def test_caption_names_exactly_the_given_classes():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        count = int(rng.integers(1, 5))
+        classes = rng.choice(len(CLASS_NAMES), size=count, replace=False).tolist()
+        caption = make_caption(classes, rng)
+        assert named_classes(caption) == set(classes), caption
+    assert make_caption([9], np.random.default_rng(1)).count("ice cube") == 1
+    with pytest.raises(ValueError):
+        make_caption([], rng)
+
+
+def test_training_sample_caption_names_exactly_the_visible_classes():
+    recipe = ToyClipRecipe(zoom_fraction=0.5)
+    min_pixels = int(np.ceil(recipe.min_visible_fraction * 64 * 64))
+    kinds = set()
+    for index in range(120):
+        sample = training_sample(np.random.SeedSequence([3, index]), 64, recipe)
+        assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
+        assert sample.classes == visible_classes(sample.label, min_pixels)
+        assert sample.classes, "every training image shows at least one class"
+        assert named_classes(sample.caption) == set(sample.classes), sample.caption
+        kinds.add(len(sample.classes) > 1)
+    assert kinds == {False, True}  # both single-class and scene captions occur
+
+
+def test_visible_classes_ignores_background_and_slivers():
+    label = np.full((8, 8), 255, dtype=np.uint8)
+    label[:2, :2] = 3   # 4 pixels
+    label[5, 5] = 7     # 1 pixel
+    assert visible_classes(label) == [3, 7]
+    assert visible_classes(label, min_pixels=2) == [3]
+    _, rendered = render(5, 64, 3, [0, 4, 9])
+    assert set(visible_classes(rendered)) <= {0, 4, 9}
+
+
+def test_training_batch_is_a_pure_function_of_seed_and_step():
+    images, captions, sets = training_batch(0, 5, 6, 64)
+    again = training_batch(0, 5, 6, 64)
+    assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8
+    assert torch.equal(images, again[0]) and captions == again[1] and torch.equal(sets, again[2])
+    assert not torch.equal(images, training_batch(0, 6, 6, 64)[0])
+    assert not torch.equal(images, training_batch(1, 5, 6, 64)[0])
+    for caption, row in zip(captions, sets):
+        assert named_classes(caption) == set(row.nonzero().flatten().tolist())
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_jaccard_targets():
+    sets = torch.zeros(4, 10, dtype=torch.bool)
+    sets[0, [1]] = sets[1, [2]] = sets[2, [1]] = True
+    sets[3, [1, 2]] = True
+    targets = jaccard_targets(sets)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    # Image 0 (class 1): full credit to captions 0 and 2 (also class 1), half to caption 3.
+    assert torch.allclose(targets[0], torch.tensor([1.0, 0.0, 1.0, 0.5]) / 2.5)
+    distinct = torch.eye(10, dtype=torch.bool)[:5]
+    assert torch.equal(jaccard_targets(distinct), torch.eye(5))
+
+
+def test_contrastive_loss_is_clip_loss_for_distinct_captions():
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * image @ text.T
+    reference = (F.cross_entropy(logits, torch.arange(5)) +
+                 F.cross_entropy(logits.T, torch.arange(5))) / 2
+    assert torch.allclose(contrastive_loss(image, text, scale, torch.eye(5)), reference)
+
+
+# ----------------------------------------------------------------------------- pretraining + cache
+
+
+def test_checkpoint_is_published_complete_and_loads_with_identical_outputs(built, toy_cfg):
+    path, lines = built
+    folder = checkpoint_dir(toy_cfg, RECIPE)
+    assert path == folder / toyclip.CHECKPOINT_NAME and path.is_file()
+    assert sorted(p.name for p in folder.iterdir()) == [toyclip.INFO_NAME, toyclip.CHECKPOINT_NAME]
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
+    assert any("pretraining" in line for line in lines)
+
+    info = checkpoint_info(path)
+    assert info["key"] == folder.name == checkpoint_key(toy_cfg, RECIPE)
+    assert info["inputs"]["toy_clip"]["steps"] == 3 and "cache_dir" not in info["inputs"]["toy_clip"]
+    assert 0.0 <= info["zero_shot"]["accuracy"] <= 1.0
+    assert set(info["zero_shot"]["per_class"]) == set(CLASS_NAMES)
+
+    # Same seed, same weights: retrain in memory and compare with what build_clip loaded.
+    model, _ = toyclip.train_toy_clip(toy_cfg, RECIPE, log=lambda _: None)
+    clip = build_clip(ClipConfig(model_name=toy_cfg.model_name, pretrained=str(path)))
+    loaded = clip.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded[name]), name
+
+    images, _, _ = training_batch(7, 0, 4, 64)
+    with torch.no_grad():
+        pixels = (images.float() / 255.0 - clip.mean) / clip.std
+        expected_images = model.encode_image(pixels, normalize=True)
+        tokens = clip.tokenizer([TEMPLATES["single"][0].format(n) for n in CLASS_NAMES])
+        expected_text = model.encode_text(tokens, normalize=True)
+    assert torch.allclose(clip.encode_images(images), expected_images, atol=1e-6)
+    assert torch.allclose(clip.text_embeddings(CLASS_NAMES, TEMPLATES["single"]), expected_text,
+                          atol=1e-6)
+
+
+def test_second_call_is_a_cache_hit(built, toy_cfg, monkeypatch):
+    path, _ = built
+    mtime = path.stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached checkpoint must not be retrained")
+
+    monkeypatch.setattr(toyclip, "train_toy_clip", no_training)
+    lines: list[str] = []
+    assert toy_clip_checkpoint(toy_cfg, log=lines.append, recipe=RECIPE) == path
+    assert toy_clip_checkpoint(toy_cfg, build=False, log=lines.append, recipe=RECIPE) == path
+    assert path.stat().st_mtime_ns == mtime
+    assert all("cached" in line for line in lines)
+
+
+def test_key_follows_every_training_input_but_not_the_cache_folder(toy_cfg):
+    key = checkpoint_key(toy_cfg, RECIPE)
+    for change in ({"seed": 1}, {"steps": 4}, {"batch_size": 16}, {"lr": 2e-3},
+                   {"image_size": 32}):
+        assert checkpoint_key(dataclasses.replace(toy_cfg, **change), RECIPE) != key, change
+    assert checkpoint_key(dataclasses.replace(toy_cfg, cache_dir="elsewhere"), RECIPE) == key
+    assert checkpoint_key(toy_cfg, dataclasses.replace(RECIPE, zoom_fraction=0.0)) != key
+    with pytest.raises(Exception, match="no model config"):
+        checkpoint_key(dataclasses.replace(toy_cfg, model_name="no-such-model"), RECIPE)
+
+
+def test_interrupted_pretraining_leaves_nothing_that_looks_complete(toy_cfg, monkeypatch):
+    cfg = dataclasses.replace(toy_cfg, seed=11)
+    folder = checkpoint_dir(cfg, RECIPE)
+
+    def interrupted(*args, **kwargs):  # after the weights are written, before publishing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toyclip, "zero_shot_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        toy_clip_checkpoint(cfg, log=lambda _: None, recipe=RECIPE)
+    assert not folder.exists()
+    assert not list(folder.parent.glob(f".{folder.name}.*"))
+    # A half-built folder of a dead process (kill -9) is never taken for a checkpoint ...
+    stale = folder.parent / f".{folder.name}.999999999.tmp"
+    stale.mkdir()
+    (stale / toyclip.CHECKPOINT_NAME).write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match="splitmatch toy-clip"):
+        toy_clip_checkpoint(cfg, build=False, recipe=RECIPE)
+    # ... and is cleared by the next build.
+    assert toyclip._remove_stale_temporaries(folder.parent, folder.name) == 1
+    assert not stale.exists()
+
+
+def test_zero_shot_accuracy_and_pseudo_mask_quality_run(built, toy_cfg):
+    path, _ = built
+    clip = build_clip(ClipConfig(model_name=toy_cfg.model_name, pretrained=str(path)))
+    accuracy = toyclip.zero_shot_accuracy(clip, num_images=20, seed=0, image_size=64)
+    assert 0.0 <= accuracy <= 1.0
+    images, targets = toyclip.zero_shot_images(20, 0, 64)
+    assert targets.tolist() == [i % 10 for i in range(20)]
+    # Held out: no evaluation image equals a training image of the same seed.
+    assert not torch.equal(images[:8], training_batch(0, 0, 8, 64)[0])
+
+    data = DataConfig(dataset="toyworld", toyworld=ToyWorldConfig(num_train=4, num_val=2))
+    pseudo = PseudoMaskConfig(scales=[6, 8, 10], min_area=32, image_size=128, batch_size=4)
+    quality = toyclip.pseudo_mask_quality(clip, pseudo, data, num_images=4)
+    assert quality["images"] == 4 and 0.0 <= quality["best_match_iou"] <= 1.0
+
+
+def test_main_toy_clip_reports_path_and_accuracy(built, toy_cfg):
+    path, _ = built
+    cfg = Config(toy_clip=toy_cfg,
+                 data=DataConfig(dataset="toyworld", toyworld=ToyWorldConfig(num_train=4)),
+                 pseudo_masks=PseudoMaskConfig(scales=[6, 8, 10], min_area=32, image_size=128,
+                                               batch_size=4))
+    lines: list[str] = []
+    summary = toyclip.main_toy_clip(cfg, log=lines.append, quality_images=4, recipe=RECIPE)
+    text = "\n".join(lines)
+    assert summary["checkpoint"] == str(path) and str(path) in text
+    assert "zero-shot accuracy" in text and all(name in text for name in CLASS_NAMES)
+    assert summary["pseudo_mask_quality"]["images"] == 4
+    assert os.path.isfile(summary["checkpoint"])
