@@ -25,6 +25,12 @@ def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
                         help="cluster auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
 
 
+def _config(args):
+    """The command's config, with `clip.pretrained: toy` replaced by the (cached) toy CLIP."""
+    from splitmatch.toyclip import with_toy_clip
+    return with_toy_clip(load_config(args.config, args.overrides))
+
+
 def cmd_config(args) -> int:
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
@@ -32,7 +38,7 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     from splitmatch.train import launch
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     try:
         result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
                         config_path=args.config)
@@ -54,7 +60,7 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from splitmatch.tune import run_search
     try:
-        run_search(load_config(args.config, args.overrides), resume=args.resume)
+        run_search(_config(args), resume=args.resume)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -115,9 +121,27 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_toy_clip(args) -> int:
+    from splitmatch.toyclip import main_toy_clip
+    main_toy_clip(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from splitmatch.demo import DEMO_CONFIG, run_demo
+    run_demo(args.config or DEMO_CONFIG, quick=args.quick, overrides=args.overrides)
+    return 0
+
+
+def cmd_ablation(args) -> int:
+    from splitmatch.ablation import run_ablation
+    result = run_ablation(_config(args), seeds=args.seeds)
+    return 0 if result else 1
+
+
 def cmd_eval(args) -> int:
     from splitmatch.train import evaluate_checkpoint
-    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    evaluate_checkpoint(_config(args), args.checkpoint, args.out)
     return 0
 
 
@@ -129,7 +153,7 @@ def cmd_sync_mlflow(args) -> int:
 
 def cmd_pseudo(args) -> int:
     from splitmatch.pseudo.pipeline import run_pseudo
-    manifest = run_pseudo(load_config(args.config, args.overrides), split=args.split)
+    manifest = run_pseudo(_config(args), split=args.split)
     return 0 if manifest["complete"] else 1
 
 
@@ -204,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("toy-clip", help="pretrain (once) the toy CLIP used on the toy world",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_toy_clip)
+
+    p = sub.add_parser("demo", help="the whole method end to end on the toy world (CPU, local)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smaller budget (smoke test, ~3 min)")
+    p.add_argument("--config", default=None, help="default: experiments/toyworld.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ablation", help="baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+N-1")
+    p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -89,6 +89,10 @@ class ToyClipRecipe:
     min_objects: int = 2  # objects drawn per scene
     max_objects: int = 4
     zoom_fraction: float = 0.3  # share of scenes that are crops of a 2x render
+    # Share of single objects shown at 2x (a crop around them): larger views of the fine textures
+    # (zebra stripes vs checkerboard squares) speed up telling the two black-and-white classes
+    # apart, the last pair a short pretraining confuses.
+    single_zoom_fraction: float = 0.3
     # A class counts as visible (and is named in the caption) from this share of the image's
     # pixels: a sliver behind another object is not what a caption would mention.
     min_visible_fraction: float = 0.01
@@ -96,7 +100,6 @@ class ToyClipRecipe:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_logit_scale: float = 100.0  # CLIP's clamp of the learned temperature
-    targets: str = "jaccard"  # "jaccard": soft partial credit; "exact": same set only, partial masked
     eval_images: int = 500  # held-out single-object images for the recorded accuracy
     log_every: int = 100
 
@@ -143,16 +146,18 @@ def make_caption(class_ids: Sequence[int], rng: np.random.Generator) -> str:
 
 
 def _zoom_crop(image: np.ndarray, label: np.ndarray, size: int, min_pixels: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A size x size crop of a larger render that shows at least one class."""
+               rng: np.random.Generator, on_object: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size crop of a larger render that shows at least one class: anywhere, or around
+    an object (`on_object`, with some jitter so the object is not always centred)."""
     limit = label.shape[0] - size
     y0, x0 = (int(v) for v in rng.integers(0, limit + 1, 2))
-    if not visible_classes(label[y0:y0 + size, x0:x0 + size], min_pixels):
-        # Rare (the window caught background only): centre it on the largest object instead.
+    if on_object or not visible_classes(label[y0:y0 + size, x0:x0 + size], min_pixels):
+        # Around the largest object; also the way out when a random window caught only background.
         counts = np.bincount(label[label != toyworld.BACKGROUND].ravel())
         ys, xs = np.nonzero(label == int(counts.argmax()))
-        y0 = int(np.clip(ys.mean() - size / 2, 0, limit))
-        x0 = int(np.clip(xs.mean() - size / 2, 0, limit))
+        jitter_y, jitter_x = rng.uniform(-size / 6, size / 6, 2)
+        y0 = int(np.clip(ys.mean() - size / 2 + jitter_y, 0, limit))
+        x0 = int(np.clip(xs.mean() - size / 2 + jitter_x, 0, limit))
     return image[y0:y0 + size, x0:x0 + size], label[y0:y0 + size, x0:x0 + size]
 
 
@@ -169,16 +174,15 @@ def training_sample(seed: np.random.SeedSequence, image_size: int, recipe: ToyCl
     rng = np.random.default_rng(seed)
     render_seed = int(rng.integers(2 ** 63))
     min_pixels = math.ceil(recipe.min_visible_fraction * image_size * image_size)
-    if rng.random() < recipe.single_fraction:
-        class_id = int(rng.integers(len(CLASS_NAMES)))
-        image, label = toyworld.render(render_seed, image_size, 1, [class_id])
+    single = rng.random() < recipe.single_fraction
+    n_objects = 1 if single else int(rng.integers(recipe.min_objects, recipe.max_objects + 1))
+    classes = [int(rng.integers(len(CLASS_NAMES)))] if single else None
+    zoom = rng.random() < (recipe.single_zoom_fraction if single else recipe.zoom_fraction)
+    if zoom:
+        image, label = toyworld.render(render_seed, 2 * image_size, n_objects, classes)
+        image, label = _zoom_crop(image, label, image_size, min_pixels, rng, on_object=single)
     else:
-        n_objects = int(rng.integers(recipe.min_objects, recipe.max_objects + 1))
-        if rng.random() < recipe.zoom_fraction:
-            image, label = toyworld.render(render_seed, 2 * image_size, n_objects)
-            image, label = _zoom_crop(image, label, image_size, min_pixels, rng)
-        else:
-            image, label = toyworld.render(render_seed, image_size, n_objects)
+        image, label = toyworld.render(render_seed, image_size, n_objects, classes)
     # Objects are centred inside the image and the last one drawn is whole, so every image shows
     # a class above the threshold; a sliver peeking out from behind another is not mentioned.
     classes = visible_classes(label, min_pixels) or visible_classes(label)
@@ -221,19 +225,10 @@ def jaccard_targets(class_sets: Tensor) -> Tensor:
     return jaccard / jaccard.sum(1, keepdim=True)
 
 
-def exact_targets(class_sets: Tensor) -> tuple[Tensor, Tensor]:
-    same = (class_sets[:, None] == class_sets[None]).all(-1).float()
-    overlap = (class_sets.float() @ class_sets.float().T) > 0
-    ignore = overlap & (same == 0)
-    return same / same.sum(1, keepdim=True), ignore
-
-
 def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor,
-                     targets: Tensor, ignore: Tensor | None = None) -> Tensor:
+                     targets: Tensor) -> Tensor:
     """Symmetric InfoNCE with soft targets; embeddings [B, C] L2-normalised, targets [B, B]."""
     logits = logit_scale * image_embeds @ text_embeds.T                # [B, B] image x caption
-    if ignore is not None:
-        logits = logits.masked_fill(ignore, -1e4)
     image_to_text = -(targets * logits.log_softmax(dim=1)).sum(1).mean()
     text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(1).mean()
     return (image_to_text + text_to_image) / 2
@@ -343,15 +338,17 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
-                   log: Callable[[str], None] = print) -> tuple[nn.Module, list[dict]]:
-    """Contrastive pretraining on toy captions; returns the trained model (eval mode) and a log."""
+                   log: Callable[[str], None] = print, device: str | torch.device = "cpu"
+                   ) -> tuple[nn.Module, list[dict]]:
+    """Contrastive pretraining on toy captions; returns the trained model (eval mode, on the CPU)
+    and a log. Weights are reproducible for a given device and thread count."""
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model_name)
+    model = create_model(cfg.model_name).to(device)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.model_name)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
-    mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
     input_size = tuple(model.visual.image_size)
     # CLIP's recipe: no weight decay on gains, biases and the temperature (all 0-/1-d tensors).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -371,15 +368,12 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
             group["lr"] = lr
         images, captions, class_sets = training_batch(cfg.seed, step, cfg.batch_size,
                                                       cfg.image_size, recipe)
-        image_embeds = model.encode_image(_normalise(images, mean, std, input_size),
-                                          normalize=True)          # [B, C]
-        text_embeds = model.encode_text(tokenizer(captions), normalize=True)  # [B, C]
-        if recipe.targets == "exact":
-            targets, ignore = exact_targets(class_sets)
-        else:
-            targets, ignore = jaccard_targets(class_sets), None
+        image_embeds = model.encode_image(_normalise(images.to(device), mean, std, input_size),
+                                          normalize=True)                   # [B, C]
+        text_embeds = model.encode_text(tokenizer(captions).to(device), normalize=True)  # [B, C]
+        class_sets = class_sets.to(device)
         loss = contrastive_loss(image_embeds, text_embeds, model.logit_scale.exp(),
-                                targets, ignore)
+                                jaccard_targets(class_sets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
@@ -398,7 +392,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
                 f"lr {lr:.2e}  logit scale {entry['logit_scale']:.1f}  {entry['seconds']:.0f} s")
             running = 0.0
     model.eval()
-    return model, history
+    return model.cpu(), history
 
 
 def _remove_stale_temporaries(root: Path, key: str) -> int:
@@ -566,3 +560,17 @@ __all__ = [
     "checkpoint_dir", "create_model", "train_toy_clip", "pretrain_toy_clip",
     "toy_clip_checkpoint", "checkpoint_info", "pseudo_mask_quality", "main_toy_clip",
 ]
+
+
+def with_toy_clip(cfg: Config, log: Callable[[str], None] = print) -> Config:
+    """`clip.pretrained: toy` means "the toy CLIP of the `toy_clip` section": resolve it to the
+    cached checkpoint (pretraining it once if needed), so every later step — pseudo masks,
+    training, evaluation, on any worker — loads it like any other local checkpoint."""
+    if cfg.clip.pretrained != "toy":
+        return cfg
+    from splitmatch.config import config_from_dict, to_dict
+
+    checkpoint = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log)
+    data = to_dict(cfg)
+    data["clip"].update(model_name=cfg.toy_clip.model_name, pretrained=str(checkpoint))
+    return config_from_dict(data, "toy CLIP")

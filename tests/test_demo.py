@@ -1,0 +1,22 @@
+"""`splitmatch demo --quick`: the README's main job, end to end, as a new user runs it."""
+import re
+
+from mlflow.tracking import MlflowClient
+
+from test_train_ray import finish, splitmatch
+
+
+def test_demo_quick_end_to_end(tmp_path, ray_cluster):
+    out = finish(splitmatch("demo", "--quick", "--set", f"train.storage_path={tmp_path / 'runs'}",
+                            "--set", f"pseudo_masks.cache_dir={tmp_path / 'cache'}",
+                            address=ray_cluster), timeout=400)
+    scores = re.search(r"hIoU (\S+)\s+sIoU (\S+)\s+uIoU (\S+)", out)
+    assert scores, out[-3000:]
+    assert "toy-world pseudo-mask quality" in out and "mlflow ui --backend-store-uri" in out
+    run_dir = re.search(r"run directory: (\S+)", out).group(1)
+    pictures = list((tmp_path / "runs").glob("*/viz/*.png"))
+    assert len(pictures) == 2 and str(pictures[0]).startswith(run_dir)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("toyworld").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert abs(run.data.metrics["uIoU"] - float(scores.group(3))) < 0.01
