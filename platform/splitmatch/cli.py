@@ -176,29 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split Matching for inductive zero-shot semantic segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_args(p)
-    p.set_defaults(func=cmd_config)
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("train", help="train on Ray Train, tracked in MLflow",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("config", "print the resolved config (defaults + file + --set)", cmd_config)
+    _add_config_args(p)
+
+    p = command("train", "train on Ray Train, tracked in MLflow", cmd_train)
     _add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run train.storage_path/name from its latest checkpoint")
     p.add_argument("--build-pseudo-masks", action="store_true",
                    help="build the pseudo-mask cache first if it is missing (splitmatch pseudo)")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="hyperparameter search on Ray Tune (tune: section of the config)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("tune", "hyperparameter search on Ray Tune (tune: section of the config)", cmd_tune)
     _add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted search without re-running finished trials")
-    p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("compare", help="rank and plot runs from MLflow into an HTML report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("compare", "rank and plot runs from MLflow into an HTML report", cmd_compare)
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store or server (default: the embedded store of --storage-path)")
     p.add_argument("--storage-path", default="runs", help="train.storage_path of the runs")
@@ -209,68 +207,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--log-to-parent", action="store_true",
                    help="also log the report as artifacts of the --parent run")
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("submit", help="run pseudo/train/tune/eval as a Ray Job on a cluster",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("submit", "run pseudo/train/tune/eval as a Ray Job on a cluster", cmd_submit)
     p.add_argument("kind", choices=["pseudo", "train", "tune", "eval"], help="the command to run")
     _add_config_args(p)
     _add_cluster_args(p)
     p.add_argument("--submission-id", default=None, help="job id to use (default: Ray's)")
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
-    p.set_defaults(func=cmd_submit)
     p.epilog = "Options after a lone -- go to the command itself, e.g. -- --resume."
 
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop cluster jobs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("jobs", "list, inspect, follow or stop cluster jobs", cmd_jobs)
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", default=None)
     _add_cluster_args(p)
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-    p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("toy-clip", help="pretrain (once) the toy CLIP used on the toy world",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("toy-clip", "pretrain (once) the toy CLIP used on the toy world", cmd_toy_clip)
     _add_config_args(p)
-    p.set_defaults(func=cmd_toy_clip)
 
-    p = sub.add_parser("demo", help="the whole method end to end on the toy world (CPU, local)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("demo", "the whole method end to end on the toy world (CPU, local)", cmd_demo)
     p.add_argument("--quick", action="store_true", help="a smaller budget (smoke test, ~3 min)")
     p.add_argument("--config", default=None, help="default: experiments/toyworld.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ablation", help="baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("ablation", "baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget", cmd_ablation)
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+N-1")
-    p.set_defaults(func=cmd_ablation)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("eval", "evaluate a checkpoint on the validation split", cmd_eval)
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory, its state.pt, or a model state dict (best_model.pt)")
     p.add_argument("--out", default=None, help="CSV file for the per-class IoU")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sync-mlflow", help="replay MLflow records a run could not send",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("sync-mlflow", "replay MLflow records a run could not send", cmd_sync_mlflow)
     p.add_argument("offline_file", help="the run's mlflow_offline.jsonl")
     p.add_argument("--tracking-uri", default=None,
                    help="send them here instead of the URI the run used")
-    p.set_defaults(func=cmd_sync_mlflow)
 
-    p = sub.add_parser("pseudo", help="build the CLIP pseudo-mask cache on Ray Data (resumable)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("pseudo", "build the CLIP pseudo-mask cache on Ray Data (resumable)", cmd_pseudo)
     _add_config_args(p)
     p.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
-    p.set_defaults(func=cmd_pseudo)
 
-    p = sub.add_parser("bench", help="print benchmark figures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command("bench", "print benchmark figures", cmd_bench)
     p.add_argument("what", choices=["matching", "pseudo", "train"], help="which benchmark")
     p.add_argument("--iterations", type=int, default=40, help="train: iterations per run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is kept)")
@@ -278,7 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default="ViT-B-16",
                    help="pseudo: open_clip model (random init) or 'tiny' for the test CLIP")
     p.add_argument("--device", default=None, help="pseudo: cpu or cuda (default: cuda if present)")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 

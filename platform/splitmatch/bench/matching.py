@@ -6,10 +6,9 @@ smaller assignment problems on points sampled once, so it should cost no more th
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
+from splitmatch.bench.timing import best_of
 from splitmatch.matcher import HungarianMatcher, SplitMatcher
 
 
@@ -30,16 +29,6 @@ def make_inputs(batch: int = 2, seen_queries: int = 100, candidate_queries: int 
     return outputs, targets
 
 
-def time_call(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def run(repeats: int = 7, num_points: int = 12544, step_share: bool = True) -> dict:
     outputs, targets = make_inputs()
     plain = HungarianMatcher(num_points=num_points)
@@ -47,8 +36,8 @@ def run(repeats: int = 7, num_points: int = 12544, step_share: bool = True) -> d
     # Interleave the two so drifting machine load hits both alike.
     t_plain, t_split = [], []
     for _ in range(repeats):
-        t_plain.append(time_call(lambda: plain(outputs, targets), 1))
-        t_split.append(time_call(lambda: split(outputs, targets), 1))
+        t_plain.append(best_of(lambda: plain(outputs, targets), 1, warmup=True))
+        t_split.append(best_of(lambda: split(outputs, targets), 1, warmup=True))
     plain_s, split_s = min(t_plain), min(t_split)
     print(f"inputs: batch 2, 100 seen + 50 candidate queries, {num_points} points, "
           f"20 seen + 20 candidate targets per image, masks 128x128 (pred) / 512x512 (target)")

@@ -5,25 +5,15 @@ The CLIP is ViT-B/16 (randomly initialised: weights do not change the cost) unle
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
+from splitmatch.bench.timing import best_of
 from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig, DataConfig, PseudoMaskConfig, ToyWorldConfig
 from splitmatch.data import build_dataset
 from splitmatch.pseudo.kernel import build_kernel
 from splitmatch.pseudo.kmeans import batched_kmeans, multi_scale_seeds
-
-
-def _best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -49,7 +39,7 @@ def kmeans_vs_sklearn(dense: torch.Tensor, scales: list[int], iters: int, tol: f
         return result
 
     ours()  # warm-up
-    ours_s = _best_of(ours, repeats)
+    ours_s = best_of(ours, repeats)
     inertia_ours = ours()[2].double().sum().item()
 
     problems = [(points[i].double().cpu().numpy(), seeds[i, j][valid[j]].double().cpu().numpy())
@@ -60,7 +50,7 @@ def kmeans_vs_sklearn(dense: torch.Tensor, scales: list[int], iters: int, tol: f
                           algorithm="lloyd").fit(x).inertia_ for x, init in problems)
 
     inertia_sklearn = sklearn_all()
-    sklearn_s = _best_of(sklearn_all, repeats)
+    sklearn_s = best_of(sklearn_all, repeats)
     return {"ours_s": ours_s, "sklearn_s": sklearn_s, "speedup": sklearn_s / ours_s,
             "inertia_ours": inertia_ours, "inertia_sklearn": inertia_sklearn,
             "inertia_rel_diff": abs(inertia_ours - inertia_sklearn) / inertia_sklearn,
@@ -94,7 +84,7 @@ def run(num_images: int = 8, clip_name: str = "ViT-B-16", repeats: int = 3,
         results[:] = kernel(images, labels)
         _sync(device_t)
 
-    kernel_s = _best_of(full, repeats)
+    kernel_s = best_of(full, repeats)
     # The CLIP work alone: dense features + masked CLS of exactly the candidates the kernel found.
     masks, owner = [], []
     for b, res in enumerate(results):
@@ -111,7 +101,7 @@ def run(num_images: int = 8, clip_name: str = "ViT-B-16", repeats: int = 3,
         clip.masked_cls(batch, masks_t, owner_t)
         _sync(device_t)
 
-    clip_s = _best_of(clip_only, repeats)
+    clip_s = best_of(clip_only, repeats)
     dense = clip.dense_features(batch, image_size=kernel.image_size).float()
     km = kmeans_vs_sklearn(dense, pseudo.scales, pseudo.kmeans_iters, pseudo.kmeans_tol, repeats)
 
