@@ -80,7 +80,8 @@ def cmd_compare(args) -> int:
     table = report["table"]
     columns = [c for c in ("rank", "hIoU", "sIoU", "uIoU", "candidate_queries", "kmeans_scales",
                            "mfe_norm", "lr", "matching", "run_name") if c in table]
-    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}" if 0 < abs(v) < 0.01
+                                   else f"{v:.2f}"))
     print(f"report: {report['report']}  table: {report['csv']}")
     return 0
 

@@ -42,29 +42,27 @@ def trial_config(base: dict, params: dict, name: str) -> Config:
     return config_from_dict(data, f"trial {name}")
 
 
-def run_trial(config: dict) -> None:
-    """Tune function trainable: one Ray Train run with this trial's values."""
+def run_trial(config: dict, base: dict, search: str, tracking_uri: str,
+              parent_run_id: str) -> None:
+    """Tune function trainable: one Ray Train run with this trial's values (`config`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from splitmatch.train import launch
 
-    context = tune.get_context()
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = trial_config(config["_base"], params, f"{config['_search']}-{context.get_trial_name()}")
+    cfg = trial_config(base, config, f"{search}-{tune.get_context().get_trial_name()}")
     cfg_dict = to_dict(cfg)
-    cfg_dict["tracking"]["uri"] = config["_tracking_uri"]
+    cfg_dict["tracking"]["uri"] = tracking_uri
     cfg = config_from_dict(cfg_dict, "trial")
     try:
         # resume=True: a restored search continues this trial's Train run where it stopped.
-        result = launch(cfg, resume=True, build_pseudo_masks=True,
-                        parent_run_id=config["_parent_run_id"], callbacks=[TuneReportCallback()],
-                        log=lambda *_: None)
+        result = launch(cfg, resume=True, build_pseudo_masks=True, parent_run_id=parent_run_id,
+                        callbacks=[TuneReportCallback()], log=lambda *_: None)
         error = result.error
     except Exception as exc:  # noqa: BLE001 - recorded below, then re-raised for Tune
         error = exc
     if error is not None:
-        _mark_failed(config["_tracking_uri"], cfg, config["_parent_run_id"], error)
+        _mark_failed(tracking_uri, cfg, parent_run_id, error)
         raise RuntimeError(f"trial {cfg.name} failed: {error}") from (
             error if isinstance(error, BaseException) else None)
 
@@ -120,17 +118,21 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
             client.log_text(parent_id, dump_config(cfg), "base_config.yaml")
         base = to_dict(cfg)
         base["tune"] = {}
-        # The trial function only drives its Train run: it asks for no CPU (the Train workers hold
-        # the CPUs), only some memory, since Tune refuses an empty resource request.
-        trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 256 * 1024 ** 2})
+        # The fixed inputs travel as parameters, not in the search space, so Tune's tables show
+        # only the searched values. The trial function only drives its Train run: it asks for no
+        # CPU (the Train workers hold the CPUs), only some memory, since Tune refuses an empty
+        # resource request.
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base, search=cfg.name, tracking_uri=uri,
+                                 parent_run_id=parent_id),
+            {"CPU": 0, "memory": 256 * 1024 ** 2})
         scheduler = None
         if cfg.tune.scheduler == "asha":
             scheduler = tune.schedulers.ASHAScheduler(
                 time_attr="iteration", max_t=cfg.train.max_iters,
                 grace_period=min(cfg.tune.grace_period, cfg.train.max_iters),
                 reduction_factor=cfg.tune.reduction_factor)
-        param_space = {**search_space(cfg.tune.space), "_base": base, "_search": cfg.name,
-                       "_tracking_uri": uri, "_parent_run_id": parent_id}
+        param_space = search_space(cfg.tune.space)
         if resume:
             tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, param_space=param_space)
