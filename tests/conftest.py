@@ -5,6 +5,7 @@ loopback, with token authentication on, as Ray 2.60 ships it. Tests connect to i
 through its Job API.
 """
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ["RAY_AUTH_MODE"] = "token"  # client and cluster must agree: say it explicitly
+# `ray start` never creates a token (only ray.init does): on a fresh machine the session brings
+# its own, which the head node, the drivers and the Job API clients all read from here.
+if "RAY_AUTH_TOKEN" not in os.environ:
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _ray(*args):

@@ -100,3 +100,10 @@ def test_shipped_cluster_specs_keep_auth_on_and_run_the_entry_point():
     helped = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "entrypoint.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "submit" in helped.stdout
+
+
+def test_excludes_spare_the_package():
+    """Ray applies the job excludes to the shipped package too: none may name a part of it."""
+    from splitmatch.jobs import EXCLUDES, PACKAGE_DIR
+    parts = {p.name for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts}
+    assert "data" in parts and not parts & set(EXCLUDES)

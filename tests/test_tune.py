@@ -3,8 +3,6 @@ interrupted search resumed without re-running finished trials."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import yaml

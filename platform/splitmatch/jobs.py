@@ -18,8 +18,11 @@ import splitmatch
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(splitmatch.__file__).resolve().parent
 KINDS = ("pseudo", "train", "tune", "eval")
-# Never shipped to the cluster: environments, local runs and caches, datasets, VCS data.
-EXCLUDES = [".venv", "runs", "data", ".git", ".whl", ".gl", "**/__pycache__", "*.egg-info",
+# Never shipped to the cluster: environments, local runs and caches, VCS data. Ray applies these
+# to the package too, so no name here may match a folder inside splitmatch/ (a bare "data" would
+# drop splitmatch/data); local datasets under ./data are kept out by .gitignore, which Ray honours
+# for the working directory only.
+EXCLUDES = [".venv", "runs", ".git", ".whl", ".gl", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

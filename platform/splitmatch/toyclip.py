@@ -10,7 +10,8 @@ what a caption says.
 
 Training data are drawn on the fly, a pure function of (seed, step, slot in the batch):
 - single-object images with single-class prompts (the ZegCLIP templates among them), so that
-  zero-shot classification with "a photo of a {}." works;
+  zero-shot classification with "a photo of a {}." works; some show the object at twice its
+  usual size, so fine textures are seen up close;
 - scenes of 2-4 objects whose captions list the visible classes ("there is a brick, a grape and
   a zebra in the scene."), so that patch features, not only the CLS token, carry the classes;
   some scenes are zoomed-in crops of a twice-as-large render, so objects are also seen at the
@@ -240,7 +241,8 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Ten
 def zero_shot_images(num_images: int, seed: int, image_size: int) -> tuple[Tensor, Tensor]:
     """Held-out single-object images uint8 [N, 3, S, S] and their class ids [N], classes balanced.
 
-    Drawn from a seed stream training never uses, so these exact images were never seen.
+    Drawn from a seed stream of their own (training samples come from another one), so these are
+    not training images.
     """
     images, targets = [], []
     for index in range(num_images):
