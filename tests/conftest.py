@@ -17,6 +17,9 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# The head node and its job drivers (`python jobs/entrypoint.py ...`) must run this interpreter,
+# whose environment has the project's packages, even when the venv is not activated.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 os.environ["RAY_AUTH_MODE"] = "token"  # client and cluster must agree: say it explicitly
 # `ray start` never creates a token (only ray.init does): on a fresh machine the session brings
 # its own, which the head node, the drivers and the Job API clients all read from here.
