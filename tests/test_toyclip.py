@@ -9,16 +9,31 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from splitmatch import toyclip
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import ClipConfig, Config, DataConfig, PseudoMaskConfig, ToyClipConfig, \
-    ToyWorldConfig
+from splitmatch.config import (
+    ClipConfig,
+    Config,
+    DataConfig,
+    PseudoMaskConfig,
+    ToyClipConfig,
+    ToyWorldConfig,
+)
 from splitmatch.data import render
-from splitmatch.toyclip import (CLASS_NAMES, ToyClipRecipe, checkpoint_dir, checkpoint_info,
-                                checkpoint_key, contrastive_loss, jaccard_targets, make_caption,
-                                toy_clip_checkpoint, training_batch, training_sample,
-                                visible_classes)
+from splitmatch.toyclip import (
+    CLASS_NAMES,
+    ToyClipRecipe,
+    checkpoint_dir,
+    checkpoint_info,
+    checkpoint_key,
+    contrastive_loss,
+    jaccard_targets,
+    make_caption,
+    toy_clip_checkpoint,
+    training_batch,
+    training_sample,
+    visible_classes,
+)
 
 # A few steps of small batches: enough to exercise every code path, not to learn anything.
 RECIPE = ToyClipRecipe(eval_images=20, log_every=2)
@@ -59,7 +74,7 @@ def test_caption_names_exactly_the_given_classes():
 
 
 def test_training_sample_caption_names_exactly_the_visible_classes():
-    recipe = ToyClipRecipe(zoom_fraction=0.5)
+    recipe = ToyClipRecipe(zoom_fraction=0.5, single_zoom_fraction=0.5)
     min_pixels = int(np.ceil(recipe.min_visible_fraction * 64 * 64))
     kinds = set()
     for index in range(120):
@@ -217,6 +232,7 @@ def test_zero_shot_accuracy_and_pseudo_mask_quality_run(built, toy_cfg):
     pseudo = PseudoMaskConfig(scales=[6, 8, 10], min_area=32, image_size=128, batch_size=4)
     quality = toyclip.pseudo_mask_quality(clip, pseudo, data, num_images=4)
     assert quality["images"] == 4 and 0.0 <= quality["best_match_iou"] <= 1.0
+    assert 0.0 <= quality["candidate_class_accuracy"] <= 1.0
 
 
 def test_main_toy_clip_reports_path_and_accuracy(built, toy_cfg):

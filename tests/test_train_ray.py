@@ -162,3 +162,12 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
         assert steps(client, run, "hIoU") == [5, 10] and run.info.status == "FINISHED"
     finally:
         server.stop()
+
+
+def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, ray_cluster):
+    config = write_config(tmp_path, "greedy", cpus_per_worker=2)  # 2 workers x 2 CPUs > 2
+    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "train.cpus_per_worker (2) CPUs are needed, but the Ray cluster has 2" in out, out[-2000:]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs" / "greedy").exists()

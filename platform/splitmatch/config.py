@@ -91,7 +91,9 @@ class ToyClipConfig:
 
     model_name: str = "splitmatch-toy-vit"
     seed: int = 0
-    steps: int = 1500
+    # 800 steps of 64: under 3 min on 2 cores. Held-out zero-shot accuracy was 0.934 after 600
+    # steps and 0.972 after 1000 (the issue asks for >= 0.90).
+    steps: int = 800
     batch_size: int = 64
     lr: float = 1.0e-3
     image_size: int = 64

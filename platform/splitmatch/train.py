@@ -426,7 +426,6 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
         raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
-    open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
     _init_ray()
     if cfg.train.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -434,6 +433,13 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
             # Ray Train would wait for GPUs that never come; say so instead.
             raise RuntimeError(f"train.use_gpu is true with {cfg.train.num_workers} workers, but the "
                                f"Ray cluster has {gpus:g} GPU(s); set train.use_gpu=false or add GPUs")
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < cfg.train.num_workers * cfg.train.cpus_per_worker:
+        # Same reason: the worker group would wait forever for CPUs the cluster does not have.
+        raise RuntimeError(f"train.num_workers ({cfg.train.num_workers}) x train.cpus_per_worker "
+                           f"({cfg.train.cpus_per_worker}) CPUs are needed, but the Ray cluster has "
+                           f"{cpus:g}; lower them with --set")
+    open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     loop_config = {"cfg": to_dict(cfg), "run_dir": str(run_dir), "tracking_uri": tracking_uri,

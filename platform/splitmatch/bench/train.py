@@ -12,15 +12,18 @@ TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yam
 
 def run(iterations: int = 40, workers: tuple[int, ...] = (1, 2), config: Path = TOY_CONFIG,
         log=print) -> dict:
+    from splitmatch.toyclip import with_toy_clip
     from splitmatch.train import launch
 
-    base = load_config(config)
+    base = with_toy_clip(load_config(config), log=log)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in workers:
             data = to_dict(base)
             data["name"] = f"bench_{n}w"
-            data["train"].update(max_iters=iterations, num_workers=n, log_every=iterations // 2,
+            # One CPU per worker, so 1 and 2 workers both fit a 2-core machine.
+            data["train"].update(max_iters=iterations, num_workers=n, cpus_per_worker=1,
+                                 log_every=iterations // 2,
                                  eval_every=iterations, checkpoint_every=iterations,
                                  storage_path=str(Path(tmp) / "runs"), num_visualizations=0)
             data["tracking"] = {"uri": None, "experiment": "bench"}

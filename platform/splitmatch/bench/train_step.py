@@ -12,6 +12,7 @@ from splitmatch.criterion import build_criterion
 from splitmatch.data import build_dataset, collate
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
+from splitmatch.toyclip import with_toy_clip
 from splitmatch.train import TimedMatcher, build_class_space, build_optimizer, training_step
 
 TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yaml"
@@ -35,7 +36,7 @@ def toy_batch_with_candidates(cfg, clip) -> dict:
 
 
 def matcher_share_of_step(steps: int = 5, config: Path = TOY_CONFIG) -> dict:
-    cfg = load_config(config)
+    cfg = with_toy_clip(load_config(config))
     torch.manual_seed(cfg.seed)
     clip = build_clip(cfg.clip)
     classes = build_class_space(cfg, clip)
