@@ -51,3 +51,15 @@ def test_ablation_rows_over_two_seeds_under_one_parent(tmp_path, ray_cluster):
                                 abs_tol=0.011), (row, metric)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"ablation_table.txt", "ablation.json"} <= artifacts
+    assert math.isclose(parent.data.metrics["SM_MFE/hIoU"], table["+SM+MFE"]["hIoU"],
+                        abs_tol=0.006)
+
+    # Run again: every row is already trained, so nothing retrains and no run is added; the
+    # trained rows' figures come back from their saved final models.
+    again = finish(splitmatch("ablation", str(config), "--seeds", "2", address=ray_cluster),
+                   timeout=300)
+    assert again.count("already trained") == 6 and "training baseline" not in again
+    rerun = json.loads(again.strip().splitlines()[-1])
+    for row in ROWS[:3]:
+        assert rerun[row] == table[row], row
+    assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)

@@ -37,7 +37,7 @@ def run_ablation(cfg: Config, seeds: int = 1, log=print) -> dict:
     from mlflow.tracking import MlflowClient
 
     from splitmatch.config import resolve_paths
-    from splitmatch.train import evaluate_checkpoint, launch
+    from splitmatch.train import FINAL_METRICS, evaluate_checkpoint, launch
 
     cfg = resolve_paths(cfg)
     if cfg.inference.num_random_queries == 0:
@@ -56,12 +56,20 @@ def run_ablation(cfg: Config, seeds: int = 1, log=print) -> dict:
         seed = cfg.seed + offset
         for row in ROWS[:3]:
             row_cfg = row_config(cfg, row, seed, parent_name)
-            log(f"[seed {seed}] training {row} ({row_cfg.name})")
-            result = launch(row_cfg, resume=True, build_pseudo_masks=True, parent_run_id=parent_id,
-                            log=lambda *_: None)
-            if result.error is not None:
-                raise RuntimeError(f"ablation row {row} (seed {seed}) failed: {result.error}")
-            metrics = result.metrics
+            done = Path(row_cfg.train.storage_path) / row_cfg.name / FINAL_METRICS
+            if done.is_file():
+                # Finished by an earlier, interrupted ablation: keep what it measured (a resumed
+                # Train run with nothing left to do would report nothing).
+                log(f"[seed {seed}] {row}: already trained, figures from {done}")
+                metrics = json.loads(done.read_text())
+            else:
+                log(f"[seed {seed}] training {row} ({row_cfg.name})")
+                result = launch(row_cfg, resume=True, build_pseudo_masks=True,
+                                parent_run_id=parent_id, log=lambda *_: None)
+                if result.error is not None:
+                    raise RuntimeError(f"ablation row {row} (seed {seed}) failed: {result.error}; "
+                                       f"finished rows are kept: rerun the command to go on")
+                metrics = result.metrics
             results[row].append({k: metrics[k] for k in METRICS})
             log(f"[seed {seed}] {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
         # +RQ: the +SM+MFE model, evaluated with the extra random queries.
@@ -95,19 +103,25 @@ def run_ablation(cfg: Config, seeds: int = 1, log=print) -> dict:
     client.log_dict(parent_id, {"mean": summary, "std": spread, "per_seed": results,
                                 "seeds": seeds}, "ablation.json")
     for row in ROWS:
-        for k in METRICS:
-            client.log_metric(parent_id, f"{row}/{k}", summary[row][k])
+        for k in METRICS:  # MLflow names allow no "+": "+SM+MFE/hIoU" is logged as "SM_MFE/hIoU"
+            client.log_metric(parent_id, f"{metric_prefix(row)}/{k}", summary[row][k])
     client.set_terminated(parent_id, status="FINISHED")
     log(f"ablation over {seeds} seed(s) (mean{' ± std' if seeds > 1 else ''}):\n{text}")
     log(json.dumps({row: {k: round(summary[row][k], 2) for k in METRICS} for row in ROWS}))
     return {"mean": summary, "std": spread, "per_seed": results, "parent_run_id": parent_id}
 
 
+def metric_prefix(row: str) -> str:
+    """"+SM+MFE" -> "SM_MFE": a row name MLflow accepts in a metric name."""
+    return row.lstrip("+").replace("+", "_")
+
+
 def _final_model(run_dir: Path) -> Path:
     """The last checkpoint of a finished run (rows are compared at equal budget, not best-of)."""
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    import torch
+
+    checkpoints = [p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()]
     if not checkpoints:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    import torch
     return max(checkpoints, key=lambda p: torch.load(p / "state.pt", map_location="cpu",
                                                     weights_only=True)["iteration"])

@@ -7,6 +7,7 @@ alone talks to MLflow. `launch` builds the `TorchTrainer` on the driver and is w
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -238,6 +239,9 @@ def load_state(path: str | Path) -> dict:
     return state if "model" in state else {"model": state}
 
 
+FINAL_METRICS = "final_metrics.json"
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The whole training of one Ray Train worker."""
     import ray.train
@@ -314,6 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps_timed = 0
     iteration = start_iteration
     last_hiou = max(best_hiou, -1.0)
+    last_eval = None
     model.train()
     # ---------------------------------------------------------------- loop
     while iteration < cfg.train.max_iters:
@@ -361,6 +366,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   cfg.eval.batch_size, rank, world_size)
                 metrics.update({k: result[k] for k in ("hIoU", "sIoU", "uIoU", "mIoU")})
                 metrics.update({f"IoU/{name}": v for name, v in result["per_class"].items()})
+                last_eval = {"iteration": iteration, **metrics}
                 if rank == 0 and not math.isnan(result["hIoU"]) and result["hIoU"] > best_hiou:
                     best_hiou = result["hIoU"]
                     torch.save(core.state_dict(), run_dir / "best_model.pt")
@@ -393,6 +399,10 @@ def train_loop_per_worker(config: dict) -> None:
             tick = time.perf_counter()
         epoch += 1
     # ---------------------------------------------------------------- finish
+    if rank == 0 and last_eval is not None:
+        # The finished run's figures next to its checkpoints, so callers that come back later
+        # (a rerun ablation) read what was measured instead of re-measuring it.
+        (run_dir / FINAL_METRICS).write_text(json.dumps(last_eval, indent=1))
     if tracker is not None:
         if (run_dir / "best_model.pt").exists():
             tracker.log_artifact(run_dir / "best_model.pt", "checkpoints")
