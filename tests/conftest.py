@@ -6,8 +6,12 @@ through its Job API.
 """
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -32,18 +36,53 @@ def _ray(*args):
     return subprocess.run([str(ray_cli), *args], capture_output=True, text=True, timeout=180)
 
 
+def _stop_processes_under(marker: str, grace_s: float = 8.0) -> None:
+    """Stop the Ray processes whose command line names `marker` (this cluster's temp dir) and all
+    their descendants (workers rename themselves). Not `ray stop`: that kills every Ray process
+    on the machine, including clusters of other sessions or a user's running job."""
+    def table():
+        out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        return [(int(p), int(pp), args) for p, pp, args in
+                (line.strip().split(None, 2) for line in out.splitlines() if line.strip().count(" ") >= 2)]
+
+    rows = table()
+    doomed = {pid for pid, _, args in rows if marker in args}
+    while True:  # add descendants until nothing changes
+        more = {pid for pid, ppid, _ in rows if ppid in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    doomed.discard(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and doomed & {pid for pid, _, _ in table()}:
+            time.sleep(0.2)
+        doomed &= {pid for pid, _, _ in table()}
+        if not doomed:
+            return
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """(GCS address, dashboard URL) of a 2-CPU head node started for this test session."""
     from splitmatch.tracking import free_port
 
     port, dashboard = free_port(), free_port()
+    # A temp dir of its own: every daemon's command line names it, so teardown stops this cluster
+    # and nothing else. Short, because Ray's unix sockets live under it (108-byte path limit).
+    temp_dir = tempfile.mkdtemp(prefix="ray-t", dir="/tmp")
     started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                   "--num-cpus", "2", "--disable-usage-stats")
+                   "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir)
     assert started.returncode == 0, started.stdout + started.stderr
     yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
-    _ray("stop", "--force")
+    _stop_processes_under(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -476,7 +476,9 @@ def toy_clip_checkpoint(cfg: ToyClipConfig, build: bool = True,
     """The cached checkpoint for `cfg`, pretraining it first (once) if absent and `build`."""
     folder = checkpoint_dir(cfg, recipe)
     if (folder / CHECKPOINT_NAME).is_file() and (folder / INFO_NAME).is_file():
-        log(f"toy CLIP: using cached checkpoint {folder / CHECKPOINT_NAME}")
+        accuracy = json.loads((folder / INFO_NAME).read_text())["zero_shot"]["accuracy"]
+        log(f"toy CLIP: using cached checkpoint {folder / CHECKPOINT_NAME} (zero-shot accuracy "
+            f"{accuracy:.3f})")
         return folder / CHECKPOINT_NAME
     if not build:
         raise FileNotFoundError(f"no toy CLIP checkpoint at {folder} (key "
