@@ -3,6 +3,9 @@ import re
 
 from mlflow.tracking import MlflowClient
 
+from splitmatch.clip import build_clip
+from splitmatch.config import ClipConfig
+from splitmatch.toyclip import zero_shot_report
 from test_train_ray import finish, splitmatch
 
 
@@ -20,3 +23,12 @@ def test_demo_quick_end_to_end(tmp_path, ray_cluster):
     (run,) = client.search_runs([client.get_experiment_by_name("toyworld").experiment_id])
     assert run.info.status == "FINISHED"
     assert abs(run.data.metrics["uIoU"] - float(scores.group(3))) < 0.01
+
+    # The toy CLIP the demo pretrained (or reused), loaded the way any user loads a checkpoint:
+    # >= 90% zero-shot accuracy over all ten classes on held-out images it never trained on.
+    checkpoint = re.search(r"toy CLIP: (?:trained in .*saved|using cached checkpoint) (\S+\.pt)",
+                           out).group(1)
+    clip = build_clip(ClipConfig(model_name="splitmatch-toy-vit", pretrained=checkpoint))
+    report = zero_shot_report(clip, num_images=500)
+    assert report["accuracy"] >= 0.90, report
+    assert min(report["per_class"][c] for c in ("leaf", "starfish", "donut")) >= 0.90, report

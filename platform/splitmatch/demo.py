@@ -12,10 +12,11 @@ from splitmatch.config import Config, config_from_dict, load_config, to_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = PROJECT_ROOT / "experiments" / "toyworld.yaml"
-# --quick: the same pipeline on a smaller budget (the smoke test CI runs, ≤ 3 minutes).
+# --quick: the same pipeline on a smaller budget (the smoke test CI runs, ≤ 3 minutes). Its toy
+# CLIP still clears the 90% zero-shot bar (400 steps: 0.918 on 500 held-out images, ~1.5 min).
 QUICK = ["data.toyworld.num_train=64", "data.toyworld.num_val=24", "train.max_iters=30",
          "train.checkpoint_every=30", "train.eval_every=30", "train.log_every=10",
-         "toy_clip.steps=150", "train.num_visualizations=2"]
+         "toy_clip.steps=400", "train.num_visualizations=2"]
 
 
 def demo_config(config: str | Path = DEMO_CONFIG, quick: bool = False,
