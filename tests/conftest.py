@@ -40,10 +40,11 @@ def _stop_processes_under(marker: str, grace_s: float = 8.0) -> None:
     """Stop the Ray processes whose command line names `marker` (this cluster's temp dir) and all
     their descendants (workers rename themselves). Not `ray stop`: that kills every Ray process
     on the machine, including clusters of other sessions or a user's running job."""
-    def table():
-        out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-        return [(int(p), int(pp), args) for p, pp, args in
-                (line.strip().split(None, 2) for line in out.splitlines() if line.strip().count(" ") >= 2)]
+    def table():  # (pid, parent pid, command line) of every process
+        out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
+                             text=True).stdout
+        fields = (line.split(None, 2) for line in out.splitlines())
+        return [(int(f[0]), int(f[1]), f[2]) for f in fields if len(f) == 3]
 
     rows = table()
     doomed = {pid for pid, _, args in rows if marker in args}
@@ -60,9 +61,8 @@ def _stop_processes_under(marker: str, grace_s: float = 8.0) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and doomed & {pid for pid, _, _ in table()}:
+        while (doomed := doomed & {pid for pid, _, _ in table()}) and time.monotonic() < deadline:
             time.sleep(0.2)
-        doomed &= {pid for pid, _, _ in table()}
         if not doomed:
             return
 

@@ -152,7 +152,7 @@ def test_candidate_quality():
     cmap[5:, :] = 2
     q = candidate_quality(cmap, label, [7, 8])
     assert q == {"segments": 1, "best_iou_sum": pytest.approx(20 / 25), "covered_pixels": 20,
-                 "unseen_pixels": 25}
+                 "unseen_pixels": 25, "best_match": [(7, 0)]}
 
 
 def test_empty_clusters_are_relocated():

@@ -12,6 +12,10 @@ from splitmatch.config import ConfigError, dump_config, load_config
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (see experiments/)")
+    _add_overrides(parser)
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.num_candidate_queries=20 "
                              "(repeatable; values are parsed as YAML)")
@@ -229,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "the whole method end to end on the toy world (CPU, local)", cmd_demo)
     p.add_argument("--quick", action="store_true", help="a smaller budget (smoke test, ~3 min)")
     p.add_argument("--config", default=None, help="default: experiments/toyworld.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    _add_overrides(p)
 
     p = command("ablation", "baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget", cmd_ablation)
     _add_config_args(p)

@@ -494,27 +494,6 @@ def checkpoint_info(checkpoint: Path) -> dict:
 # ----------------------------------------------------------------------------- pseudo masks
 
 
-def _best_candidate_classes(candidate_map: Tensor, embeds: Tensor, full_label: Tensor,
-                            unseen_ids: Sequence[int], text: Tensor) -> tuple[int, int]:
-    """(correct, total): for each hidden unseen segment, is the candidate that overlaps it best
-    classified as its class by its CLS embedding Cu against all class texts [K, C]?"""
-    correct, total = 0, 0
-    count = int(candidate_map.max())
-    if count == 0:
-        return 0, sum(int((full_label == u).any()) for u in unseen_ids)
-    candidates = candidate_map[None].long() == torch.arange(1, count + 1)[:, None, None]  # [U, H, W]
-    predicted = (embeds.float() @ text.float().T).argmax(1)                           # [U]
-    for u in unseen_ids:
-        region = full_label == u
-        if not bool(region.any()):
-            continue
-        total += 1
-        iou = ((candidates & region).flatten(1).sum(1).float()
-               / (candidates | region).flatten(1).sum(1).float())
-        correct += int(predicted[int(iou.argmax())] == u)
-    return correct, total
-
-
 def pseudo_mask_quality(clip: FrozenClip, pseudo_cfg: PseudoMaskConfig, data_cfg,
                         num_images: int, split: str = "train") -> dict:
     """How well pseudo masks from `clip` find the hidden unseen objects of toy-world images.
@@ -539,15 +518,15 @@ def pseudo_mask_quality(clip: FrozenClip, pseudo_cfg: PseudoMaskConfig, data_cfg
         samples = [train_set.load(i) for i in indices]
         results = kernel([s["image"] for s in samples], [s["label"] for s in samples])
         for index, result in zip(indices, results):
-            full_label = full_set.load(index)["label"]
-            q = candidate_quality(result.candidate_map, full_label, train_set.unseen_ids)
+            q = candidate_quality(result.candidate_map, full_set.load(index)["label"],
+                                  train_set.unseen_ids)
             segments += q["segments"]
             best_iou_sum += q["best_iou_sum"]
             covered += q["covered_pixels"]
             unseen += q["unseen_pixels"]
             candidates += result.embeds.shape[0]
-            named += _best_candidate_classes(result.candidate_map, result.embeds, full_label,
-                                             train_set.unseen_ids, text)[0]
+            predicted = (result.embeds.float() @ text.float().T).argmax(1)  # [U]
+            named += sum(int(predicted[i]) == u for u, i in q["best_match"])
     return {"images": num_images, "unseen_segments": segments,
             "best_match_iou": best_iou_sum / segments if segments else float("nan"),
             "coverage": covered / unseen if unseen else float("nan"),

@@ -38,8 +38,7 @@ def kmeans_vs_sklearn(dense: torch.Tensor, scales: list[int], iters: int, tol: f
         _sync(dense.device)
         return result
 
-    ours()  # warm-up
-    ours_s = best_of(ours, repeats)
+    ours_s = best_of(ours, repeats, warmup=True)
     inertia_ours = ours()[2].double().sum().item()
 
     problems = [(points[i].double().cpu().numpy(), seeds[i, j][valid[j]].double().cpu().numpy())

@@ -114,9 +114,10 @@ def candidate_quality(candidate_map: Tensor, full_label: Tensor, unseen_ids: Seq
 
     For each unseen class present in `full_label` (the label with unseen classes visible): the best
     IoU of any single candidate mask with that class's region, and the fraction of its pixels that
-    some candidate covers. Returned as sums so images can be aggregated.
+    some candidate covers. Returned as sums so images can be aggregated, plus `best_match`:
+    (class id, index of its best candidate) per segment that has one.
     """
-    best_iou_sum, covered, total, segments = 0.0, 0, 0, 0
+    best_iou_sum, covered, total, segments, best_match = 0.0, 0, 0, 0, []
     count = int(candidate_map.max())
     candidates = candidate_map[None].long() == torch.arange(1, count + 1)[:, None, None]  # [U, H, W]
     for u in unseen_ids:
@@ -130,6 +131,8 @@ def candidate_quality(candidate_map: Tensor, full_label: Tensor, unseen_ids: Seq
         if count:
             inter = (candidates & region).flatten(1).sum(1).float()
             union = (candidates | region).flatten(1).sum(1).float()
-            best_iou_sum += float((inter / union).max())
+            iou = inter / union
+            best_iou_sum += float(iou.max())
+            best_match.append((u, int(iou.argmax())))
     return {"segments": segments, "best_iou_sum": best_iou_sum, "covered_pixels": covered,
-            "unseen_pixels": total}
+            "unseen_pixels": total, "best_match": best_match}
