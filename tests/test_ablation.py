@@ -1,27 +1,46 @@
-"""`splitmatch ablation`: the four rows of the paper's Table 2 over two seeds on a real local Ray
-cluster, every row an MLflow run under one parent, the printed means equal to the runs' metrics."""
+"""`splitmatch ablation`: the four rows of the paper's Table 2 on two unseen splits on a real local
+Ray cluster, every row an MLflow run under one parent, the printed means equal to the runs'
+metrics, an interrupted run that goes on where it stopped, a rerun that keeps finished rows, a rerun under another config refused by key, and
+`splitmatch diagnose` on the trained rows."""
 import json
 import math
+import signal
 import statistics
 
 from mlflow.tracking import MlflowClient
 
 from splitmatch.ablation import ROWS
+from splitmatch.data.splits import draw_unseen_splits
 from splitmatch.tracking import default_tracking_uri
 from test_train_ray import finish, splitmatch, write_config
 
 
-def test_ablation_rows_over_two_seeds_under_one_parent(tmp_path, ray_cluster):
+def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     config = write_config(tmp_path, "abl", max_iters=2, num_workers=1, checkpoint_every=2,
                           eval_every=2, log_every=1, num_visualizations=0)
-    out = finish(splitmatch("ablation", str(config), "--seeds", "2", address=ray_cluster),
+    # Interrupted after two rows of the first split (driver killed), then run again: the two
+    # finished rows are kept, the rest is trained.
+    first = splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster)
+    for line in first.stdout:
+        if "] +SM: hIoU" in line:
+            first.kill()
+            break
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    out = finish(splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster),
                  timeout=600)
+    assert out.count("already trained") == 2 and "training +SM+MFE (abl-ablation-u0-s0" in out
     lines = out.strip().splitlines()
     table = json.loads(lines[-1])  # the last line is the JSON summary
     assert list(table) == list(ROWS)
     assert all(set(table[row]) == {"hIoU", "sIoU", "uIoU"} for row in ROWS)
-    for row in ROWS:  # the human table: one line per row, mean ± std over the seeds
+    for row in ROWS:  # the pooled table: one line per row, mean ± std over the two splits
         assert any(line.startswith(row + " ") and line.count("±") == 3 for line in lines), row
+    splits = draw_unseen_splits("toyworld", 2)
+    for index, unseen in enumerate(splits):  # a table and a per-class report per split
+        assert f"split {index} ({', '.join(unseen)}), 1 seed(s):" in out
+    report_lines = [line for line in lines if line.startswith(("leaf ", "zebra "))]
+    assert report_lines and all(len(line.split()) == 2 + 3 + len(ROWS) for line in report_lines)
 
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     experiment = client.get_experiment_by_name("tests").experiment_id
@@ -44,22 +63,46 @@ def test_ablation_rows_over_two_seeds_under_one_parent(tmp_path, ray_cluster):
         by_row[row].append(child)
     assert {row: len(runs) for row, runs in by_row.items()} == {row: 2 for row in ROWS}
     for row, runs in by_row.items():
-        assert len({r.data.params.get("seed", r.info.run_name) for r in runs}) == 2, row
+        unseen = {tuple(json.loads(r.data.params["data.unseen"])) for r in runs}
+        assert unseen == set(splits), row  # each row ran on both splits
         for metric in ("hIoU", "sIoU", "uIoU"):
             values = [r.data.metrics[metric] for r in runs]
             assert math.isclose(table[row][metric], round(statistics.fmean(values), 2),
                                 abs_tol=0.011), (row, metric)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"ablation_table.txt", "ablation.json"} <= artifacts
+    assert {"ablation_table.txt", "ablation.json", "split0_table.txt",
+            "split1_table.txt"} <= artifacts
     assert math.isclose(parent.data.metrics["SM_MFE/hIoU"], table["+SM+MFE"]["hIoU"],
                         abs_tol=0.006)
 
-    # Run again: every row is already trained, so nothing retrains and no run is added; the
-    # trained rows' figures come back from their saved final models.
-    again = finish(splitmatch("ablation", str(config), "--seeds", "2", address=ray_cluster),
+    # Run again: every row is already trained under the same config, so nothing retrains and no
+    # run is added; the trained rows' figures come back from their saved final metrics.
+    again = finish(splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster),
                    timeout=300)
     assert again.count("already trained") == 6 and "training baseline" not in again
     rerun = json.loads(again.strip().splitlines()[-1])
     for row in ROWS[:3]:
         assert rerun[row] == table[row], row
     assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)
+
+    # Another budget under the same name: the trained rows were made under another config, so
+    # the command refuses by key instead of mixing two configs in one table.
+    other = splitmatch("ablation", str(config), "--splits", "2", "--set", "train.max_iters=3",
+                       address=ray_cluster)
+    refused, _ = other.communicate(timeout=300)
+    assert other.returncode == 2, refused[-3000:]
+    assert "train.max_iters: 2 -> 3" in refused and "training baseline" not in refused
+
+    # The diagnostics of split 1 read the trained rows and write their report.
+    diag = finish(splitmatch("diagnose", str(config), "--split", "1", address=ray_cluster),
+                  timeout=300)
+    assert "won by seen / candidate / random queries" in diag and "candidate targets:" in diag
+    report = json.loads((tmp_path / "runs" / "abl-ablation" / "diagnose-u1-s0.json").read_text())
+    assert report["unseen"] == list(splits[1])
+    assert set(report["rows"]) == set(ROWS)
+    for row in report["rows"].values():  # every labelled pixel is won by exactly one group
+        confusion_pixels = sum(map(sum, row["confusion"]))
+        assert sum(map(sum, row["ownership"])) == confusion_pixels > 0
+    for row in ROWS[:3]:  # rows evaluated without random queries give them no pixel
+        assert all(counts[2] == 0 for counts in report["rows"][row]["ownership"]), row
+    assert 0 <= report["candidates"]["background_pixel_share"] <= 1

@@ -1,8 +1,18 @@
 """`splitmatch ablation`: the paper's Table 2 on any config — baseline, +SM, +SM+MFE, +SM+MFE+RQ —
-with the same seed, data and budget, every row an MLflow run under one parent run.
+with the same data, seed and budget, on one or several unseen-class splits, every row an MLflow
+run under one parent run.
+
+A gain measured on the one split its settings were chosen on is no evidence, so `--splits K` runs
+every row on K splits (`splits.draw_unseen_splits`: the standard split first, then splits drawn
+reproducibly from `--split-seed`) and reports a table per split plus the mean ± std over all
+(split, seed) pairs. Settings are chosen on the standard split and held fixed for the others.
 
 Random queries only exist at inference, so the +RQ row evaluates the +SM+MFE model again with
 `inference.num_random_queries` extra queries instead of training a fourth, identical model.
+
+The whole protocol is resumable: a row is kept when its run directory holds a finished run whose
+stored config matches the row's config (`train.check_run_config`), a half-trained row resumes
+from its latest checkpoint, and a row made under another config is refused by name.
 """
 from __future__ import annotations
 
@@ -11,7 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
-from splitmatch.config import Config, config_from_dict, to_dict
+from splitmatch.config import Config, ConfigError, config_from_dict, to_dict
+from splitmatch.data.splits import draw_unseen_splits
 from splitmatch.tracking import (Tracker, artifact_root, default_tracking_uri, find_or_create_run,
                                  git_commit)
 
@@ -19,11 +30,16 @@ ROWS = ("baseline", "+SM", "+SM+MFE", "+SM+MFE+RQ")
 METRICS = ("hIoU", "sIoU", "uIoU")
 
 
-def row_config(cfg: Config, row: str, seed: int, parent: str) -> Config:
+def split_config(cfg: Config, unseen: tuple[str, ...]) -> Config:
+    return config_from_dict({**to_dict(cfg), "data": {**to_dict(cfg)["data"],
+                                                      "unseen": list(unseen)}}, "ablation split")
+
+
+def row_config(cfg: Config, row: str, seed: int, parent: str, split_index: int = 0) -> Config:
     """The config of one trained row (the RQ row reuses +SM+MFE's model)."""
     data = to_dict(cfg)
     data["seed"] = seed
-    data["name"] = f"{parent}-s{seed}-{row.replace('+', 'plus_')}"
+    data["name"] = f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}"
     data["matching"]["mode"] = "baseline" if row == "baseline" else "split"
     data["model"]["mfe"]["enabled"] = row in ("+SM+MFE", "+SM+MFE+RQ")
     # Without RQ, rows evaluate the trained queries only; the RQ row adds them.
@@ -32,96 +48,142 @@ def row_config(cfg: Config, row: str, seed: int, parent: str) -> Config:
     return config_from_dict(data, f"ablation row {row}")
 
 
-def run_ablation(cfg: Config, seeds: int = 1, log=print) -> dict:
-    """Train and evaluate every row for `seeds` seeds; returns {row: {metric: mean}} (+ std)."""
+def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int = 0,
+                 log=print) -> dict:
+    """Train and evaluate every row for every (split, seed); returns the mean/std per row over
+    all of them, the per-split tables and the per-class report."""
     from mlflow.tracking import MlflowClient
 
     from splitmatch.config import resolve_paths
-    from splitmatch.train import FINAL_METRICS, evaluate_checkpoint, launch
+    from splitmatch.diagnose import class_report, format_class_report
+    from splitmatch.train import (FINAL_METRICS, check_run_config, evaluate_checkpoint,
+                                  final_checkpoint, launch)
 
     cfg = resolve_paths(cfg)
     if cfg.inference.num_random_queries == 0:
-        raise ValueError("inference.num_random_queries is 0: the +RQ row would equal +SM+MFE; "
-                         "set it (the paper adds 50 + 50 at test time)")
+        raise ConfigError("inference.num_random_queries is 0: the +RQ row would equal +SM+MFE; "
+                          "set it (the paper adds 50 + 50 at test time)")
+    unseen_splits = draw_unseen_splits(cfg.data.dataset, splits, split_seed, first=cfg.data.unseen)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     client = MlflowClient(uri)
     parent_name = f"{cfg.name}-ablation"
     parent_id, _ = find_or_create_run(
         client, cfg.tracking.experiment, str(Path(cfg.train.storage_path) / parent_name), parent_name,
         tags={"splitmatch.kind": "ablation", "git_commit": git_commit(), "dataset": cfg.data.dataset,
-              "unseen": ",".join(cfg.data.unseen or [])},
+              "unseen": " | ".join(",".join(u) for u in unseen_splits)},
         artifact_location=artifact_root(uri))
-    results: dict[str, list[dict]] = {row: [] for row in ROWS}
-    for offset in range(seeds):
-        seed = cfg.seed + offset
-        for row in ROWS[:3]:
-            row_cfg = row_config(cfg, row, seed, parent_name)
-            done = Path(row_cfg.train.storage_path) / row_cfg.name / FINAL_METRICS
-            if done.is_file():
-                # Finished by an earlier, interrupted ablation: keep what it measured (a resumed
-                # Train run with nothing left to do would report nothing).
-                log(f"[seed {seed}] {row}: already trained, figures from {done}")
-                metrics = json.loads(done.read_text())
-            else:
-                log(f"[seed {seed}] training {row} ({row_cfg.name})")
-                result = launch(row_cfg, resume=True, build_pseudo_masks=True,
-                                parent_run_id=parent_id, log=lambda *_: None)
-                if result.error is not None:
-                    raise RuntimeError(f"ablation row {row} (seed {seed}) failed: {result.error}; "
-                                       f"finished rows are kept: rerun the command to go on")
-                metrics = result.metrics
-            results[row].append({k: metrics[k] for k in METRICS})
-            log(f"[seed {seed}] {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
-        # +RQ: the +SM+MFE model, evaluated with the extra random queries.
-        trained = row_config(cfg, "+SM+MFE", seed, parent_name)
-        rq_cfg = config_from_dict({**to_dict(trained), "inference": {
-            **to_dict(trained)["inference"], "num_random_queries": cfg.inference.num_random_queries}})
-        run_dir = Path(trained.train.storage_path) / trained.name
-        metrics = evaluate_checkpoint(rq_cfg, _final_model(run_dir), log=lambda *_: None)
-        rq_name = f"{parent_name}-s{seed}-plus_SMplus_MFEplus_RQ"
-        tracker = Tracker(uri, cfg.tracking.experiment, str(run_dir) + "+RQ", rq_name,
-                          run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)
-        tracker.open({"seed": seed, "inference.num_random_queries": cfg.inference.num_random_queries,
-                      "evaluates": trained.name}, {"row": "+SM+MFE+RQ"})
-        tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU") if not math.isnan(metrics[k])},
-                            step=cfg.train.max_iters)
-        tracker.finish()
-        results["+SM+MFE+RQ"].append({k: metrics[k] for k in METRICS})
-        log(f"[seed {seed}] +SM+MFE+RQ: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
+    # per_run[split][row]: one entry per seed, {"hIoU", "sIoU", "uIoU", "per_class"}
+    per_run: list[dict[str, list[dict]]] = []
+    reports = []
+    for split_index, unseen in enumerate(unseen_splits):
+        base = split_config(cfg, unseen)
+        results: dict[str, list[dict]] = {row: [] for row in ROWS}
+        where = f"split {split_index} ({', '.join(unseen)})"
+        for offset in range(seeds):
+            seed = cfg.seed + offset
+            tag = f"[{where}, seed {seed}]"
+            for row in ROWS[:3]:
+                row_cfg = row_config(base, row, seed, parent_name, split_index)
+                run_dir = Path(row_cfg.train.storage_path) / row_cfg.name
+                check_run_config(run_dir, row_cfg)  # refuses a row made under another config
+                done = run_dir / FINAL_METRICS
+                if done.is_file():
+                    # Finished by an earlier, interrupted ablation under the same config: keep
+                    # what it measured (a resumed Train run with nothing left would report nothing).
+                    log(f"{tag} {row}: already trained, figures from {done}")
+                    metrics = json.loads(done.read_text())
+                else:
+                    log(f"{tag} training {row} ({row_cfg.name})")
+                    result = launch(row_cfg, resume=True, build_pseudo_masks=True,
+                                    parent_run_id=parent_id, log=lambda *_: None)
+                    if result.error is not None:
+                        raise RuntimeError(f"ablation row {row} ({where}, seed {seed}) failed: "
+                                           f"{result.error}; finished rows are kept: rerun the "
+                                           f"command to go on")
+                    metrics = result.metrics
+                results[row].append(_row_result(metrics))
+                log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
+            # +RQ: the +SM+MFE model, evaluated with the extra random queries.
+            trained = row_config(base, "+SM+MFE", seed, parent_name, split_index)
+            rq_cfg = config_from_dict({**to_dict(trained), "inference": {
+                **to_dict(trained)["inference"],
+                "num_random_queries": cfg.inference.num_random_queries}})
+            run_dir = Path(trained.train.storage_path) / trained.name
+            metrics = evaluate_checkpoint(rq_cfg, final_checkpoint(run_dir), log=lambda *_: None)
+            rq_name = f"{parent_name}-u{split_index}-s{seed}-plus_SMplus_MFEplus_RQ"
+            tracker = Tracker(uri, cfg.tracking.experiment, str(run_dir) + "+RQ", rq_name,
+                              run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)
+            tracker.open({"seed": seed, "data.unseen": list(unseen),
+                          "inference.num_random_queries": cfg.inference.num_random_queries,
+                          "evaluates": trained.name}, {"row": "+SM+MFE+RQ"})
+            tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
+                                 if not math.isnan(metrics[k])}, step=cfg.train.max_iters)
+            tracker.log_metrics({f"IoU/{name}": v for name, v in metrics["per_class"].items()
+                                 if not math.isnan(v)}, step=cfg.train.max_iters)
+            tracker.finish()
+            results["+SM+MFE+RQ"].append(_row_result(metrics))
+            log(f"{tag} +SM+MFE+RQ: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
+        per_run.append(results)
+        report = class_report(base, {row: [r["per_class"] for r in runs]
+                                     for row, runs in results.items()})
+        reports.append(report)
+        split_table = _table({row: [{k: r[k] for k in METRICS} for r in runs]
+                              for row, runs in results.items()})
+        text = f"{where}, {seeds} seed(s):\n{split_table}\n{format_class_report(report)}"
+        log(text)
+        client.log_text(parent_id, text, f"split{split_index}_table.txt")
 
+    pooled = {row: [{k: r[k] for k in METRICS} for split in per_run for r in split[row]]
+              for row in ROWS}
     summary = {row: {k: statistics.fmean(r[k] for r in rows) for k in METRICS}
-               for row, rows in results.items()}
+               for row, rows in pooled.items()}
     spread = {row: {k: statistics.pstdev([r[k] for r in rows]) for k in METRICS}
-              for row, rows in results.items()}
-    table = ["row            " + "".join(f"{k:>16}" for k in METRICS)]
-    for row in ROWS:
-        cells = "".join(f"{summary[row][k]:>9.2f} ± {spread[row][k]:4.2f}" if seeds > 1
-                        else f"{summary[row][k]:>16.2f}" for k in METRICS)
-        table.append(f"{row:<15}{cells}")
-    text = "\n".join(table)
+              for row, rows in pooled.items()}
+    text = _table(pooled)
+    per_split = [{row: {k: statistics.fmean(r[k] for r in split[row]) for k in METRICS}
+                  for row in ROWS} for split in per_run]
     client.log_text(parent_id, text, "ablation_table.txt")
-    client.log_dict(parent_id, {"mean": summary, "std": spread, "per_seed": results,
-                                "seeds": seeds}, "ablation.json")
+    client.log_dict(parent_id, {"mean": summary, "std": spread, "per_split": per_split,
+                                "splits": [list(u) for u in unseen_splits], "seeds": seeds,
+                                "class_reports": reports,
+                                "per_run": [{row: [{k: r[k] for k in METRICS} for r in runs]
+                                             for row, runs in split.items()} for split in per_run]},
+                    "ablation.json")
     for row in ROWS:
         for k in METRICS:  # MLflow names allow no "+": "+SM+MFE/hIoU" is logged as "SM_MFE/hIoU"
             client.log_metric(parent_id, f"{metric_prefix(row)}/{k}", summary[row][k])
     client.set_terminated(parent_id, status="FINISHED")
-    log(f"ablation over {seeds} seed(s) (mean{' ± std' if seeds > 1 else ''}):\n{text}")
+    runs = len(unseen_splits) * seeds
+    log(f"ablation over {len(unseen_splits)} split(s) x {seeds} seed(s) "
+        f"(mean{' ± std' if runs > 1 else ''} over {runs} run(s) per row):\n{text}")
     log(json.dumps({row: {k: round(summary[row][k], 2) for k in METRICS} for row in ROWS}))
-    return {"mean": summary, "std": spread, "per_seed": results, "parent_run_id": parent_id}
+    return {"mean": summary, "std": spread, "per_split": per_split, "class_reports": reports,
+            "splits": unseen_splits, "parent_run_id": parent_id}
+
+
+def _row_result(metrics: dict) -> dict:
+    """hIoU/sIoU/uIoU plus per-class IoU, from a training report ("IoU/<class>" keys) or an
+    evaluation result ("per_class")."""
+    per_class = metrics.get("per_class") or {k[4:]: v for k, v in metrics.items()
+                                             if k.startswith("IoU/")}
+    return {**{k: metrics[k] for k in METRICS}, "per_class": per_class}
+
+
+def _table(rows: dict[str, list[dict]]) -> str:
+    """One line per row: the mean (± std when there is more than one run) of each metric."""
+    lines = ["row            " + "".join(f"{k:>16}" for k in METRICS)]
+    for row in ROWS:
+        runs = rows[row]
+        cells = ""
+        for k in METRICS:
+            values = [r[k] for r in runs]
+            mean = statistics.fmean(values)
+            cells += (f"{mean:>9.2f} ± {statistics.pstdev(values):4.2f}" if len(values) > 1
+                      else f"{mean:>16.2f}")
+        lines.append(f"{row:<15}{cells}")
+    return "\n".join(lines)
 
 
 def metric_prefix(row: str) -> str:
     """"+SM+MFE" -> "SM_MFE": a row name MLflow accepts in a metric name."""
     return row.lstrip("+").replace("+", "_")
-
-
-def _final_model(run_dir: Path) -> Path:
-    """The last checkpoint of a finished run (rows are compared at equal budget, not best-of)."""
-    import torch
-
-    checkpoints = [p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()]
-    if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    return max(checkpoints, key=lambda p: torch.load(p / "state.pt", map_location="cpu",
-                                                    weights_only=True)["iteration"])

@@ -140,8 +140,20 @@ def cmd_demo(args) -> int:
 
 def cmd_ablation(args) -> int:
     from splitmatch.ablation import run_ablation
-    result = run_ablation(_config(args), seeds=args.seeds)
+    result = run_ablation(_config(args), seeds=args.seeds, splits=args.splits,
+                          split_seed=args.split_seed)
     return 0 if result else 1
+
+
+def cmd_diagnose(args) -> int:
+    from splitmatch.diagnose import run_diagnose
+    try:
+        run_diagnose(_config(args), split_index=args.split, splits_seed=args.split_seed,
+                     seed=args.seed)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -238,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ablation", "baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget", cmd_ablation)
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+N-1")
+    p.add_argument("--splits", type=int, default=1,
+                   help="unseen-class splits: data.unseen (default: the standard split) first, "
+                        "then splits drawn from --split-seed")
+    p.add_argument("--split-seed", type=int, default=0, help="seed that draws the extra splits")
+
+    p = command("diagnose", "where one ablation split's results come from (queries, confusions, "
+                            "candidates, CLIP)", cmd_diagnose)
+    _add_config_args(p)
+    p.add_argument("--split", type=int, default=0, help="split index of `ablation --splits`")
+    p.add_argument("--split-seed", type=int, default=0, help="as given to ablation")
+    p.add_argument("--seed", type=int, default=None, help="ablation seed (default: the config's)")
 
     p = command("eval", "evaluate a checkpoint on the validation split", cmd_eval)
     _add_config_args(p)

@@ -143,6 +143,9 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
+    # "joint": every loss divided by all targets of the batch (Mask2Former); "per_group": with Split
+    # Matching, seen and candidate queries each divided by their own targets' count.
+    normalization: Literal["joint", "per_group"] = "joint"
 
 
 @dataclass
@@ -530,9 +533,40 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
+# Keys that say where or how a run is recorded, or how fast it goes, but cannot change what it
+# computes: a reused run, checkpoint or row may differ in these and nothing else.
+RESULT_NEUTRAL_KEYS = (
+    "name", "tracking.", "tune.", "train.log_every", "train.num_visualizations",
+    "train.loader_workers", "train.max_failures", "train.storage_path", "eval.batch_size",
+    "pseudo_masks.cache_dir", "pseudo_masks.batch_size", "pseudo_masks.num_actors",
+    "pseudo_masks.cpus_per_actor", "pseudo_masks.gpus_per_actor", "toy_clip.cache_dir",
+)
+
+
+def config_differences(stored: Config | dict, wanted: Config | dict,
+                       neutral: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> dict[str, tuple]:
+    """{flattened key: (stored value, wanted value)} for every key that differs and could change
+    a result (keys starting with an entry of `neutral`, or equal to one, are left out)."""
+    def flat(cfg) -> dict:
+        return flatten(cfg if isinstance(cfg, Config) else config_from_dict(cfg, "<stored config>"))
+
+    old, new = flat(stored), flat(wanted)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)
+            and not any(key == n or (n.endswith(".") and key.startswith(n)) for n in neutral)}
+
+
+def describe_differences(differences: dict[str, tuple], limit: int = 6) -> str:
+    """"data.unseen: ['leaf'] -> ['zebra'], ..." for an error message."""
+    items = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(differences.items())[:limit]]
+    more = len(differences) - limit
+    return "; ".join(items) + (f"; and {more} more" if more > 0 else "")
+
+
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "MFEConfig", "DataConfig", "ToyWorldConfig",
     "ClipConfig", "ToyClipConfig", "PseudoMaskConfig", "MatchingConfig", "LossConfig", "OptimConfig", "TrainConfig",
     "InferenceConfig", "EvalConfig", "TrackingConfig", "TuneConfig", "load_config", "config_from_dict",
     "apply_overrides", "dump_config", "to_dict", "flatten", "validate", "resolve_paths",
+    "RESULT_NEUTRAL_KEYS", "config_differences", "describe_differences",
 ]

@@ -242,6 +242,32 @@ def load_state(path: str | Path) -> dict:
 FINAL_METRICS = "final_metrics.json"
 
 
+def check_run_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse to reuse `run_dir` (its checkpoints, its final figures) when the config that made it
+    differs from `cfg` in anything that can change a result; the error names the keys."""
+    import yaml
+
+    from splitmatch.config import ConfigError, config_differences, describe_differences
+
+    stored = Path(run_dir) / "config.yaml"
+    if not stored.is_file():
+        return
+    differences = config_differences(yaml.safe_load(stored.read_text()), cfg)
+    if differences:
+        raise ConfigError(f"{run_dir} was made with another config ({describe_differences(differences)}); "
+                          f"reusing it would mix results: choose another name (--set name=...) "
+                          f"or remove that directory")
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The last checkpoint of a finished run (ablation rows are compared at equal budget, not
+    best-of, and never selected on the split they report)."""
+    checkpoints = [p for p in Path(run_dir).glob("checkpoint_*") if (p / "state.pt").is_file()]
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    return max(checkpoints, key=lambda p: load_state(p)["iteration"])
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The whole training of one Ray Train worker."""
     import ray.train
@@ -265,7 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
     split_matching = cfg.matching.mode == "split"
     matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
                                          cfg.model.num_candidate_queries))
-    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index)
+    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index,
+                                cfg.model.num_seen_queries if split_matching else None)
     candidates = None
     if split_matching:
         from splitmatch.pseudo.cache import PseudoMaskCache
@@ -436,6 +463,8 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
         raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
+    if resume:
+        check_run_config(run_dir, cfg)
     _init_ray()
     if cfg.train.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)

@@ -1,6 +1,10 @@
 """Class lists and the standard seen/unseen splits (ZegCLIP / ZegFormer protocol, method.md)."""
 from __future__ import annotations
 
+import math
+import random
+from collections.abc import Sequence
+
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -78,3 +82,29 @@ def unseen_ids(dataset: str, unseen: list[str] | tuple[str, ...] | None = None) 
 def seen_ids(dataset: str, unseen: list[str] | tuple[str, ...] | None = None) -> list[int]:
     bad = set(unseen_ids(dataset, unseen))
     return [i for i in range(len(class_names(dataset))) if i not in bad]
+
+
+def draw_unseen_splits(dataset: str, count: int, seed: int = 0,
+                       first: Sequence[str] | None = None) -> list[tuple[str, ...]]:
+    """`count` distinct unseen-class splits of `dataset`: `first` (default: the standard split),
+    then splits of the same size drawn reproducibly from `seed` (names in label-id order).
+
+    A method's gain must hold on splits nobody tuned it on: settings are chosen on the standard
+    split, and the drawn ones test whether they carry over.
+    """
+    names = class_names(dataset)
+    standard = tuple(n for n in names if n in (default_unseen(dataset) if first is None else first))
+    size = len(standard)
+    total = math.comb(len(names), size)
+    if not 1 <= count <= total:
+        raise ValueError(f"{dataset} has {total} distinct splits of {size} unseen classes; "
+                         f"asked for {count}")
+    rng = random.Random(seed)
+    drawn, seen = [standard], {frozenset(standard)}
+    while len(drawn) < count:
+        pick = frozenset(rng.sample(range(len(names)), size))
+        chosen = frozenset(names[i] for i in pick)
+        if chosen not in seen:
+            seen.add(chosen)
+            drawn.append(tuple(n for n in names if n in chosen))
+    return drawn

@@ -1,0 +1,376 @@
+"""Where a zero-shot result comes from: per-class evidence for an ablation, and deeper diagnostics
+of trained rows (`splitmatch diagnose`).
+
+`class_report` traces every class of a split from its causes to its result: the frozen CLIP's
+zero-shot accuracy on it, how well pseudo masks find it when it is unseen (best-match IoU,
+coverage) and its test IoU in every ablation row. `diagnose_split` goes further for one
+(split, seed) of a finished ablation:
+- which query group (seen, candidate, random) wins the pixels of each class at inference, per row;
+- the confusion matrix of each row (rows: ground truth, columns: prediction);
+- what the candidate targets are made of: background or unseen objects, and how close each
+  candidate embedding Cu is to the seen classes' text embeddings;
+- the frozen CLIP's own zero-shot confusions (toy CLIP).
+The measurement functions are pure PyTorch; the driver functions read caches and checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUPS = ("seen", "candidate", "random")
+
+
+# ----------------------------------------------------------------------------- pure measurements
+
+
+def query_groups(num_seen: int, num_candidate: int, num_random: int) -> Tensor:
+    """Group id per query in the segmentor's order: 0 seen, 1 candidate, 2 random → [Q]."""
+    return torch.cat([torch.full((n,), g, dtype=torch.long)
+                      for g, n in enumerate((num_seen, num_candidate, num_random))])
+
+
+def winning_queries(pred_logits: Tensor, pred_masks: Tensor, output_size: tuple[int, int]
+                    ) -> tuple[Tensor, Tensor]:
+    """(predicted class [B, H, W], query that contributes most to that class's score [B, H, W]).
+
+    The semantic score of class k at a pixel is sum_q p[q, k] * m_q (Mask2Former's inference);
+    the pixel "belongs" to the query with the largest term of its winning class's sum.
+    """
+    probs = pred_logits.float().sigmoid()  # [B, Q, K]
+    masks = F.interpolate(pred_masks.float(), size=tuple(output_size), mode="bilinear",
+                          align_corners=False).sigmoid()  # [B, Q, H, W]
+    scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)
+    pred = scores.argmax(1)  # [B, H, W]
+    b, q, h, w = masks.shape
+    chosen = torch.gather(probs, 2, pred.view(b, 1, h * w).expand(b, q, h * w))  # [B, Q, H*W]
+    owner = (chosen * masks.view(b, q, h * w)).argmax(1).view(b, h, w)
+    return pred, owner
+
+
+def ownership_counts(owner_group: Tensor, target: Tensor, num_classes: int,
+                     ignore_index: int = 255) -> Tensor:
+    """Pixels of each ground-truth class won by each query group → [num_classes, len(GROUPS)]."""
+    keep = target != ignore_index
+    index = target[keep].long() * len(GROUPS) + owner_group[keep].long()
+    return torch.bincount(index, minlength=num_classes * len(GROUPS)).view(num_classes, len(GROUPS))
+
+
+def candidate_composition(candidate_map: Tensor, full_label: Tensor, num_classes: int,
+                          ignore_index: int = 255) -> Tensor:
+    """Pixels of each candidate by what they really are: [U, num_classes + 1] counts, the last
+    column being background / ignore (the full label, unseen classes visible)."""
+    count = int(candidate_map.max())
+    if count == 0:
+        return torch.zeros(0, num_classes + 1, dtype=torch.long)
+    what = full_label.long().clone()
+    what[what == ignore_index] = num_classes
+    inside = candidate_map > 0
+    index = (candidate_map[inside].long() - 1) * (num_classes + 1) + what[inside]
+    return torch.bincount(index, minlength=count * (num_classes + 1)).view(count, num_classes + 1)
+
+
+def per_class_pseudo_quality(candidate_maps: Sequence[Tensor], full_labels: Sequence[Tensor],
+                             class_ids: Sequence[int]) -> dict[int, dict]:
+    """Per hidden class: mean best-match IoU of its segments with any candidate, and the share of
+    its pixels some candidate covers (`kernel.candidate_quality`, one class at a time)."""
+    from splitmatch.pseudo.kernel import candidate_quality
+
+    totals = {c: [0, 0.0, 0, 0] for c in class_ids}  # segments, best IoU sum, covered, pixels
+    for cmap, label in zip(candidate_maps, full_labels):
+        for c in class_ids:
+            q = candidate_quality(cmap, label, [c])
+            for i, key in enumerate(("segments", "best_iou_sum", "covered_pixels", "unseen_pixels")):
+                totals[c][i] += q[key]
+    return {c: {"segments": t[0],
+                "best_match_iou": t[1] / t[0] if t[0] else math.nan,
+                "coverage": t[2] / t[3] if t[3] else math.nan} for c, t in totals.items()}
+
+
+# ----------------------------------------------------------------------------- class report
+
+
+def clip_zero_shot(cfg) -> dict[str, float] | None:
+    """Per-class zero-shot accuracy of the config's CLIP when it is the toy CLIP (measured when it
+    was pretrained, on held-out images); None for other CLIPs (no labelled probe set here)."""
+    from splitmatch.toyclip import INFO_NAME
+
+    if not cfg.clip.pretrained:
+        return None
+    info = Path(cfg.clip.pretrained).parent / INFO_NAME
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text())["zero_shot"]["per_class"]
+
+
+def pseudo_quality_of_split(cfg, max_images: int = 512) -> dict[str, dict]:
+    """Per unseen class of `cfg`'s split: pseudo-mask quality on the cached training candidates."""
+    from splitmatch.data import build_dataset
+    from splitmatch.pseudo.cache import PseudoMaskCache
+
+    try:
+        cache = PseudoMaskCache.open(cfg, cfg.data.train_split)
+    except FileNotFoundError:
+        return {}
+    full_set = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    indices = [i for i in range(min(len(full_set), max_images)) if i in cache]
+    maps = [cache.get(i)[0] for i in indices]
+    labels = [full_set.load(i)["label"] for i in indices]
+    unseen = full_set.unseen_ids
+    quality = per_class_pseudo_quality(maps, labels, unseen)
+    return {full_set.class_names[c]: q for c, q in quality.items()}
+
+
+def class_report(cfg, per_class_by_row: dict[str, list[dict[str, float]]]) -> dict:
+    """Per class of the split: CLIP zero-shot accuracy, pseudo-mask quality (unseen classes) and
+    the test IoU of every row (mean over seeds)."""
+    from splitmatch.data.splits import class_names, default_unseen
+
+    names = class_names(cfg.data.dataset)
+    unseen = set(cfg.data.unseen if cfg.data.unseen is not None else default_unseen(cfg.data.dataset))
+    zero_shot = clip_zero_shot(cfg) or {}
+    pseudo = pseudo_quality_of_split(cfg)
+    classes = []
+    for name in names:
+        iou = {}
+        for row, runs in per_class_by_row.items():
+            values = [r[name] for r in runs if name in r and not math.isnan(r[name])]
+            iou[row] = sum(values) / len(values) if values else math.nan
+        classes.append({"class": name, "unseen": name in unseen,
+                        "clip_zero_shot": zero_shot.get(name, math.nan),
+                        "pseudo_best_iou": pseudo.get(name, {}).get("best_match_iou", math.nan),
+                        "pseudo_coverage": pseudo.get(name, {}).get("coverage", math.nan),
+                        "iou": iou})
+    return {"unseen": sorted(unseen), "classes": classes}
+
+
+def format_class_report(report: dict) -> str:
+    rows = list(report["classes"][0]["iou"]) if report["classes"] else []
+    head = (f"{'class':<13}{'split':<8}{'CLIP 0-shot':>12}{'pseudo IoU':>11}{'coverage':>9}"
+            + "".join(f"{r:>12}" for r in rows))
+    lines = [head]
+
+    def cell(value: float, width: int, scale: float = 1.0, digits: int = 2) -> str:
+        return f"{'-':>{width}}" if math.isnan(value) else f"{value * scale:>{width}.{digits}f}"
+
+    for c in report["classes"]:
+        lines.append(f"{c['class']:<13}{'unseen' if c['unseen'] else 'seen':<8}"
+                     f"{cell(c['clip_zero_shot'], 12)}{cell(c['pseudo_best_iou'], 11)}"
+                     f"{cell(c['pseudo_coverage'], 9)}"
+                     + "".join(cell(c["iou"][r], 12, digits=1) for r in rows))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- deep diagnostics
+
+
+@torch.no_grad()
+def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, classes,
+                  log=print) -> dict:
+    """Per row: confusion matrix and pixel ownership by query group on the evaluation split."""
+    from torch.utils.data import DataLoader
+
+    from splitmatch.data import build_dataset, collate
+    from splitmatch.evaluation import ZSSEvaluator
+    from splitmatch.model import build_segmentor
+    from splitmatch.train import load_state
+
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    text = classes.text
+    out = {}
+    for row, (row_cfg, checkpoint) in row_checkpoints.items():
+        model = build_segmentor(row_cfg.model, embed_dim=text.shape[1])
+        model.load_state_dict(load_state(checkpoint)["model"])
+        model.eval()
+        num_random = row_cfg.inference.num_random_queries
+        groups = query_groups(row_cfg.model.num_seen_queries, row_cfg.model.num_candidate_queries,
+                              num_random)
+        evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
+        owned = torch.zeros(len(classes.names), len(GROUPS), dtype=torch.long)
+        for batch in DataLoader(val_set, batch_size=8, collate_fn=collate):
+            output = model(batch["image"], text, num_random_queries=num_random)
+            pred, owner = winning_queries(output["pred_logits"], output["pred_masks"],
+                                          batch["image"].shape[-2:])
+            evaluator.update(pred, batch["label"])
+            owned += ownership_counts(groups[owner], batch["label"], len(classes.names),
+                                      classes.ignore_index)
+        result = evaluator.compute()
+        out[row] = {"metrics": {k: result[k] for k in ("hIoU", "sIoU", "uIoU")},
+                    "per_class": result["per_class"],
+                    "confusion": evaluator.confusion.tolist(), "ownership": owned.tolist()}
+        log(f"  evaluated {row}: hIoU {result['hIoU']:.2f}  sIoU {result['sIoU']:.2f}  "
+            f"uIoU {result['uIoU']:.2f}")
+    return out
+
+
+def candidate_report(cfg, classes, max_images: int = 512) -> dict:
+    """What the candidate targets of the training split are, and where their Cu point."""
+    from splitmatch.data import build_dataset
+    from splitmatch.pseudo.cache import PseudoMaskCache
+
+    cache = PseudoMaskCache.open(cfg, cfg.data.train_split)
+    full_set = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    num_classes = len(classes.names)
+    text = F.normalize(classes.text.float(), dim=-1)  # [N, C]
+    seen = torch.as_tensor(classes.seen_ids)
+    compositions, cosines = [], []
+    for i in range(min(len(full_set), max_images)):
+        if i not in cache:
+            continue
+        cmap, embeds = cache.get(i)
+        if embeds.shape[0] == 0:
+            continue
+        compositions.append(candidate_composition(cmap, full_set.load(i)["label"], num_classes,
+                                                  classes.ignore_index))
+        cosines.append(F.normalize(embeds.float(), dim=-1) @ text.T)  # [U, N]
+    composition = torch.cat(compositions)  # [ΣU, N + 1]
+    cosine = torch.cat(cosines)  # [ΣU, N]
+    majority = composition.argmax(1)  # class id, or N for background
+    nearest = cosine.argmax(1)  # nearest class text over all classes
+    seen_cos = cosine[:, seen].max(1).values
+    pixels = composition.sum(0)
+    kinds = {}
+    for kind in sorted(set(majority.tolist())):
+        pick = majority == kind
+        name = "background" if kind == num_classes else classes.names[kind]
+        nearest_names = [classes.names[k] for k in nearest[pick].tolist()]
+        counts = {n: nearest_names.count(n) for n in sorted(set(nearest_names))}
+        kinds[name] = {
+            "candidates": int(pick.sum()),
+            "mean_max_cos_to_seen_text": float(seen_cos[pick].mean()),
+            "mean_cos_to_own_text": (float(cosine[pick, kind].mean()) if kind < num_classes
+                                     else math.nan),
+            "nearest_text_is_seen": float(torch.isin(nearest[pick], seen).float().mean()),
+            "nearest_text": counts,
+        }
+    return {"candidates": int(composition.shape[0]),
+            "background_pixel_share": float(pixels[num_classes] / pixels.sum()),
+            "seen_pixel_share": float(pixels[seen].sum() / pixels.sum()),
+            "background_candidate_share": float((majority == num_classes).float().mean()),
+            "kinds": kinds,
+            "text_cos_seen_vs_unseen": _text_similarity(text, classes)}
+
+
+def _text_similarity(text: Tensor, classes) -> dict:
+    """Mean / max cosine between seen and unseen class text embeddings (how close they start)."""
+    unseen = [i for i in range(len(classes.names)) if i not in set(classes.seen_ids)]
+    block = text[classes.seen_ids] @ text[unseen].T
+    return {"mean": float(block.mean()), "max": float(block.max())}
+
+
+@torch.no_grad()
+def clip_confusion(clip, class_names: Sequence[str], num_images: int = 500, seed: int = 0,
+                   image_size: int = 64) -> list[list[int]]:
+    """The toy CLIP's zero-shot confusion matrix on held-out single-object toy images."""
+    from splitmatch.clip import TEMPLATES
+    from splitmatch.toyclip import zero_shot_images
+
+    images, targets = zero_shot_images(num_images, seed, image_size)
+    text = clip.text_embeddings(class_names, TEMPLATES["single"])
+    predictions = (clip.encode_images(images) @ text.T).argmax(1).cpu()
+    n = len(class_names)
+    return torch.bincount(targets * n + predictions, minlength=n * n).view(n, n).tolist()
+
+
+def diagnose_split(cfg, row_checkpoints: dict[str, tuple[object, Path]], log=print) -> dict:
+    """Every diagnostic for one split (`cfg.data.unseen`) and its trained rows."""
+    from splitmatch.clip import build_clip
+    from splitmatch.train import build_class_space
+
+    clip = build_clip(cfg.clip)
+    classes = build_class_space(cfg, clip)
+    report = {"unseen": list(classes.unseen), "classes": list(classes.names)}
+    report["rows"] = evaluate_rows(cfg, row_checkpoints, clip, classes, log=log)
+    report["candidates"] = candidate_report(cfg, classes)
+    if cfg.data.dataset == "toyworld":
+        report["clip_confusion"] = clip_confusion(clip, classes.names)
+    return report
+
+
+def format_diagnosis(report: dict) -> str:
+    names = report["classes"]
+    unseen = set(report["unseen"])
+    out = [f"unseen: {', '.join(report['unseen'])}"]
+    for row, r in report["rows"].items():
+        m = r["metrics"]
+        out.append(f"\n{row}: hIoU {m['hIoU']:.1f}  sIoU {m['sIoU']:.1f}  uIoU {m['uIoU']:.1f}")
+        out.append(f"  {'class':<13}{'IoU':>6}  {'won by seen / candidate / random queries':<42}"
+                   f"most confused with")
+        for k, name in enumerate(names):
+            owned = r["ownership"][k]
+            total = sum(owned) or 1
+            conf = r["confusion"][k]
+            pixels = sum(conf) or 1
+            wrong = sorted(((v, names[j]) for j, v in enumerate(conf) if j != k), reverse=True)[:2]
+            confused = ", ".join(f"{n} {v / pixels:.0%}" for v, n in wrong if v > 0)
+            share = " / ".join(f"{v / total:4.0%}" for v in owned)
+            mark = "*" if name in unseen else " "
+            out.append(f" {mark}{name:<13}{r['per_class'][name]:>6.1f}  {share:<42}{confused}")
+    c = report["candidates"]
+    out.append(f"\ncandidate targets: {c['candidates']}; background pixels {c['background_pixel_share']:.0%}, "
+               f"seen pixels {c['seen_pixel_share']:.1%}; background candidates "
+               f"{c['background_candidate_share']:.0%}")
+    out.append(f"  {'majority':<13}{'count':>6}{'max cos seen':>14}{'cos own text':>14}"
+               f"{'nearest seen':>14}  nearest text")
+    for kind, k in c["kinds"].items():
+        top = ", ".join(f"{n} {v}" for n, v in sorted(k["nearest_text"].items(),
+                                                      key=lambda kv: -kv[1])[:3])
+        own = "-" if math.isnan(k["mean_cos_to_own_text"]) else f"{k['mean_cos_to_own_text']:.3f}"
+        out.append(f"  {kind:<13}{k['candidates']:>6}{k['mean_max_cos_to_seen_text']:>14.3f}"
+                   f"{own:>14}{k['nearest_text_is_seen']:>14.0%}  {top}")
+    t = c["text_cos_seen_vs_unseen"]
+    out.append(f"  text embeddings, seen vs unseen classes: mean cos {t['mean']:.3f}, max {t['max']:.3f}")
+    if "clip_confusion" in report:
+        out.append("\nCLIP zero-shot (held-out single objects): accuracy and top confusions")
+        for k, name in enumerate(names):
+            row = report["clip_confusion"][k]
+            total = sum(row) or 1
+            wrong = sorted(((v, names[j]) for j, v in enumerate(row) if j != k), reverse=True)[:2]
+            out.append(f"  {name:<13}{row[k] / total:>6.2f}  "
+                       + ", ".join(f"{n} {v / total:.2f}" for v, n in wrong if v > 0))
+    return "\n".join(out)
+
+
+def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | None = None,
+                 log=print) -> dict:
+    """`splitmatch diagnose`: the diagnostics of one (split, seed) of `splitmatch ablation CONFIG`."""
+    from splitmatch.ablation import ROWS, row_config, split_config
+    from splitmatch.config import config_from_dict, resolve_paths, to_dict
+    from splitmatch.data.splits import draw_unseen_splits
+    from splitmatch.train import check_run_config, final_checkpoint
+
+    cfg = resolve_paths(cfg)
+    seed = cfg.seed if seed is None else seed
+    unseen = draw_unseen_splits(cfg.data.dataset, split_index + 1, splits_seed,
+                                first=cfg.data.unseen)[split_index]
+    base = split_config(cfg, unseen)
+    parent = f"{cfg.name}-ablation"
+    rows = {}
+    for row in ROWS[:3]:
+        row_cfg = row_config(base, row, seed, parent, split_index)
+        run_dir = Path(row_cfg.train.storage_path) / row_cfg.name
+        if not run_dir.is_dir():
+            continue
+        check_run_config(run_dir, row_cfg)
+        rows[row] = (row_cfg, final_checkpoint(run_dir))
+    if "+SM+MFE" in rows:
+        trained_cfg, checkpoint = rows["+SM+MFE"]
+        data = to_dict(trained_cfg)
+        data["inference"]["num_random_queries"] = cfg.inference.num_random_queries
+        rows["+SM+MFE+RQ"] = (config_from_dict(data), checkpoint)
+    if not rows:
+        raise FileNotFoundError(f"no trained ablation rows for split {split_index} "
+                                f"({', '.join(unseen)}), seed {seed} under "
+                                f"{cfg.train.storage_path}: run splitmatch ablation first")
+    report = diagnose_split(base, rows, log=log)
+    out = Path(cfg.train.storage_path) / parent / f"diagnose-u{split_index}-s{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    log(format_diagnosis(report))
+    log(f"diagnosis written to {out}")
+    return report

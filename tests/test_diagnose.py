@@ -1,0 +1,78 @@
+"""Diagnostics and the multi-split protocol's pure parts, against brute-force references."""
+import math
+
+import pytest
+import torch
+
+from splitmatch.config import Config, config_differences, describe_differences, to_dict
+from splitmatch.data.splits import TOYWORLD_CLASSES, TOYWORLD_UNSEEN, draw_unseen_splits
+from splitmatch.diagnose import (candidate_composition, ownership_counts, per_class_pseudo_quality,
+                                 query_groups, winning_queries)
+
+
+def test_drawn_splits_start_with_the_standard_one_and_are_distinct_and_reproducible():
+    drawn = draw_unseen_splits("toyworld", 6, seed=0)
+    assert drawn[0] == tuple(n for n in TOYWORLD_CLASSES if n in TOYWORLD_UNSEEN)
+    assert len({frozenset(s) for s in drawn}) == 6
+    assert all(len(s) == 3 and set(s) <= set(TOYWORLD_CLASSES) for s in drawn)
+    assert draw_unseen_splits("toyworld", 6, seed=0) == drawn
+    assert draw_unseen_splits("toyworld", 6, seed=1)[1:] != drawn[1:]
+    # More splits extend the list without changing the first ones (a longer run resumes a shorter).
+    assert draw_unseen_splits("toyworld", 8, seed=0)[:6] == drawn
+    assert draw_unseen_splits("toyworld", 2, first=["zebra", "tomato"])[0] == ("tomato", "zebra")
+    with pytest.raises(ValueError, match="120 distinct splits"):
+        draw_unseen_splits("toyworld", 121)
+
+
+def test_config_differences_name_result_keys_only():
+    a = Config()
+    data = to_dict(a)
+    data["data"]["unseen"] = ["zebra"]
+    data["train"]["max_iters"] = 8
+    data["train"]["log_every"] = 3  # cannot change a result
+    data["tracking"]["uri"] = "http://127.0.0.1:1"
+    diff = config_differences(to_dict(a), data)
+    assert diff == {"data.unseen": (None, ["zebra"]), "train.max_iters": (20000, 8)}
+    assert "data.unseen: None -> ['zebra']" in describe_differences(diff)
+    assert config_differences(a, to_dict(a)) == {}
+
+
+def test_winning_query_is_the_largest_term_of_the_predicted_class():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, generator=g)
+    masks = torch.randn(2, 5, 4, 4, generator=g)
+    pred, owner = winning_queries(logits, masks, (4, 4))
+    probs, m = logits.sigmoid(), masks.sigmoid()
+    for b in range(2):
+        for y in range(4):
+            for x in range(4):
+                terms = probs[b, :, :] * m[b, :, y, x][:, None]  # [Q, K]
+                k = int(terms.sum(0).argmax())
+                assert pred[b, y, x] == k
+                assert owner[b, y, x] == int(terms[:, k].argmax())
+
+
+def test_ownership_and_groups():
+    groups = query_groups(2, 3, 1)
+    assert groups.tolist() == [0, 0, 1, 1, 1, 2]
+    owner = torch.tensor([[0, 2, 5, 4]])
+    target = torch.tensor([[1, 1, 0, 255]])
+    counts = ownership_counts(groups[owner], target, num_classes=2)
+    assert counts.tolist() == [[0, 0, 1], [1, 1, 0]]
+
+
+def test_candidate_composition_counts_pixels_per_true_class():
+    cmap = torch.tensor([[1, 1, 0], [2, 2, 2]], dtype=torch.uint8)
+    full = torch.tensor([[3, 255, 0], [255, 255, 1]])
+    comp = candidate_composition(cmap, full, num_classes=4)
+    assert comp.tolist() == [[0, 0, 0, 1, 1], [0, 1, 0, 0, 2]]
+    assert candidate_composition(torch.zeros(2, 2, dtype=torch.uint8), full[:, :2], 4).shape == (0, 5)
+
+
+def test_per_class_pseudo_quality():
+    cmap = torch.tensor([[1, 1, 0, 0], [0, 0, 2, 2]], dtype=torch.uint8)
+    full = torch.tensor([[7, 7, 7, 255], [255, 255, 8, 255]])
+    q = per_class_pseudo_quality([cmap], [full], [7, 8, 9])
+    assert q[7] == {"segments": 1, "best_match_iou": pytest.approx(2 / 3), "coverage": pytest.approx(2 / 3)}
+    assert q[8]["best_match_iou"] == pytest.approx(1 / 2) and q[8]["coverage"] == 1.0
+    assert q[9]["segments"] == 0 and math.isnan(q[9]["best_match_iou"])
