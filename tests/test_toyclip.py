@@ -21,6 +21,7 @@ from splitmatch.config import (
 )
 from splitmatch.data import render
 from splitmatch.toyclip import (
+    BACKGROUND_TEMPLATES,
     CLASS_NAMES,
     ToyClipRecipe,
     checkpoint_dir,
@@ -76,15 +77,19 @@ def test_caption_names_exactly_the_given_classes():
 def test_training_sample_caption_names_exactly_the_visible_classes():
     recipe = ToyClipRecipe(zoom_fraction=0.5, single_zoom_fraction=0.5)
     min_pixels = int(np.ceil(recipe.min_visible_fraction * 64 * 64))
-    kinds = set()
-    for index in range(120):
+    kinds, blacked = set(), set()
+    for index in range(160):
         sample = training_sample(np.random.SeedSequence([3, index]), 64, recipe)
         assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
         assert sample.classes == visible_classes(sample.label, min_pixels)
-        assert sample.classes, "every training image shows at least one class"
         assert named_classes(sample.caption) == set(sample.classes), sample.caption
-        kinds.add(len(sample.classes) > 1)
-    assert kinds == {False, True}  # both single-class and scene captions occur
+        if not sample.classes:  # an object-free picture, captioned as background
+            assert sample.caption in BACKGROUND_TEMPLATES and (sample.label == 255).all()
+        kinds.add(min(len(sample.classes), 2))
+        if (sample.image == 0).all(-1).mean() > 0.1:  # blacked out, as masked CLS inputs are
+            blacked.add(min(len(sample.classes), 2))
+    assert kinds == {0, 1, 2}  # background, single-class and scene captions all occur
+    assert blacked == {0, 1}  # masked backgrounds and single objects on black both occur
 
 
 def test_visible_classes_ignores_background_and_slivers():
@@ -104,8 +109,10 @@ def test_training_batch_is_a_pure_function_of_seed_and_step():
     assert torch.equal(images, again[0]) and captions == again[1] and torch.equal(sets, again[2])
     assert not torch.equal(images, training_batch(0, 6, 6, 64)[0])
     assert not torch.equal(images, training_batch(1, 5, 6, 64)[0])
+    assert sets.shape == (6, len(CLASS_NAMES) + 1)
     for caption, row in zip(captions, sets):
-        assert named_classes(caption) == set(row.nonzero().flatten().tolist())
+        assert named_classes(caption) == set(row[:-1].nonzero().flatten().tolist())
+        assert bool(row[-1]) == (caption in BACKGROUND_TEMPLATES) != bool(row[:-1].any())
 
 
 # ----------------------------------------------------------------------------- loss

@@ -15,7 +15,11 @@ Training data are drawn on the fly, a pure function of (seed, step, slot in the 
 - scenes of 2-4 objects whose captions list the visible classes ("there is a brick, a grape and
   a zebra in the scene."), so that patch features, not only the CLS token, carry the classes;
   some scenes are zoomed-in crops of a twice-as-large render, so objects are also seen at the
-  scale they have when dense features are computed at twice the CLIP input size.
+  scale they have when dense features are computed at twice the CLIP input size;
+- object-free pictures captioned as background ("an empty scene."), some with regions blacked
+  out, and some single objects shown on black: the inputs of the masked-CLS pass look like these,
+  and real CLIP, unlike a model that has only ever seen the ten classes, knows that a plain wall
+  is none of them.
 Two images of one batch often share a class (ten classes, 64 images): plain InfoNCE would push
 them apart as negatives. The targets are therefore soft: image i's target over captions is
 proportional to the Jaccard overlap of their class sets (identical sets count as full positives).
@@ -80,6 +84,19 @@ SCENE_TEMPLATES: tuple[str, ...] = (
     "a scene with {}.",
     "an image showing {}.",
 )
+# Captions of object-free pictures: plain backgrounds, and backgrounds with regions blacked out
+# the way `FrozenClip.masked_cls` blacks out everything outside a candidate. Real CLIP has seen
+# walls, floors and dark corners and knows they are none of VOC's classes; without such pictures
+# the toy CLIP maps a masked background to whichever class is nearest (tomato, zebra), and every
+# background candidate then teaches candidate queries a seen class's embedding.
+BACKGROUND_TEMPLATES: tuple[str, ...] = (
+    "a photo of the background.",
+    "an empty scene.",
+    "a plain background.",
+    "there is nothing in the scene.",
+    "a photo of an empty background.",
+)
+BACKGROUND_SET = len(CLASS_NAMES)  # class-set column of object-free pictures (Jaccard targets)
 # The prompt used at test time on the toy world (clip.templates: single) is drawn this often for
 # single-class captions, so zero-shot classification uses the caption form seen most in training.
 TEST_TEMPLATE = TEMPLATES["single"][0]
@@ -101,6 +118,11 @@ class ToyClipRecipe:
     # (zebra stripes vs checkerboard squares) speed up telling the two black-and-white classes
     # apart, the last pair a short pretraining confuses.
     single_zoom_fraction: float = 0.5
+    # Share of object-free pictures (BACKGROUND_TEMPLATES), and of those, the share with blacked-
+    # out regions; likewise the share of single objects shown on black, as a masked candidate is.
+    background_fraction: float = 0.1
+    background_masked_fraction: float = 0.5
+    single_masked_fraction: float = 0.2
     # A class counts as visible (and is named in the caption) from this share of the image's
     # pixels: a sliver behind another object is not what a caption would mention.
     min_visible_fraction: float = 0.01
@@ -169,10 +191,26 @@ def _zoom_crop(image: np.ndarray, label: np.ndarray, size: int, min_pixels: int,
     return image[y0:y0 + size, x0:x0 + size], label[y0:y0 + size, x0:x0 + size]
 
 
+def _black_out(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The image with every pixel outside `keep` [H, W] set to 0, as masked CLS inputs are."""
+    return np.where(keep[..., None], image, 0).astype(np.uint8)
+
+
+def _random_blobs(size: int, rng: np.random.Generator) -> np.ndarray:
+    """1-3 random ellipses covering part of a size x size picture → bool [H, W]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    blobs = np.zeros((size, size), dtype=bool)
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0, size, 2)
+        ry, rx = rng.uniform(0.15, 0.4, 2) * size
+        blobs |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    return blobs
+
+
 class CaptionedImage(NamedTuple):
     image: np.ndarray  # [S, S, 3] uint8 RGB
     label: np.ndarray  # [S, S] uint8 class ids, 255 background (only used to write the caption)
-    classes: list[int]  # the classes the caption names: those visible in `label`
+    classes: list[int]  # the classes the caption names: those visible in `label` (none: background)
     caption: str
 
 
@@ -182,6 +220,12 @@ def training_sample(seed: np.random.SeedSequence, image_size: int, recipe: ToyCl
     rng = np.random.default_rng(seed)
     render_seed = int(rng.integers(2 ** 63))
     min_pixels = math.ceil(recipe.min_visible_fraction * image_size * image_size)
+    if rng.random() < recipe.background_fraction:
+        image, label = toyworld.render(render_seed, image_size, 0)
+        if rng.random() < recipe.background_masked_fraction:
+            image = _black_out(image, ~_random_blobs(image_size, rng))
+        caption = BACKGROUND_TEMPLATES[int(rng.integers(len(BACKGROUND_TEMPLATES)))]
+        return CaptionedImage(image, label, [], caption)
     single = rng.random() < recipe.single_fraction
     n_objects = 1 if single else int(rng.integers(recipe.min_objects, recipe.max_objects + 1))
     classes = [int(rng.integers(len(CLASS_NAMES)))] if single else None
@@ -194,24 +238,27 @@ def training_sample(seed: np.random.SeedSequence, image_size: int, recipe: ToyCl
     # Objects are centred inside the image and the last one drawn is whole, so every image shows
     # a class above the threshold; a sliver peeking out from behind another is not mentioned.
     classes = visible_classes(label, min_pixels) or visible_classes(label)
+    if single and rng.random() < recipe.single_masked_fraction:
+        image = _black_out(image, label != toyworld.BACKGROUND)
     return CaptionedImage(image, label, classes, make_caption(classes, rng))
 
 
 def training_batch(seed: int, step: int, batch_size: int, image_size: int,
                    recipe: ToyClipRecipe = DEFAULT_RECIPE) -> tuple[Tensor, list[str], Tensor]:
-    """Batch `step`: images uint8 [B, 3, S, S], captions, class sets bool [B, 10].
+    """Batch `step`: images uint8 [B, 3, S, S], captions, class sets bool [B, 11] (the last
+    column marks object-free pictures).
 
     Each slot has its own seed (seed, stream, step, slot), so a batch does not depend on what was
     drawn before it and training restarted at any step sees the same data.
     """
     images, captions = [], []
-    class_sets = torch.zeros(batch_size, len(CLASS_NAMES), dtype=torch.bool)
+    class_sets = torch.zeros(batch_size, len(CLASS_NAMES) + 1, dtype=torch.bool)
     for slot in range(batch_size):
         sample_seed = np.random.SeedSequence([seed & 0xFFFF_FFFF, TRAIN_STREAM, step, slot])
         sample = training_sample(sample_seed, image_size, recipe)
         images.append(torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1))
         captions.append(sample.caption)
-        class_sets[slot, sample.classes] = True
+        class_sets[slot, sample.classes or [BACKGROUND_SET]] = True
     return torch.stack(images), captions, class_sets
 
 
@@ -302,6 +349,7 @@ def checkpoint_inputs(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE
         "model_config": json.loads(model_config_path(cfg.model_name).read_text()),
         "recipe": dataclasses.asdict(recipe),
         "templates": {"single": SINGLE_TEMPLATES, "scene": SCENE_TEMPLATES,
+                      "background": BACKGROUND_TEMPLATES,
                       "test": TEST_TEMPLATE, "test_prob": TEST_TEMPLATE_PROB},
         # The toy world has no generator version: its source stands in for one, so any change to
         # how images are drawn retrains rather than reusing weights fitted to other pictures.

@@ -8,7 +8,7 @@ trained on toy captions can tell them apart, and K-means on its features has som
     lemon         yellow ellipse with pointed tips and a fine pore texture
     leaf          green lens (pointed ends) with a stem, a light midrib and side veins
     brick         orange-brown rectangle with grey mortar lines in a running-bond pattern
-    checkerboard  black/white checkered square
+    checkerboard  red/white checkered square
     starfish      orange five-pointed star with pale dots
     zebra         irregular ellipse blob with wavy black/white stripes
     donut         ring with a light dough rim, chocolate icing and coloured sprinkles
@@ -124,7 +124,7 @@ def _checkerboard(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Dra
     body = (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
     cell = 1.7 / rng.integers(4, 8)
     parity = (np.floor((u + 0.85) / cell) + np.floor((v + 0.85) / cell)) % 2
-    colour = _mix(parity, _rgb(235, 235, 228), _rgb(22, 22, 22))
+    colour = _mix(parity, _rgb(235, 235, 228), _rgb(200, 28, 40))
     return body, colour
 
 
