@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
-from splitmatch.criterion import (Normaliser, SetCriterion, dice_loss, iou_loss, pseudo_label_map,
+from splitmatch.criterion import (SetCriterion, dice_loss, iou_loss, pseudo_label_map,
                                   sigmoid_focal_loss, uncertain_point_coords)
 from splitmatch.matcher import HungarianMatcher, SplitMatcher
 from splitmatch.targets import (UnseenLabelError, build_targets, class_embedding_sets,
@@ -153,54 +153,3 @@ def test_deep_supervision_and_mfe_terms():
             perfect[b, k][small[b] == k] = 20.0
     ce, focal = crit.loss_mfe(perfect, yp, valid)
     assert ce.item() < 1e-4 and focal.item() < 1e-4
-
-
-def test_per_group_normalisation_divides_each_query_group_by_its_own_targets():
-    """Joint: every term / all targets. Per group: seen queries and pairs with seen targets / seen
-    targets, candidate ones / candidate targets; checked against the joint losses recomputed by
-    hand from the same matches."""
-    labels, cmaps, cand, text, outputs = make_batch()
-    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
-    _, valid = class_embedding_sets(text, cand, 2)
-    matcher = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)
-    matches = matcher(outputs, targets)
-    n_cand = sum(int(t["is_candidate"].sum()) for t in targets)
-    n_seen = sum(t["labels"].numel() for t in targets) - n_cand
-    assert n_seen > 0 and n_cand > 0 and n_seen != n_cand
-    joint = criterion(matcher)
-    grouped = criterion(matcher, num_seen_queries=4)
-    joint_norm = Normaliser.of(targets, torch.device("cpu"), None)
-    group_norm = Normaliser.of(targets, torch.device("cpu"), 4)
-    assert joint_norm.num_seen == joint_norm.num_candidate == n_seen + n_cand
-    logits = outputs["pred_logits"].detach()
-    # Classification: split the joint sum by query group and re-weight each part.
-    per_query = sigmoid_focal_loss(logits, _onehot(logits, targets, matches))
-    per_query = (per_query * valid[:, None, :]).sum(-1)  # [B, Q]
-    expected = per_query[:, :4].sum() / n_seen + per_query[:, 4:].sum() / n_cand
-    got = grouped.loss_classes(logits, targets, matches, valid, group_norm)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    total = joint.loss_classes(logits, targets, matches, valid, joint_norm)
-    assert total.item() == pytest.approx(per_query.sum().item() / (n_seen + n_cand), rel=1e-5)
-    # Mask pairs: same points for both (seeded), weights by the matched target's group.
-    is_cand = torch.cat([targets[b]["is_candidate"][t] for b, (_, t) in enumerate(matches)])
-    weights = group_norm.pair_weights(targets, matches, torch.device("cpu"))
-    assert torch.equal(weights == 1.0 / n_cand, is_cand) and torch.all(weights[~is_cand] == 1.0 / n_seen)
-    # Mask pairs, on the same (seeded) points: the sums over seen and over candidate pairs alone,
-    # read through weights that switch the other group off, recombine into both normalisations.
-    masks = outputs["pred_masks"].detach()
-
-    def iou_with(norm):
-        torch.manual_seed(0)
-        return grouped.loss_masks(masks, targets, matches, norm)[0].item()
-
-    seen_sum = iou_with(Normaliser(1.0, float("inf"), 4))
-    cand_sum = iou_with(Normaliser(float("inf"), 1.0, 4))
-    assert seen_sum > 0 and cand_sum > 0
-    assert iou_with(group_norm) == pytest.approx(seen_sum / n_seen + cand_sum / n_cand, rel=1e-5)
-    assert iou_with(joint_norm) == pytest.approx((seen_sum + cand_sum) / (n_seen + n_cand), rel=1e-5)
-
-def _onehot(logits, targets, matches):
-    onehot = torch.zeros_like(logits)
-    for b, (q, t) in enumerate(matches):
-        onehot[b, q, targets[b]["labels"][t]] = 1.0
-    return onehot

@@ -42,6 +42,8 @@ class ModelConfig:
     # Mask2Former's 100 queries become the seen queries; candidate queries are added on top.
     num_seen_queries: int = 100
     num_candidate_queries: int = 50
+    # Candidate (and random) queries project into CLIP space through their own MLP.
+    candidate_head: bool = False
     mfe: MFEConfig = field(default_factory=MFEConfig)
 
 
@@ -143,9 +145,6 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
-    # "joint": every loss divided by all targets of the batch (Mask2Former); "per_group": with Split
-    # Matching, seen and candidate queries each divided by their own targets' count.
-    normalization: Literal["joint", "per_group"] = "joint"
 
 
 @dataclass

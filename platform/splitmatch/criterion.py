@@ -76,14 +76,8 @@ class SetCriterion(nn.Module):
                  dice_weight: float = 5.0, cos_weight: float = 1.0, mfe_weight: float = 1.0,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 deep_supervision: bool = True, ignore_index: int = 255,
-                 num_seen_queries: int | None = None):
+                 deep_supervision: bool = True, ignore_index: int = 255):
         super().__init__()
-        # Split Matching optimises the seen and the candidate queries separately (paper Sec. 3.2):
-        # with `num_seen_queries` set, each group's losses are normalised by its own number of
-        # targets, so the many candidate targets of an image cannot drown its few seen targets.
-        # None: Mask2Former's one normalisation by all targets of the batch.
-        self.num_seen_queries = num_seen_queries
         self.matcher = matcher
         self.class_weight = class_weight
         self.iou_weight = iou_weight
@@ -101,17 +95,17 @@ class SetCriterion(nn.Module):
     # --------------------------------------------------------------------------- terms
 
     def loss_classes(self, logits: Tensor, targets: list[dict], matches: list[Match],
-                     class_valid: Tensor, norm: "Normaliser") -> Tensor:
+                     class_valid: Tensor, num_masks: float) -> Tensor:
         """Focal loss over all queries × valid classes; unmatched queries are 'no object' (all 0)."""
         onehot = torch.zeros_like(logits)  # [B, Q, K]
         for b, (q, t) in enumerate(matches):
             onehot[b, q.to(logits.device), targets[b]["labels"][t.to(logits.device)]] = 1.0
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
-        loss = (loss * class_valid[:, None, :].to(loss)).sum(-1)  # [B, Q]
-        return (loss * norm.query_weights(logits.shape[1], loss.device)).sum()
+        loss = loss * class_valid[:, None, :].to(loss)
+        return loss.sum() / num_masks
 
     def loss_masks(self, pred_masks: Tensor, targets: list[dict], matches: list[Match],
-                   norm: "Normaliser") -> tuple[Tensor, Tensor]:
+                   num_masks: float) -> tuple[Tensor, Tensor]:
         """IoU and dice losses of matched pairs on importance-sampled points."""
         src = torch.cat([pred_masks[b, q.to(pred_masks.device)] for b, (q, _) in enumerate(matches)])
         if src.shape[0] == 0:
@@ -119,14 +113,13 @@ class SetCriterion(nn.Module):
             return zero, zero
         tgt = torch.cat([targets[b]["masks"][t.to(pred_masks.device)]
                          for b, (_, t) in enumerate(matches)])
-        weights = norm.pair_weights(targets, matches, pred_masks.device)  # [N]
         with torch.no_grad():
             coords = uncertain_point_coords(src.detach().float(), self.num_points,
                                             self.oversample_ratio, self.importance_sample_ratio)
             tgt_points = _point_sample_batched(tgt, coords)
         src_points = _point_sample_batched(src.float(), coords)
-        return ((iou_loss(src_points, tgt_points) * weights).sum(),
-                (dice_loss(src_points, tgt_points) * weights).sum())
+        return (iou_loss(src_points, tgt_points).sum() / num_masks,
+                dice_loss(src_points, tgt_points).sum() / num_masks)
 
     def loss_cosine(self, pred_embeds: Tensor, targets: list[dict], matches: list[Match],
                     candidate_embeds: list[Tensor], num_seen_classes: int) -> Tensor:
@@ -167,7 +160,7 @@ class SetCriterion(nn.Module):
                 candidate_embeds: list[Tensor] | None = None, num_seen_classes: int = 0,
                 pseudo_labels: Tensor | None = None) -> dict[str, Tensor]:
         """Weighted loss terms. `class_valid` [B, K] marks real columns of the padded class set."""
-        norm = Normaliser.of(targets, outputs["pred_logits"].device, self.num_seen_queries)
+        num_masks = self._num_masks(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
         layers = [("", outputs)]
         if self.deep_supervision:
@@ -175,8 +168,8 @@ class SetCriterion(nn.Module):
         for suffix, out in layers:
             matches = self.matcher(out, targets)
             losses["loss_cls" + suffix] = self.class_weight * self.loss_classes(
-                out["pred_logits"].float(), targets, matches, class_valid, norm)
-            iou, dice = self.loss_masks(out["pred_masks"], targets, matches, norm)
+                out["pred_logits"].float(), targets, matches, class_valid, num_masks)
+            iou, dice = self.loss_masks(out["pred_masks"], targets, matches, num_masks)
             losses["loss_iou" + suffix] = self.iou_weight * iou
             losses["loss_dice" + suffix] = self.dice_weight * dice
             if candidate_embeds is not None and self.cos_weight > 0:
@@ -188,43 +181,14 @@ class SetCriterion(nn.Module):
             losses["loss_mfe_focal"] = self.mfe_weight * focal
         return losses
 
-
-
-class Normaliser:
-    """Per-query and per-pair loss weights: 1 / (targets in the whole distributed batch), as
-    Mask2Former normalises; with a query split, seen and candidate targets are counted apart and
-    each group's queries and pairs are divided by their own count."""
-
-    def __init__(self, num_seen: float, num_candidate: float, num_seen_queries: int | None):
-        self.num_seen, self.num_candidate = num_seen, num_candidate
-        self.num_seen_queries = num_seen_queries
-
-    @classmethod
-    def of(cls, targets: list[dict], device: torch.device,
-           num_seen_queries: int | None) -> "Normaliser":
-        candidate = sum(int(t["is_candidate"].sum()) for t in targets)
-        counts = torch.tensor([float(sum(t["labels"].numel() for t in targets) - candidate),
-                               float(candidate)], device=device)
+    @staticmethod
+    def _num_masks(targets: list[dict], device: torch.device) -> float:
+        """Targets in the whole (distributed) batch, as Mask2Former normalises its losses."""
+        count = torch.tensor([float(sum(t["labels"].numel() for t in targets))], device=device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-            counts = counts / dist.get_world_size()
-        seen, candidate = counts.tolist()
-        if num_seen_queries is None:  # one normalisation over all targets
-            seen = candidate = seen + candidate
-        return cls(max(seen, 1.0), max(candidate, 1.0), num_seen_queries)
-
-    def query_weights(self, num_queries: int, device: torch.device) -> Tensor:
-        """[Q]: the weight of each query's classification loss."""
-        weights = torch.full((num_queries,), 1.0 / self.num_seen, device=device)
-        if self.num_seen_queries is not None:
-            weights[self.num_seen_queries:] = 1.0 / self.num_candidate
-        return weights
-
-    def pair_weights(self, targets: list[dict], matches: list[Match], device: torch.device) -> Tensor:
-        """[N]: the weight of each matched (query, target) pair, in the order of `matches`."""
-        is_candidate = torch.cat([targets[b]["is_candidate"][t.to(targets[b]["is_candidate"].device)]
-                                  for b, (_, t) in enumerate(matches)]).to(device)
-        return torch.where(is_candidate, 1.0 / self.num_candidate, 1.0 / self.num_seen)
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(count.item(), 1.0)
 
 
 def pseudo_label_map(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None, num_seen: int,
@@ -238,10 +202,7 @@ def pseudo_label_map(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None,
     return out
 
 
-def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
-                    num_seen_queries: int | None = None) -> SetCriterion:
-    """`num_seen_queries`: the query split of Split Matching (None for plain matching); it only
-    takes effect with `loss.normalization: per_group`."""
+def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255) -> SetCriterion:
     return SetCriterion(
         matcher, class_weight=loss_cfg.class_weight, iou_weight=loss_cfg.iou_weight,
         dice_weight=loss_cfg.dice_weight, cos_weight=loss_cfg.cos_weight,
@@ -249,5 +210,4 @@ def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
         focal_gamma=loss_cfg.focal_gamma, num_points=loss_cfg.num_points,
         oversample_ratio=loss_cfg.oversample_ratio,
         importance_sample_ratio=loss_cfg.importance_sample_ratio,
-        deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index,
-        num_seen_queries=num_seen_queries if loss_cfg.normalization == "per_group" else None)
+        deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index)

@@ -291,8 +291,7 @@ def train_loop_per_worker(config: dict) -> None:
     split_matching = cfg.matching.mode == "split"
     matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
                                          cfg.model.num_candidate_queries))
-    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index,
-                                cfg.model.num_seen_queries if split_matching else None)
+    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index)
     candidates = None
     if split_matching:
         from splitmatch.pseudo.cache import PseudoMaskCache

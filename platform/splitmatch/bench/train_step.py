@@ -43,7 +43,7 @@ def matcher_share_of_step(steps: int = 5, config: Path = TOY_CONFIG) -> dict:
     model = build_segmentor(cfg.model, clip.embed_dim)
     matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
                                          cfg.model.num_candidate_queries))
-    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index, cfg.model.num_seen_queries)
+    criterion = build_criterion(cfg.loss, matcher)
     optimizer = build_optimizer(model, cfg.optim)
     batch = toy_batch_with_candidates(cfg, clip)
     device = torch.device("cpu")
