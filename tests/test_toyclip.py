@@ -230,6 +230,12 @@ def test_zero_shot_accuracy_and_pseudo_mask_quality_run(built, toy_cfg):
     clip = build_clip(ClipConfig(model_name=toy_cfg.model_name, pretrained=str(path)))
     accuracy = toyclip.zero_shot_accuracy(clip, num_images=20, seed=0, image_size=64)
     assert 0.0 <= accuracy <= 1.0
+    report = toyclip.zero_shot_report(clip, num_images=20, seed=0, image_size=64)
+    confusion = torch.tensor(report["confusion"])  # rows: true class, 2 images each
+    assert confusion.sum(1).tolist() == [2] * 10
+    assert confusion.diag().sum().item() / 20 == pytest.approx(report["accuracy"]) == accuracy
+    for c, name in enumerate(CLASS_NAMES):
+        assert confusion[c, c].item() / 2 == pytest.approx(report["per_class"][name])
     images, targets = toyclip.zero_shot_images(20, 0, 64)
     assert targets.tolist() == [i % 10 for i in range(20)]
     # Held out: no evaluation image equals a training image of the same seed.

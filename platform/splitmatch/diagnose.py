@@ -98,14 +98,11 @@ def per_class_pseudo_quality(candidate_maps: Sequence[Tensor], full_labels: Sequ
 def clip_zero_shot(cfg) -> dict[str, float] | None:
     """Per-class zero-shot accuracy of the config's CLIP when it is the toy CLIP (measured when it
     was pretrained, on held-out images); None for other CLIPs (no labelled probe set here)."""
-    from splitmatch.toyclip import INFO_NAME
+    from splitmatch.toyclip import INFO_NAME, checkpoint_info
 
-    if not cfg.clip.pretrained:
+    if not cfg.clip.pretrained or not (Path(cfg.clip.pretrained).parent / INFO_NAME).is_file():
         return None
-    info = Path(cfg.clip.pretrained).parent / INFO_NAME
-    if not info.is_file():
-        return None
-    return json.loads(info.read_text())["zero_shot"]["per_class"]
+    return checkpoint_info(Path(cfg.clip.pretrained))["zero_shot"]["per_class"]
 
 
 def pseudo_quality_of_split(cfg, max_images: int = 512) -> dict[str, dict]:
@@ -263,20 +260,6 @@ def _text_similarity(text: Tensor, classes) -> dict:
     return {"mean": float(block.mean()), "max": float(block.max())}
 
 
-@torch.no_grad()
-def clip_confusion(clip, class_names: Sequence[str], num_images: int = 500, seed: int = 0,
-                   image_size: int = 64) -> list[list[int]]:
-    """The toy CLIP's zero-shot confusion matrix on held-out single-object toy images."""
-    from splitmatch.clip import TEMPLATES
-    from splitmatch.toyclip import zero_shot_images
-
-    images, targets = zero_shot_images(num_images, seed, image_size)
-    text = clip.text_embeddings(class_names, TEMPLATES["single"])
-    predictions = (clip.encode_images(images) @ text.T).argmax(1).cpu()
-    n = len(class_names)
-    return torch.bincount(targets * n + predictions, minlength=n * n).view(n, n).tolist()
-
-
 def diagnose_split(cfg, row_checkpoints: dict[str, tuple[object, Path]], log=print) -> dict:
     """Every diagnostic for one split (`cfg.data.unseen`) and its trained rows."""
     from splitmatch.clip import build_clip
@@ -288,7 +271,8 @@ def diagnose_split(cfg, row_checkpoints: dict[str, tuple[object, Path]], log=pri
     report["rows"] = evaluate_rows(cfg, row_checkpoints, clip, classes, log=log)
     report["candidates"] = candidate_report(cfg, classes)
     if cfg.data.dataset == "toyworld":
-        report["clip_confusion"] = clip_confusion(clip, classes.names)
+        from splitmatch.toyclip import zero_shot_report
+        report["clip_confusion"] = zero_shot_report(clip)["confusion"]
     return report
 
 

@@ -311,14 +311,17 @@ def zero_shot_images(num_images: int, seed: int, image_size: int) -> tuple[Tenso
 def zero_shot_report(clip: FrozenClip, num_images: int = 500, seed: int = 0,
                      image_size: int = 64) -> dict:
     """Zero-shot classification of held-out single-object images against all ten class names
-    ("a photo of a {}.", TEMPLATES["single"]): overall and per-class accuracy."""
+    ("a photo of a {}.", TEMPLATES["single"]): overall and per-class accuracy, confusion matrix."""
     images, targets = zero_shot_images(num_images, seed, image_size)
     text = clip.text_embeddings(CLASS_NAMES, TEMPLATES["single"])      # [10, C]
     predictions = (clip.encode_images(images) @ text.T).argmax(1).cpu()  # [N]
     correct = predictions == targets
     per_class = {name: float(correct[targets == c].float().mean())
                  for c, name in enumerate(CLASS_NAMES) if bool((targets == c).any())}
+    n = len(CLASS_NAMES)
+    confusion = torch.bincount(targets * n + predictions, minlength=n * n).view(n, n)
     return {"accuracy": float(correct.float().mean()), "per_class": per_class,
+            "confusion": confusion.tolist(),  # rows: true class, columns: predicted
             "num_images": num_images, "seed": seed, "image_size": image_size,
             "templates": "single"}
 
