@@ -85,9 +85,9 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
             for row in ROWS[:3]:
                 row_cfg = row_config(base, row, seed, parent_name, split_index)
                 run_dir = Path(row_cfg.train.storage_path) / row_cfg.name
-                check_run_config(run_dir, row_cfg)  # refuses a row made under another config
                 done = run_dir / FINAL_METRICS
                 if done.is_file():
+                    check_run_config(run_dir, row_cfg)  # launch(resume=True) checks the others
                     # Finished by an earlier, interrupted ablation under the same config: keep
                     # what it measured (a resumed Train run with nothing left would report nothing).
                     log(f"{tag} {row}: already trained, figures from {done}")
