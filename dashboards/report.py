@@ -154,7 +154,7 @@ figcaption, .note { color: #555; font-size: 0.9em; }
 COLUMN_FORMATS = {
     "rank": ("rank", "{:d}"), "hIoU": ("hIoU %", "{:.2f}"), "sIoU": ("sIoU %", "{:.2f}"),
     "uIoU": ("uIoU %", "{:.2f}"), "mIoU": ("mIoU %", "{:.2f}"),
-    "best_hIoU": ("best hIoU %", "{:.2f}"), "candidate_queries": ("candidate queries", "{:d}"),
+    "select_hIoU": ("hIoU on selection split %", "{:.2f}"), "candidate_queries": ("candidate queries", "{:d}"),
     "kmeans_scales": ("K-means scales", None), "mfe_norm": ("MFE norm", None),
     "lr": ("lr", "{:.3g}"), "matching": ("matching", None), "seed": ("seed", "{:d}"),
     "run_name": ("run name", None), "run_id": ("run id", None), "status": ("status", None),
@@ -199,8 +199,8 @@ def render_html(table: pd.DataFrame, scope: Scope, plot_paths: dict[str, Path],
 <h1>splitmatch run comparison</h1>
 <dl class="scope">{scope_html}</dl>
 <h2>Runs ranked by hIoU</h2>
-<p class="note">IoU values are percentages at each run's last evaluation (best hIoU: the best
-evaluation of the run). The per-class and training-curve plots cover the best {n_best} run(s)
+<p class="note">IoU values are percentages on each run's test split, measured once on its
+result (hIoU on selection split: what the run's weights were chosen on, when it had such a split). The per-class and training-curve plots cover the best {n_best} run(s)
 with an hIoU.</p>
 <div class="table-wrap">{table_html(table)}</div>
 {"".join(sections)}

@@ -26,7 +26,7 @@ KEY_PARAMS = {
     "matching": "params.matching.mode",
     "seed": "params.seed",
 }
-TABLE_COLUMNS = ["rank", *IOU_METRICS, "best_hIoU", *KEY_PARAMS, "run_name", "run_id", "status",
+TABLE_COLUMNS = ["rank", *IOU_METRICS, "select_hIoU", *KEY_PARAMS, "run_name", "run_id", "status",
                  "experiment", "dataset", "unseen"]
 
 
@@ -155,9 +155,10 @@ def rank_runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     column = lambda key: runs.get(key, pd.Series(None, index=runs.index, dtype=object))  # noqa: E731
     for name in IOU_METRICS:
         runs[name] = pd.to_numeric(column(f"metrics.{name}"), errors="coerce")
-    # Training tags best_hIoU = -1 when no evaluation ever produced an hIoU: that is "none".
-    best = pd.to_numeric(column("tags.best_hIoU"), errors="coerce")
-    runs["best_hIoU"] = best.where(best >= 0)
+    # hIoU is the test split's, measured once at the end; select_hIoU the selection split's for
+    # the chosen weights (tag best_select_hIoU; -1 when no evaluation produced one: "none").
+    best = pd.to_numeric(column("tags.best_select_hIoU"), errors="coerce")
+    runs["select_hIoU"] = best.where(best >= 0)
     runs["candidate_queries"] = pd.to_numeric(column(KEY_PARAMS["candidate_queries"]),
                                               errors="coerce").astype("Int64")
     runs["kmeans_scales"] = column(KEY_PARAMS["kmeans_scales"]).map(_scales)

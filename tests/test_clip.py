@@ -194,6 +194,26 @@ def test_masked_cls_reference_masks(clip: FrozenClip, images: torch.Tensor) -> N
         clip.masked_cls(images, ones, torch.tensor([0]))
 
 
+def test_masked_cls_crop_inputs_by_hand(clip: FrozenClip, images: torch.Tensor) -> None:
+    # Region rows 10..19, cols 30..49 (10 x 20): the square box is rows 5..24, cols 30..49.
+    # Region rows 0..3, cols 0..29 at the top border: the square (30) is clamped to rows 0..29.
+    masks = torch.zeros(2, 48, 80, dtype=torch.bool)
+    masks[0, 10:20, 30:50] = True
+    masks[1, 0:4, 0:30] = True
+    index = torch.tensor([1, 2])
+    boxes = [(5, 25, 30, 50), (0, 30, 0, 30)]
+    crops = [images[i, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in zip(index.tolist(), boxes)]
+    expected = torch.cat([clip.encode_images(c[None]) for c in crops])
+    assert torch.allclose(clip.masked_cls(images, masks, index, cls_input="crop"), expected,
+                          atol=1e-5)
+    blacked = [c * m[y1:y2, x1:x2] for c, m, (y1, y2, x1, x2) in zip(crops, masks, boxes)]
+    expected = torch.cat([clip.encode_images(c[None]) for c in blacked])
+    assert torch.allclose(clip.masked_cls(images, masks, index, cls_input="masked_crop"), expected,
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="cls_input"):
+        clip.masked_cls(images, masks, index, cls_input="bbox")
+
+
 def test_text_embeddings_average_templates(clip: FrozenClip) -> None:
     names = ["cat", "traffic light"]
     templates = TEMPLATES["coco15"][:4]

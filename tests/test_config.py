@@ -25,6 +25,9 @@ def test_paper_settings():
         assert cfg.model.num_seen_queries == 100
         assert cfg.train.batch_size == 16
         assert cfg.clip.model_name == "ViT-B-16"
+        assert cfg.model.backbone_weights == "imagenet"  # Mask2Former starts from ImageNet, frozen BN
+        assert (cfg.inference.mode, cfg.inference.short_side, cfg.inference.crop_size,
+                cfg.inference.stride) == ("slide", 512, 512, 426)  # ZegCLIP's test protocol
     assert voc.train.max_iters == 20000 and coco.train.max_iters == 80000
 
 
@@ -49,6 +52,9 @@ def test_overrides_are_typed(tmp_path):
     ("train.use_gpu=7", "train.use_gpu"),
     ("pseudo_masks.scales=[]", "pseudo_masks.scales"),
     ("pseudo_masks.merge_threshold=2.0", "pseudo_masks.merge_threshold"),
+    ("inference.stride=600", "inference.stride"),
+    ("inference.mode=tiles", "inference.mode"),
+    ("inference.short_side=0", "inference.short_side"),
 ])
 def test_bad_values_name_key_and_file(override, key):
     path = EXPERIMENTS / "toyworld.yaml"

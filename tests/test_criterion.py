@@ -107,6 +107,37 @@ def test_split_losses_and_padding_ignored():
     assert outputs["pred_logits"].grad.abs().sum() > 0 and outputs["pred_embeds"].grad.abs().sum() > 0
 
 
+def test_candidate_queries_skip_the_seen_columns_when_asked():
+    """Brute force: the focal loss summed by hand, query by query and column by column."""
+    labels, cmaps, cand, text, outputs = make_batch()
+    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    _, valid = class_embedding_sets(text, cand, 2)
+    matcher = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)
+    matches = matcher(outputs, targets)
+    logits = outputs["pred_logits"].detach()
+
+    def by_hand(candidate_from):
+        total = 0.0
+        for b in range(2):
+            for q in range(6):
+                for k in range(5):
+                    if not valid[b, k] or (candidate_from is not None and q >= candidate_from
+                                           and k < 3):
+                        continue
+                    pairs = zip(matches[b][0].tolist(), matches[b][1].tolist())
+                    target = float(any(qi == q and targets[b]["labels"][ti] == k for qi, ti in pairs))
+                    total += sigmoid_focal_loss(logits[b, q, k], torch.tensor(target)).item()
+        return total / sum(t["labels"].numel() for t in targets)
+
+    for candidate_from in (None, 4):
+        crit = criterion(matcher, candidate_queries_from=candidate_from)
+        loss = crit.loss_classes(logits, targets, matches, valid,
+                                 sum(t["labels"].numel() for t in targets), num_seen_classes=3)
+        assert loss.item() == pytest.approx(by_hand(candidate_from), rel=1e-5)
+    # The seen queries' rows are the same either way; only candidate rows lose columns.
+    assert by_hand(4) < by_hand(None)
+
+
 def test_cosine_loss_is_zero_when_embeddings_equal_cls():
     labels, cmaps, cand, text, outputs = make_batch()
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)

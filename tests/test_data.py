@@ -187,7 +187,7 @@ def test_augmentation_is_reproducible_and_uses_no_global_rng(voc_root: Path) -> 
 
 def test_coco_stuff_loading_and_unseen_masking(coco_root: Path) -> None:
     cfg = DataConfig(dataset="coco_stuff", root=str(coco_root), train_split="train2017",
-                     val_split="val2017", crop_size=24)
+                     test_split="val2017", crop_size=24)
     val = build_dataset(cfg, "val2017", train=False)
     assert len(val) == 3 and len(val.class_names) == 171
     # Sorted listing of annotation files gives the order.
@@ -267,7 +267,7 @@ def test_missing_split_list_raises_naming_the_file(voc_root: Path, coco_root: Pa
     with pytest.raises(DataError, match=re.escape(str(coco_root / "annotations" / "test2017"))):
         build_dataset(DataConfig(dataset="coco_stuff", root=str(coco_root)), "test2017", False)
     with pytest.raises(DataError, match="toyworld has splits"):
-        build_dataset(DataConfig(), "test", train=False)
+        build_dataset(DataConfig(), "holdout", train=False)
 
 
 def test_skip_mode_returns_none_and_collate_reports_skipped(voc_root: Path) -> None:
@@ -304,6 +304,7 @@ def test_toyworld_is_deterministic() -> None:
     np.testing.assert_array_equal(label, again_label)
     assert not np.array_equal(image, generate(cfg, "train", 4)[0])
     assert not np.array_equal(image, generate(cfg, "val", 3)[0])
+    assert not np.array_equal(generate(cfg, "test", 3)[0], generate(cfg, "val", 3)[0])
     assert not np.array_equal(image, generate(ToyWorldConfig(seed=6), "train", 3)[0])
     a, b = render(11, 64, 3), render(11, 64, 3)
     np.testing.assert_array_equal(a[0], b[0])
@@ -350,7 +351,7 @@ def test_toyworld_dataset_train_masks_unseen_and_collates() -> None:
     cfg = DataConfig(crop_size=96, min_scale=0.75, max_scale=1.25,
                      toyworld=ToyWorldConfig(num_train=40, num_val=20, image_size=96))
     train = build_dataset(cfg, cfg.train_split, train=True, seed=1)
-    val = build_dataset(cfg, cfg.val_split, train=False)
+    val = build_dataset(cfg, "val", train=False)
     assert isinstance(train, ToyWorld) and len(train) == 40 and len(val) == 20
     val_ids: set[int] = set()
     for i in range(len(train)):

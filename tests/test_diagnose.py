@@ -37,6 +37,17 @@ def test_config_differences_name_result_keys_only():
     assert config_differences(a, to_dict(a)) == {}
 
 
+def test_a_stored_config_that_predates_a_key_differs_in_it():
+    # A run made before loss.candidate_negatives existed was trained as "all" did then; today's
+    # default must not be read into its config.yaml.
+    stored = to_dict(Config())
+    del stored["loss"]["candidate_negatives"]
+    del stored["train"]["log_every"]  # neutral keys may be missing freely
+    diff = config_differences(stored, Config())
+    assert diff == {"loss.candidate_negatives": ("(absent)", "candidates")}
+    assert "loss.candidate_negatives: '(absent)' -> 'candidates'" in describe_differences(diff)
+
+
 def test_winning_query_is_the_largest_term_of_the_predicted_class():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 3, generator=g)

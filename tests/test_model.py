@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from splitmatch.config import MFEConfig, ModelConfig
+from splitmatch.cli import main as cli_main
+from splitmatch.config import InferenceConfig, MFEConfig, ModelConfig
 from splitmatch.model import build_segmentor, semantic_inference
-from splitmatch.model.backbone import ResNetBackbone
+from splitmatch.model.segmentor import resize_short_side, slide_windows
+from splitmatch.model.backbone import ResNetBackbone, imagenet_weights_file
 from splitmatch.model.pixel_decoder import (MSDeformAttnPixelDecoder, ms_deform_attn_sample,
                                             sine_position_encoding)
 from splitmatch.model.transformer_decoder import attention_mask_from_masks
@@ -284,6 +288,43 @@ def test_missing_backbone_weights_name_the_key(tmp_path):
     assert "model.backbone_weights" in str(info.value) and str(missing) in str(info.value)
 
 
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    # The file a download would have left: torchvision's name for the resnet18 V1 weights.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+
+    assert imagenet_weights_file("resnet18") == cached
+    seg = build_segmentor(tiny_config(backbone_weights="imagenet"), EMBED_DIM)
+    assert torch.equal(seg.backbone.res5[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert isinstance(seg.backbone.stem[1], torchvision.ops.FrozenBatchNorm2d)
+
+
+def test_imagenet_weights_offline_fail_with_one_line(tmp_path, monkeypatch, capsys):
+    # Offline for sure: every HTTPS request goes to a loopback port nobody listens on.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)  # no toy CLIP cache at hand: the check must come before it
+    config = Path(__file__).resolve().parents[1] / "experiments" / "toyworld.yaml"
+    code = cli_main(["train", str(config), "--set", "model.backbone_weights=imagenet",
+                     "--set", f"train.storage_path={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert "model.backbone_weights" in err and str(expected) in err and "download" in err
+    assert not expected.exists() and not (tmp_path / "runs" / "toyworld").exists()
+
+
 def test_resnet50_forward_and_resnet101_builds():
     torch.manual_seed(0)
     seg = build_segmentor(tiny_config(backbone="resnet50", pixel_decoder="fpn"), EMBED_DIM).eval()
@@ -345,8 +386,69 @@ def test_semantic_inference_matches_loop():
 
 def test_predict_returns_labels_and_keeps_training_flag(model):
     model.train()
-    labels = model.predict(images(height=64, width=96), class_embeddings(), num_random_queries=2,
-                           seen_class_ids=[0, 1], seen_score_calibration=0.1)
+    inference = InferenceConfig(num_random_queries=2, seen_score_calibration=0.1)
+    labels = model.predict(images(height=64, width=96), class_embeddings(), inference, [0, 1])
     assert labels.shape == (2, 64, 96) and labels.dtype == torch.long
     assert 0 <= labels.min() and labels.max() < NUM_CLASSES
     assert model.training
+
+
+def test_slide_windows_match_hand_worked_grids():
+    # A VOC-sized image after resizing the short side to 512, ZegCLIP's crop 512 and stride 426:
+    # rows fit in one window; columns start at 0 and end flush with the border (683 - 512 = 171).
+    assert slide_windows(512, 683, 512, 426) == [(0, 512, 0, 512), (0, 512, 171, 683)]
+    # 1000 px: windows at 0 and 426, and a third one ending at the border, starting at 488.
+    assert [w[:2] for w in slide_windows(1000, 100, 512, 426)] == [(0, 512), (426, 938), (488, 1000)]
+    # A side shorter than the crop is one window over the whole side.
+    assert slide_windows(300, 200, 512, 426) == [(0, 300, 0, 200)]
+    # Every pixel is covered; columns [0, 512), [426, 938), [438, 950) overlap three deep.
+    cover = torch.zeros(600, 950)
+    for y1, y2, x1, x2 in slide_windows(600, 950, 512, 426):
+        cover[y1:y2, x1:x2] += 1
+    assert cover.min() == 1 and cover.max() == 2 * 3
+
+
+def test_slide_on_an_image_smaller_than_the_window_equals_whole(model):
+    x, embeds = images(height=64, width=96), class_embeddings()
+    whole = model.predict(x, embeds, InferenceConfig(num_random_queries=2))
+    slide = model.predict(x, embeds, InferenceConfig(num_random_queries=2, mode="slide",
+                                                     crop_size=128, stride=100))
+    assert torch.equal(whole, slide)
+
+
+def test_slide_averages_the_window_scores(model):
+    """Brute force: the scores of each window, pasted and averaged by hand, then argmax."""
+    x, embeds = images(batch=1, height=64, width=96, seed=3), class_embeddings()
+    inference = InferenceConfig(mode="slide", crop_size=64, stride=32)
+    total = torch.zeros(1, NUM_CLASSES, 64, 96)
+    count = torch.zeros(64, 96)
+    model.eval()
+    with torch.no_grad():
+        for x1 in (0, 32):  # 96 wide: windows [0, 64) and [32, 96)
+            out = model(x[..., x1:x1 + 64], embeds)
+            total[..., x1:x1 + 64] += semantic_inference(out["pred_logits"], out["pred_masks"],
+                                                         (64, 64))
+            count[:, x1:x1 + 64] += 1
+    expected = (total / count).argmax(1)
+    assert torch.equal(model.predict(x, embeds, inference), expected)
+
+
+def test_predict_resizes_the_short_side_and_answers_at_input_size(model):
+    x, embeds = images(batch=1, height=48, width=72, seed=4), class_embeddings()
+    assert resize_short_side(x, 64).shape[-2:] == (64, 96)
+    assert torch.equal(resize_short_side(x, 48), x)
+    labels = model.predict(x, embeds, InferenceConfig(mode="slide", crop_size=64, stride=48,
+                                                      short_side=64))
+    assert labels.shape == (1, 48, 72)
+    # What the resize does, spelled out: predict at 64x96, then scores back to 48x72.
+    model.eval()
+    with torch.no_grad():
+        big = resize_short_side(x, 64)
+        total = torch.zeros(1, NUM_CLASSES, 64, 96)
+        count = torch.zeros(64, 96)
+        for x1 in (0, 32):
+            out = model(big[..., x1:x1 + 64], embeds)
+            total[..., x1:x1 + 64] += semantic_inference(out["pred_logits"], out["pred_masks"], (64, 64))
+            count[:, x1:x1 + 64] += 1
+        scores = F.interpolate(total / count, size=(48, 72), mode="bilinear", align_corners=False)
+    assert torch.equal(labels, scores.argmax(1))

@@ -9,16 +9,16 @@ from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig
 from splitmatch.pseudo.fusion import connected_groups, cut_candidates, fuse_clusters, region_scores
 from splitmatch.pseudo.kernel import PseudoMaskKernel, candidate_quality
-from splitmatch.pseudo.kmeans import batched_kmeans, multi_scale_kmeans, window_seeds
+from splitmatch.pseudo.kmeans import (batched_kmeans, multi_scale_kmeans, window_seeds,
+                                      window_starts)
 
 
-def eq1_loop(features, s):
-    """Eq. 1 written as the paper states it: window means for i, j in {0, ⌊s/2⌋, ..., ≤ H'−s}."""
-    _, c, h, w = features.shape
-    step = max(1, s // 2)
+def eq1_loop(features, s, rows, cols):
+    """Eq. 1 as the paper states it: the mean of O over the s×s window at each (i, j) of I × J."""
+    c = features.shape[1]
     seeds = []
-    for i in range(0, h - s + 1, step):
-        for j in range(0, w - s + 1, step):
+    for i in rows:
+        for j in cols:
             acc = torch.zeros(features.shape[0], c)
             for u in range(i, i + s):
                 for v in range(j, j + s):
@@ -27,11 +27,21 @@ def eq1_loop(features, s):
     return torch.stack(seeds, dim=1)
 
 
-@pytest.mark.parametrize("h, w, s", [(14, 14, 5), (14, 14, 7), (14, 14, 9), (9, 12, 4), (8, 8, 1),
-                                     (8, 8, 3)])
-def test_eq1_seeds_match_direct_loop(h, w, s):
+# Index sets worked out by hand: step ⌊s/2⌋ from 0, and H − s always last (9 for 14 and s = 5,
+# off the step grid; 7 for s = 7); s = 1 tiles every cell.
+@pytest.mark.parametrize("h, w, s, rows, cols", [
+    (14, 14, 5, [0, 2, 4, 6, 8, 9], [0, 2, 4, 6, 8, 9]),
+    (14, 14, 7, [0, 3, 6, 7], [0, 3, 6, 7]),
+    (14, 14, 9, [0, 4, 5], [0, 4, 5]),
+    (9, 12, 4, [0, 2, 4, 5], [0, 2, 4, 6, 8]),
+    (8, 8, 1, list(range(8)), list(range(8))),
+    (8, 8, 3, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]),
+    (20, 20, 6, [0, 3, 6, 9, 12, 14], [0, 3, 6, 9, 12, 14]),
+])
+def test_eq1_seeds_use_the_index_sets_of_the_paper(h, w, s, rows, cols):
+    assert window_starts(h, s) == rows and window_starts(w, s) == cols
     features = torch.randn(2, 6, h, w, generator=torch.Generator().manual_seed(s))
-    assert torch.allclose(window_seeds(features, s), eq1_loop(features, s), atol=1e-5)
+    assert torch.allclose(window_seeds(features, s), eq1_loop(features, s, rows, cols), atol=1e-5)
 
 
 def test_batched_kmeans_matches_sklearn_per_problem():
@@ -115,6 +125,38 @@ def test_candidates_never_cover_annotated_pixels_and_respect_min_area():
         areas = torch.bincount(cmap.flatten().long())[1:]
         assert (areas >= 20).all() and areas.numel() == int(cmap.max())
         assert torch.all(areas[:-1] >= areas[1:])  # numbered by decreasing area
+
+
+def test_min_area_per_region_drops_slivers_that_a_cluster_threshold_keeps():
+    # Group 0 owns a 10x10 block and, apart from it, a 2-pixel-wide ring piece (12 pixels);
+    # group 1 owns two separate 4x4 squares (32 pixels in all, 16 each); group 2 the rest.
+    owner = torch.full((24, 24), 2)
+    owner[0:10, 0:10] = 0
+    owner[20:22, 12:18] = 0
+    owner[12:16, 0:4] = 1
+    owner[12:16, 8:12] = 1
+    scores = torch.nn.functional.one_hot(owner, 3).permute(2, 0, 1).float()  # at label size
+    everywhere = torch.ones(24, 24, dtype=torch.bool)
+
+    by_cluster = cut_candidates(scores, everywhere, min_area=20, min_area_per="cluster")
+    by_region = cut_candidates(scores, everywhere, min_area=20, min_area_per="region")
+    # Per cluster: every group has >= 20 pixels, so the ring piece and both squares survive.
+    assert int(by_cluster.max()) == 3 and (by_cluster[20:22, 12:18] > 0).all()
+    assert (by_cluster[12:16, 0:4] > 0).all()
+    # Per region: the 12-pixel piece and the 16-pixel squares go; group 1 disappears entirely.
+    assert int(by_region.max()) == 2
+    assert (by_region[20:22, 12:18] == 0).all()
+    assert (by_region[12:16, 0:4] == 0).all() and (by_region[12:16, 8:12] == 0).all()
+    assert (by_region[0:10, 0:10] == by_region[0, 0]).all() and by_region[0, 0] > 0
+    # Diagonal neighbours are one region (8-connectivity): a diagonal line of 5 pixels survives
+    # min_area 5 per region.
+    diag_owner = torch.full((8, 8), 1)
+    for i in range(5):
+        diag_owner[i, i] = 0
+    diag_scores = torch.nn.functional.one_hot(diag_owner, 2).permute(2, 0, 1).float()
+    kept = cut_candidates(diag_scores, torch.ones(8, 8, dtype=torch.bool), min_area=5,
+                          min_area_per="region")
+    assert all(kept[i, i] > 0 for i in range(5))
 
 
 def test_kernel_outputs_and_determinism():

@@ -108,7 +108,8 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
     torch.manual_seed(0)
     classes = build_class_space(small, build_clip(small.clip))
     model = build_segmentor(small.model, classes.text.shape[1])
-    criterion = build_criterion(small.loss, build_matcher(small.matching, small.loss, 6, 6))
+    criterion = build_criterion(small.loss, build_matcher(small.matching, small.loss, 6, 6),
+                                num_seen_queries=6)
     batch = next(iter(DataLoader(augmented, batch_size=4, collate_fn=collate)))
     losses = training_step(model, criterion, batch, classes, True, torch.device("cpu"))
     assert losses["loss_cos"] > 0

@@ -1,11 +1,13 @@
 """Training on a real local Ray cluster with real MLflow stores: a 2-worker run, a worker killed
 mid-run, and a tracking server that goes away."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -18,7 +20,8 @@ TINY = {
     "model": {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
               "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
               "num_seen_queries": 6, "num_candidate_queries": 4, "mfe": {"num_groups": 8}},
-    "data": {"crop_size": 64, "toyworld": {"num_train": 16, "num_val": 4, "image_size": 64}},
+    "data": {"crop_size": 64, "test_split": "test",
+             "toyworld": {"num_train": 16, "num_val": 4, "num_test": 4, "image_size": 64}},
     "clip": {"model_name": "splitmatch-tiny-vit", "pretrained": None},
     "pseudo_masks": {"image_size": 64, "scales": [4, 6], "min_area": 8, "batch_size": 8,
                      "gpus_per_actor": 0.0},
@@ -65,8 +68,11 @@ def steps(client, run, key):
 
 def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     config = write_config(tmp_path, "two")
+    data = yaml.safe_load(config.read_text())
+    data["data"]["select_split"] = "val"  # chosen on "val", reported on "test"
+    config.write_text(yaml.safe_dump(data))
     out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
-    assert "hIoU" in out and "best checkpoint" in out
+    assert "test split 'test': hIoU" in out and "weights chosen on 'val'" in out
     run_dir = tmp_path / "runs" / "two"
     assert sorted(p.name for p in (run_dir / "workers").iterdir()) == ["rank0.pid", "rank1.pid"]
     client, run = the_run(default_tracking_uri(tmp_path / "runs"))
@@ -74,21 +80,24 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     for key in ("hIoU", "sIoU", "uIoU", "mIoU", "loss", "lr", "loss_cls", "loss_cos", "loss_mfe_ce",
                 "time/matcher_fraction"):
         assert key in metrics, key
-    # Per-class IoU of every class the validation split contains (absent classes are NaN: unlogged).
-    val = build_dataset(config_from_dict(yaml.safe_load(config.read_text())).data, "val", train=False)
-    present = set().union(*(set(val[i]["label"].unique().tolist()) for i in range(len(val)))) - {255}
+    # Per-class IoU of every class the test split contains (absent classes are NaN: unlogged).
+    test = build_dataset(config_from_dict(yaml.safe_load(config.read_text())).data, "test", train=False)
+    present = set().union(*(set(test[i]["label"].unique().tolist()) for i in range(len(test)))) - {255}
     assert {f"IoU/{TOYWORLD_CLASSES[c]}" for c in present} == {k for k in metrics if k.startswith("IoU/")}
     assert steps(client, run, "loss") == [1, 2, 3, 4, 5, 6]
-    assert steps(client, run, "hIoU") == [3, 6]
+    # Selection looks at "val" at every evaluation; "test" is measured once, at the end.
+    assert steps(client, run, "select_hIoU") == [3, 6] and steps(client, run, "hIoU") == [6]
     assert params["model.num_candidate_queries"] == "4" and params["train.num_workers"] == "2"
     assert tags["dataset"] == "toyworld" and len(tags["git_commit"]) == 40
     assert tags["pseudo_cache_key"] != "none" and run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "predictions", "checkpoints"} <= artifacts
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
-    assert pictures == ["predictions/it0000003_val0.png", "predictions/it0000006_val0.png"]
+    assert pictures == ["predictions/it0000006_test0.png"]
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert checkpoints and all((c / "state.pt").exists() for c in checkpoints)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["selected"] and final["hIoU"] == pytest.approx(metrics["hIoU"])
 
     # A finished model evaluates on its own, with per-class IoU in a CSV.
     csv = tmp_path / "per_class.csv"
@@ -98,6 +107,13 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
         stderr=subprocess.STDOUT, text=True))
     rows = csv.read_text().splitlines()
     assert rows[0] == "class,split,IoU" and len(rows) == 11 and "leaf,unseen," in csv.read_text()
+    # The test figures belong to the weights chosen on "val": evaluating best_model.pt alone
+    # gives them again.
+    out = finish(subprocess.Popen(
+        [sys.executable, "-m", "splitmatch.cli", "eval", str(config), "--checkpoint",
+         str(run_dir / "best_model.pt")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+    assert f"hIoU {metrics['hIoU']:.2f}" in out, out[-2000:]
     # Starting the same run again without --resume is refused instead of silently resuming.
     again = splitmatch("train", str(config), address=ray_cluster)
     out, _ = again.communicate(timeout=200)
@@ -159,7 +175,8 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
                                 stderr=subprocess.STDOUT, text=True))
         run = client.get_run(run.info.run_id)
         assert steps(client, run, "loss") == list(range(1, 11))
-        assert steps(client, run, "hIoU") == [5, 10] and run.info.status == "FINISHED"
+        # No selection split: the test split is evaluated once, at the end.
+        assert steps(client, run, "hIoU") == [10] and run.info.status == "FINISHED"
     finally:
         server.stop()
 

@@ -100,7 +100,8 @@ def test_overfits_a_fixed_batch_with_split_matching():
     classes = toy_classes(clip)
     batch = fixed_toy_batch(clip)
     model = build_segmentor(cfg.model, clip.embed_dim)
-    criterion = build_criterion(cfg.loss, build_matcher(cfg.matching, cfg.loss, 8, 4))
+    criterion = build_criterion(cfg.loss, build_matcher(cfg.matching, cfg.loss, 8, 4),
+                                num_seen_queries=8)
     optimizer = build_optimizer(model, cfg.optim)
     curve, terms = [], {}
     for step in range(300):

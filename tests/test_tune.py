@@ -21,6 +21,7 @@ def search_config(tmp_path, space, **tune):
                      "eval_every": 2, "log_every": 1, "loader_workers": 0, "num_visualizations": 0,
                      "storage_path": str(tmp_path / "runs")}
     data["tracking"] = {"experiment": "search"}
+    data["data"]["select_split"] = "val"  # searches choose on it; "test" is reported
     data["tune"] = {"search": "grid", "max_concurrent_trials": 1, "space": space, **tune}
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -64,10 +65,12 @@ def test_search_with_a_failing_trial_on_the_embedded_store(tmp_path, ray_cluster
     failed = next(k for k in kids if k.info.status == "FAILED")
     assert "missing.pt" in failed.data.tags["error"]
     good = next(k for k in kids if k.info.status == "FINISHED")
-    assert "hIoU" in good.data.metrics and good.data.params["model.num_candidate_queries"] == "2"
+    assert {"hIoU", "select_hIoU"} <= set(good.data.metrics)
+    assert good.data.params["model.num_candidate_queries"] == "2"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_summary.csv", "best_config.yaml", "search_space.yaml"} <= artifacts
-    assert parent.data.metrics["best_hIoU"] == good.data.metrics["hIoU"]
+    assert parent.data.metrics["best_test_hIoU"] == good.data.metrics["hIoU"]
+    assert parent.data.metrics["best_select_hIoU"] == good.data.metrics["select_hIoU"]
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cluster):

@@ -57,7 +57,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     from splitmatch.config import resolve_paths
     from splitmatch.diagnose import class_report, format_class_report
     from splitmatch.train import (FINAL_METRICS, check_run_config, evaluate_checkpoint,
-                                  final_checkpoint, launch)
+                                  result_checkpoint, launch)
 
     cfg = resolve_paths(cfg)
     if cfg.inference.num_random_queries == 0:
@@ -109,7 +109,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                 **to_dict(trained)["inference"],
                 "num_random_queries": cfg.inference.num_random_queries}})
             run_dir = Path(trained.train.storage_path) / trained.name
-            metrics = evaluate_checkpoint(rq_cfg, final_checkpoint(run_dir), log=lambda *_: None)
+            metrics = evaluate_checkpoint(rq_cfg, result_checkpoint(run_dir), log=lambda *_: None)
             rq_name = f"{parent_name}-u{split_index}-s{seed}-plus_SMplus_MFEplus_RQ"
             tracker = Tracker(uri, cfg.tracking.experiment, str(run_dir) + "+RQ", rq_name,
                               run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)

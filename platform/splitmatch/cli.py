@@ -32,7 +32,12 @@ def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
 def _config(args):
     """The command's config, with `clip.pretrained: toy` replaced by the (cached) toy CLIP."""
     from splitmatch.toyclip import with_toy_clip
-    return with_toy_clip(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.backbone_weights == "imagenet":
+        # Before the toy CLIP's minutes of pretraining: offline, this fails in seconds.
+        from splitmatch.model.backbone import imagenet_weights_file
+        imagenet_weights_file(cfg.model.backbone)
+    return with_toy_clip(cfg)
 
 
 def cmd_config(args) -> int:
@@ -53,11 +58,14 @@ def cmd_train(args) -> int:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
     metrics = result.metrics or {}
-    print("hIoU {:.2f}  sIoU {:.2f}  uIoU {:.2f}  mIoU {:.2f}".format(
+    print(f"test split {cfg.data.test_split!r}: " + "hIoU {:.2f}  sIoU {:.2f}  uIoU {:.2f}  mIoU {:.2f}".format(
         *(metrics.get(k, float("nan")) for k in ("hIoU", "sIoU", "uIoU", "mIoU"))))
     print(f"run directory: {result.path}")
-    if result.best_checkpoints:
-        print(f"best checkpoint: {result.best_checkpoints[0][0].path}")
+    if result.checkpoint is not None:
+        print(f"last checkpoint: {result.checkpoint.path}")
+    best = Path(result.path) / "best_model.pt"
+    if cfg.data.select_split and best.is_file():
+        print(f"weights chosen on {cfg.data.select_split!r}, the ones tested above: {best}")
     return 0
 
 
@@ -82,7 +90,7 @@ def cmd_compare(args) -> int:
         print(report["message"])
         return 1
     table = report["table"]
-    columns = [c for c in ("rank", "hIoU", "sIoU", "uIoU", "candidate_queries", "kmeans_scales",
+    columns = [c for c in ("rank", "hIoU", "sIoU", "uIoU", "select_hIoU", "candidate_queries", "kmeans_scales",
                            "mfe_norm", "lr", "matching", "run_name") if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}" if 0 < abs(v) < 0.01
                                    else f"{v:.2f}"))

@@ -198,20 +198,26 @@ class FrozenClip(nn.Module):
 
     @torch.no_grad()
     def masked_cls(self, images: Tensor, masks: Tensor, image_index: Tensor,
-                   chunk_size: int = 64) -> Tensor:
+                   chunk_size: int = 64, cls_input: str = "masked") -> Tensor:
         """[N, C] candidate class embeddings Cu (method.md "Pseudo masks", step 4).
 
-        Mask n is applied to image `image_index[n]` in pixel space, before resizing and
-        normalisation: masked-out pixels become 0, i.e. black, which is how CLIP-ZSS-style
-        "mask the input image" is usually read (a grey/mean fill would be the alternative). Soft
-        float masks scale the pixels. The masked images go through the full visual tower; the
-        projected CLS embedding is returned L2-normalised.
+        What CLIP sees of region n of image `image_index[n]` (`cls_input`; the paper says the
+        regions are cropped in Sec. 1 and masked in Sec. 3.2):
+          - "masked": the whole image with the pixels outside the region set to 0 (black), in
+            pixel space before resizing and normalisation (a grey/mean fill would be the
+            alternative); soft float masks scale the pixels;
+          - "crop": the region's bounding box, widened to a square about its centre (so resizing
+            does not distort the object), with its context kept;
+          - "masked_crop": that square with the pixels outside the region set to 0.
+        The input goes through the full visual tower; the projected CLS embedding is returned
+        L2-normalised.
 
         Args:
             images: uint8 [B, 3, H, W].
             masks: bool or float [N, H, W], same H, W as `images`.
             image_index: long [N], which image each mask belongs to.
             chunk_size: masked images built and encoded at once (bounds memory for large N).
+            cls_input: "masked", "crop" or "masked_crop".
         """
         _check_images(images)
         if masks.ndim != 3 or tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
@@ -220,12 +226,20 @@ class FrozenClip(nn.Module):
         if image_index.shape != (masks.shape[0],):
             raise ValueError(f"image_index must be [N] = [{masks.shape[0]}], "
                              f"got {tuple(image_index.shape)}")
+        if cls_input not in ("masked", "crop", "masked_crop"):
+            raise ValueError(f"cls_input must be 'masked', 'crop' or 'masked_crop', got {cls_input!r}")
         embeddings = []
         for start in range(0, masks.shape[0], chunk_size):
             index = image_index[start:start + chunk_size].to(images.device, torch.long)
             pixels = images[index].to(self.device, torch.float32)                 # [n, 3, H, W]
             mask = masks[start:start + chunk_size].to(self.device, torch.float32)  # [n, H, W]
-            pixels = self._normalise(pixels * mask[:, None], None)
+            if cls_input != "crop":
+                pixels = pixels * mask[:, None]
+            if cls_input == "masked":
+                pixels = self._normalise(pixels, None)
+            else:
+                pixels = torch.cat([self._normalise(crop_square(p, m)[None], None)
+                                    for p, m in zip(pixels, mask)])
             embeddings.append(self.model.encode_image(pixels, normalize=True))
         return torch.cat(embeddings) if embeddings else self._empty()
 
@@ -409,3 +423,23 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenCli
 
 
 __all__ = ["FrozenClip", "TEMPLATES", "build_clip", "PACKAGE_MODEL_CONFIGS"]
+
+
+def crop_square(pixels: Tensor, mask: Tensor) -> Tensor:
+    """pixels [3, H, W] cut to the bounding box of `mask` > 0 [H, W], widened to a square about
+    its centre and clamped to the image (an empty mask gives the whole image)."""
+    rows = torch.nonzero(mask.amax(1) > 0).flatten()
+    cols = torch.nonzero(mask.amax(0) > 0).flatten()
+    height, width = mask.shape
+    if rows.numel() == 0:
+        return pixels
+    y1, y2, x1, x2 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = max(y2 - y1, x2 - x1)
+
+    def widen(low: int, high: int, size: int) -> tuple[int, int]:
+        length = min(side, size)
+        start = min(max((low + high - length) // 2, 0), size - length)
+        return start, start + length
+
+    (y1, y2), (x1, x2) = widen(y1, y2, height), widen(x1, x2, width)
+    return pixels[:, y1:y2, x1:x2]

@@ -30,7 +30,8 @@ class MFEConfig:
 @dataclass
 class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    # Local torchvision state dict (ImageNet weights); None trains the backbone from scratch.
+    # "imagenet": torchvision's ImageNet weights for this depth (torch hub cache, downloaded once);
+    # or the path of a local torchvision state dict; None trains the backbone from scratch.
     backbone_weights: str | None = None
     pixel_decoder: Literal["msdeform", "fpn"] = "msdeform"
     hidden_dim: int = 256
@@ -50,7 +51,8 @@ class ModelConfig:
 @dataclass
 class ToyWorldConfig:
     num_train: int = 512
-    num_val: int = 128
+    num_val: int = 128    # the model-selection split ("val")
+    num_test: int = 128   # the reported split ("test")
     image_size: int = 128
     min_objects: int = 2
     max_objects: int = 4
@@ -62,7 +64,12 @@ class DataConfig:
     dataset: Literal["voc", "coco_stuff", "toyworld"] = "toyworld"
     root: str = "data"
     train_split: str = "train"
-    val_split: str = "val"
+    # The split that is reported: evaluated once, on the finished model. Benchmarks call it "val"
+    # (VOC, COCO-Stuff), but it is the protocol's test set, so nothing is selected on it.
+    test_split: str = "val"
+    # The split model selection looks at (periodic evaluation, best checkpoint, Tune); None: no
+    # selection, the final checkpoint is the result.
+    select_split: str | None = None
     # Names of unseen classes; None = the standard split of the dataset (data/splits.py).
     unseen: list[str] | None = None
     crop_size: int = 512
@@ -109,6 +116,11 @@ class PseudoMaskConfig:
     scales: list[int] = field(default_factory=lambda: [5, 7, 9])
     merge_threshold: float = 0.85
     min_area: int = 64
+    # What min_area applies to: a whole fused cluster, or each of its connected regions.
+    min_area_per: Literal["cluster", "region"] = "cluster"
+    # What CLIP sees of a candidate for its CLS embedding Cu: the image with everything outside
+    # the region blacked out, the region's (square) bounding box, or that box blacked out.
+    cls_input: Literal["masked", "crop", "masked_crop"] = "masked"
     kmeans_iters: int = 30
     kmeans_tol: float = 1e-4
     # CLIP input side for the dense features; None = the model's own (224 → 14×14 for ViT-B/16).
@@ -145,6 +157,10 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
+    # Negatives of the candidate queries' focal loss: every column of E = [As, Cu] ("all", the
+    # paper's Su = sigmoid(Vu·Eᵀ)) or the candidate columns Cu only ("candidates"; measured
+    # better on every toy split, see docs/method.md).
+    candidate_negatives: Literal["all", "candidates"] = "candidates"
 
 
 @dataclass
@@ -184,6 +200,14 @@ class InferenceConfig:
     num_random_queries: int = 0
     # ZegCLIP's inductive calibration: subtracted from seen-class scores at test time.
     seen_score_calibration: float = 0.0
+    # "whole": one forward pass per image. "slide": ZegCLIP / OTSeg's protocol (the paper's
+    # comparison rows): crop_size windows every `stride` pixels, the scores of overlaps averaged.
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: int = 512
+    stride: int = 426
+    # Resize each test image so its short side has this length first (ZegCLIP: 512); the
+    # prediction is scored at the label's size. None: native size.
+    short_side: int | None = None
 
 
 @dataclass
@@ -339,6 +363,11 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     t = d.toyworld
     _positive(t.num_train, "data.toyworld.num_train", source)
     _positive(t.num_val, "data.toyworld.num_val", source)
+    _positive(t.num_test, "data.toyworld.num_test", source)
+    if d.select_split is not None and d.select_split in (d.test_split, d.train_split):
+        raise ConfigError(f"{source}: 'data.select_split' is {d.select_split!r}, which is also the "
+                          f"{'test' if d.select_split == d.test_split else 'training'} split: "
+                          f"selecting on it would bias the reported figures")
     _positive(t.image_size, "data.toyworld.image_size", source)
     _positive(t.min_objects, "data.toyworld.min_objects", source)
     if t.max_objects < t.min_objects:
@@ -363,6 +392,15 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _positive(p.num_actors, "pseudo_masks.num_actors", source)
     _positive(p.cpus_per_actor, "pseudo_masks.cpus_per_actor", source, allow_zero=True)
     _positive(p.gpus_per_actor, "pseudo_masks.gpus_per_actor", source, allow_zero=True)
+    inf = cfg.inference
+    _positive(inf.crop_size, "inference.crop_size", source)
+    _positive(inf.stride, "inference.stride", source)
+    if inf.stride > inf.crop_size:
+        # Pixels between windows would get no score at all.
+        raise ConfigError(f"{source}: 'inference.stride' ({inf.stride}) must not exceed "
+                          f"'inference.crop_size' ({inf.crop_size})")
+    if inf.short_side is not None:
+        _positive(inf.short_side, "inference.short_side", source)
     _positive(cfg.matching.num_points, "matching.num_points", source)
     for key in ("cost_class", "cost_mask", "cost_dice"):
         _positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)
@@ -497,7 +535,8 @@ def resolve_paths(cfg: Config) -> Config:
     data["train"]["storage_path"] = absolute(cfg.train.storage_path)
     data["pseudo_masks"]["cache_dir"] = absolute(cfg.pseudo_masks.cache_dir)
     data["toy_clip"]["cache_dir"] = absolute(cfg.toy_clip.cache_dir)
-    data["model"]["backbone_weights"] = absolute(cfg.model.backbone_weights)
+    if cfg.model.backbone_weights != "imagenet":
+        data["model"]["backbone_weights"] = absolute(cfg.model.backbone_weights)
     data["clip"]["model_config_dir"] = absolute(cfg.clip.model_config_dir)
     if cfg.clip.pretrained and Path(cfg.clip.pretrained).expanduser().exists():
         data["clip"]["pretrained"] = absolute(cfg.clip.pretrained)
@@ -545,14 +584,33 @@ RESULT_NEUTRAL_KEYS = (
 def config_differences(stored: Config | dict, wanted: Config | dict,
                        neutral: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> dict[str, tuple]:
     """{flattened key: (stored value, wanted value)} for every key that differs and could change
-    a result (keys starting with an entry of `neutral`, or equal to one, are left out)."""
+    a result (keys starting with an entry of `neutral`, or equal to one, are left out).
+
+    A key missing from a stored dict is reported as ABSENT, not filled with today's default: the
+    run was made before that setting existed, under whatever the code did then.
+    """
     def flat(cfg) -> dict:
-        return flatten(cfg if isinstance(cfg, Config) else config_from_dict(cfg, "<stored config>"))
+        if isinstance(cfg, Config):
+            return flatten(cfg)
+        full = flatten(config_from_dict(cfg, "<stored config>"))
+        present = set(_flat_keys(cfg))
+        return {key: value if key in present else ABSENT for key, value in full.items()}
 
     old, new = flat(stored), flat(wanted)
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)
             and not any(key == n or (n.endswith(".") and key.startswith(n)) for n in neutral)}
+
+
+# How a stored config that predates a key shows that key in `config_differences`.
+ABSENT = "(absent)"
+
+
+def _flat_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
 
 
 def describe_differences(differences: dict[str, tuple], limit: int = 6) -> str:

@@ -76,7 +76,8 @@ class SetCriterion(nn.Module):
                  dice_weight: float = 5.0, cos_weight: float = 1.0, mfe_weight: float = 1.0,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 deep_supervision: bool = True, ignore_index: int = 255):
+                 deep_supervision: bool = True, ignore_index: int = 255,
+                 candidate_queries_from: int | None = None):
         super().__init__()
         self.matcher = matcher
         self.class_weight = class_weight
@@ -91,18 +92,31 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
         self.ignore_index = ignore_index
+        # Queries from this index on (the candidate queries) are scored against the candidate
+        # columns of E only, not against the seen text embeddings As (None: against all of E).
+        # With As as their negatives, candidate queries learn to stay away from the text
+        # embeddings, and so from the unseen class names they must be near at test time:
+        # on the toy world their pixels went to the seen queries instead (see docs/method.md).
+        self.candidate_queries_from = candidate_queries_from
 
     # --------------------------------------------------------------------------- terms
 
     def loss_classes(self, logits: Tensor, targets: list[dict], matches: list[Match],
-                     class_valid: Tensor, num_masks: float) -> Tensor:
-        """Focal loss over all queries × valid classes; unmatched queries are 'no object' (all 0)."""
+                     class_valid: Tensor, num_masks: float, num_seen_classes: int = 0) -> Tensor:
+        """Focal loss over all queries × valid classes; unmatched queries are 'no object' (all 0).
+
+        The first `num_seen_classes` columns are As; with `candidate_queries_from` set, the
+        candidate queries' rows skip them.
+        """
         onehot = torch.zeros_like(logits)  # [B, Q, K]
         for b, (q, t) in enumerate(matches):
             onehot[b, q.to(logits.device), targets[b]["labels"][t.to(logits.device)]] = 1.0
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
-        loss = loss * class_valid[:, None, :].to(loss)
-        return loss.sum() / num_masks
+        valid = class_valid[:, None, :].expand_as(loss).to(loss)
+        if self.candidate_queries_from is not None and num_seen_classes > 0:
+            valid = valid.clone()
+            valid[:, self.candidate_queries_from:, :num_seen_classes] = 0.0
+        return (loss * valid).sum() / num_masks
 
     def loss_masks(self, pred_masks: Tensor, targets: list[dict], matches: list[Match],
                    num_masks: float) -> tuple[Tensor, Tensor]:
@@ -168,7 +182,8 @@ class SetCriterion(nn.Module):
         for suffix, out in layers:
             matches = self.matcher(out, targets)
             losses["loss_cls" + suffix] = self.class_weight * self.loss_classes(
-                out["pred_logits"].float(), targets, matches, class_valid, num_masks)
+                out["pred_logits"].float(), targets, matches, class_valid, num_masks,
+                num_seen_classes)
             iou, dice = self.loss_masks(out["pred_masks"], targets, matches, num_masks)
             losses["loss_iou" + suffix] = self.iou_weight * iou
             losses["loss_dice" + suffix] = self.dice_weight * dice
@@ -202,7 +217,10 @@ def pseudo_label_map(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None,
     return out
 
 
-def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255) -> SetCriterion:
+def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
+                    num_seen_queries: int | None = None) -> SetCriterion:
+    """`num_seen_queries` is Ks under Split Matching (None in baseline mode: no candidate queries)."""
+    candidate_from = num_seen_queries if loss_cfg.candidate_negatives == "candidates" else None
     return SetCriterion(
         matcher, class_weight=loss_cfg.class_weight, iou_weight=loss_cfg.iou_weight,
         dice_weight=loss_cfg.dice_weight, cos_weight=loss_cfg.cos_weight,
@@ -210,4 +228,5 @@ def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255) -> Se
         focal_gamma=loss_cfg.focal_gamma, num_points=loss_cfg.num_points,
         oversample_ratio=loss_cfg.oversample_ratio,
         importance_sample_ratio=loss_cfg.importance_sample_ratio,
-        deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index)
+        deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index,
+        candidate_queries_from=candidate_from)

@@ -14,7 +14,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = PROJECT_ROOT / "experiments" / "toyworld.yaml"
 # --quick: the same pipeline on a smaller budget (the smoke test CI runs, ≤ 3 minutes). Its toy
 # CLIP still clears the 90% zero-shot bar (400 steps: 0.918 on 500 held-out images, ~1.5 min).
-QUICK = ["data.toyworld.num_train=64", "data.toyworld.num_val=24", "train.max_iters=30",
+QUICK = ["data.toyworld.num_train=64", "data.toyworld.num_test=24", "train.max_iters=30",
          "train.checkpoint_every=30", "train.eval_every=30", "train.log_every=10",
          "toy_clip.steps=400", "train.num_visualizations=2"]
 
@@ -37,7 +37,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
     start = time.perf_counter()
     cfg = with_toy_clip(demo_config(config, quick, overrides), log=log)
     log(f"demo{' (quick)' if quick else ''}: {cfg.data.toyworld.num_train} train / "
-        f"{cfg.data.toyworld.num_val} val toy images, unseen classes "
+        f"{cfg.data.toyworld.num_test} test toy images, unseen classes "
         f"{', '.join(cfg.data.unseen or ['leaf', 'starfish', 'donut'])}, {cfg.train.max_iters} "
         f"iterations")
     result = launch(cfg, build_pseudo_masks=True, config_path=str(config), log=log)

@@ -169,7 +169,9 @@ def format_class_report(report: dict) -> str:
 @torch.no_grad()
 def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, classes,
                   log=print) -> dict:
-    """Per row: confusion matrix and pixel ownership by query group on the evaluation split."""
+    """Per row: confusion matrix and pixel ownership by query group, on the selection split when
+    the config has one (a diagnosis guides method choices, so it should not look at the test
+    split), else on the test split."""
     from torch.utils.data import DataLoader
 
     from splitmatch.data import build_dataset, collate
@@ -177,7 +179,7 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
     from splitmatch.model import build_segmentor
     from splitmatch.train import load_state
 
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    val_set = build_dataset(cfg.data, cfg.data.select_split or cfg.data.test_split, train=False)
     text = classes.text
     out = {}
     for row, (row_cfg, checkpoint) in row_checkpoints.items():
@@ -326,7 +328,7 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
     from splitmatch.ablation import ROWS, row_config, split_config
     from splitmatch.config import config_from_dict, resolve_paths, to_dict
     from splitmatch.data.splits import draw_unseen_splits
-    from splitmatch.train import check_run_config, final_checkpoint
+    from splitmatch.train import check_run_config, result_checkpoint
 
     cfg = resolve_paths(cfg)
     seed = cfg.seed if seed is None else seed
@@ -341,7 +343,7 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
         if not run_dir.is_dir():
             continue
         check_run_config(run_dir, row_cfg)
-        rows[row] = (row_cfg, final_checkpoint(run_dir))
+        rows[row] = (row_cfg, result_checkpoint(run_dir))
     if "+SM+MFE" in rows:
         trained_cfg, checkpoint = rows["+SM+MFE"]
         data = to_dict(trained_cfg)

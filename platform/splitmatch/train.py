@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import (Config, OptimConfig, config_from_dict, dump_config, flatten,
-                               resolve_paths, to_dict)
+from splitmatch.config import (Config, InferenceConfig, OptimConfig, config_from_dict,
+                               dump_config, flatten, resolve_paths, to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
 from splitmatch.data.splits import class_names as dataset_classes
@@ -31,6 +31,7 @@ from splitmatch.data.splits import seen_ids as dataset_seen_ids
 from splitmatch.evaluation import ZSSEvaluator
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
+from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
 from splitmatch.targets import build_targets, class_embedding_sets, seen_lookup
 
 
@@ -131,9 +132,8 @@ class TimedMatcher(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, classes: ClassSpace, num_random_queries: int,
-             seen_score_calibration: float, device: torch.device, batch_size: int = 1,
-             rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model: nn.Module, dataset, classes: ClassSpace, inference: InferenceConfig,
+             device: torch.device, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> dict:
     """ZSS metrics over the full split; classification against the text embeddings of all classes.
 
     Each rank predicts every world_size-th image (no padding, so no image counts twice) and the
@@ -144,9 +144,7 @@ def evaluate(model: nn.Module, dataset, classes: ClassSpace, num_random_queries:
     text = classes.text.to(device)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
-        pred = model.predict(batch["image"].to(device), text, num_random_queries=num_random_queries,
-                             seen_class_ids=classes.seen_ids,
-                             seen_score_calibration=seen_score_calibration)
+        pred = model.predict(batch["image"].to(device), text, inference, classes.seen_ids)
         evaluator.update(pred.cpu(), batch["label"])
     if world_size > 1:
         confusion = evaluator.confusion.to(device)
@@ -208,13 +206,11 @@ def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir
                       ).argmax(0)  # [H, W] query that wins each pixel
             owner = torch.where((winner >= ks) & (winner < ks + ku), winner - ks,
                                 torch.full_like(winner, -1))
-            pred = model.predict(image, classes.text.to(device),
-                                 num_random_queries=cfg.inference.num_random_queries,
-                                 seen_class_ids=classes.seen_ids,
-                                 seen_score_calibration=cfg.inference.seen_score_calibration)[0]
+            pred = model.predict(image, classes.text.to(device), cfg.inference,
+                                 classes.seen_ids)[0]
             fig = prediction_figure(sample["image"], sample["label"], pred, owner, classes.names,
                                     classes.unseen, classes.ignore_index)
-            paths.append(save_figure(fig, out_dir / f"it{iteration:07d}_val{i}.png"))
+            paths.append(save_figure(fig, out_dir / f"it{iteration:07d}_test{i}.png"))
     model.train()
     return paths
 
@@ -240,6 +236,8 @@ def load_state(path: str | Path) -> dict:
 
 
 FINAL_METRICS = "final_metrics.json"
+BEST_MODEL = "best_model.pt"
+METRIC_KEYS = ("hIoU", "sIoU", "uIoU", "mIoU")
 
 
 def check_run_config(run_dir: Path, cfg: Config) -> None:
@@ -268,6 +266,13 @@ def final_checkpoint(run_dir: Path) -> Path:
     return max(checkpoints, key=lambda p: load_state(p)["iteration"])
 
 
+def result_checkpoint(run_dir: Path) -> Path:
+    """The weights a finished run's figures belong to: those chosen on the selection split
+    (best_model.pt) when it had one, else its last checkpoint."""
+    best = Path(run_dir) / BEST_MODEL
+    return best if best.is_file() else final_checkpoint(run_dir)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The whole training of one Ray Train worker."""
     import ray.train
@@ -291,14 +296,17 @@ def train_loop_per_worker(config: dict) -> None:
     split_matching = cfg.matching.mode == "split"
     matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
                                          cfg.model.num_candidate_queries))
-    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index)
+    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index,
+                                cfg.model.num_seen_queries if split_matching else None)
     candidates = None
     if split_matching:
         from splitmatch.pseudo.cache import PseudoMaskCache
         candidates = PseudoMaskCache.open(cfg, cfg.data.train_split)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed,
                               candidates=candidates)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    test_set = build_dataset(cfg.data, cfg.data.test_split, train=False)
+    select_set = (build_dataset(cfg.data, cfg.data.select_split, train=False)
+                  if cfg.data.select_split else None)
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size // world_size, sampler=sampler,
@@ -308,6 +316,7 @@ def train_loop_per_worker(config: dict) -> None:
                          f"batch of {cfg.train.batch_size} over {world_size} workers")
 
     start_iteration, epoch, best_hiou = 0, 0, -1.0
+    best_state = None  # the weights selected on select_set (every rank keeps the same copy)
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:  # a restarted worker group, or the same run started again
@@ -315,6 +324,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_state(directory)
         model.load_state_dict(state["model"])
         start_iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
+        if select_set is not None and (run_dir / BEST_MODEL).is_file():
+            best_state = load_state(run_dir / BEST_MODEL)["model"]
     model = ray.train.torch.prepare_model(model)  # DDP + device
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.optim)
@@ -328,7 +339,7 @@ def train_loop_per_worker(config: dict) -> None:
                           cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"))
         tracker.open(flatten(cfg), {
             "git_commit": git_commit(), "dataset": cfg.data.dataset,
-            "split": f"{cfg.data.train_split}/{cfg.data.val_split}",
+            "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
             "unseen": ",".join(classes.unseen), "matching": cfg.matching.mode,
             "pseudo_cache_key": candidates.root.name if candidates else "none"})
         if state is None:
@@ -343,8 +354,7 @@ def train_loop_per_worker(config: dict) -> None:
     matcher.seconds = 0.0
     steps_timed = 0
     iteration = start_iteration
-    last_hiou = max(best_hiou, -1.0)
-    last_eval = None
+    last_select = max(best_hiou, -1.0)
     model.train()
     # ---------------------------------------------------------------- loop
     while iteration < cfg.train.max_iters:
@@ -386,31 +396,38 @@ def train_loop_per_worker(config: dict) -> None:
                 timers = dict.fromkeys(timers, 0.0)
                 matcher.seconds, steps_timed = 0.0, 0
             wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
-            if wants_checkpoint or iteration % cfg.train.eval_every == 0:
-                result = evaluate(core, val_set, classes, cfg.inference.num_random_queries,
-                                  cfg.inference.seen_score_calibration, device,
+            if select_set is not None and (wants_checkpoint or iteration % cfg.train.eval_every == 0):
+                result = evaluate(core, select_set, classes, cfg.inference, device,
                                   cfg.eval.batch_size, rank, world_size)
-                metrics.update({k: result[k] for k in ("hIoU", "sIoU", "uIoU", "mIoU")})
-                metrics.update({f"IoU/{name}": v for name, v in result["per_class"].items()})
-                last_eval = {"iteration": iteration, **metrics}
-                if rank == 0 and not math.isnan(result["hIoU"]) and result["hIoU"] > best_hiou:
+                metrics.update({f"select_{k}": result[k] for k in METRIC_KEYS})
+                if not math.isnan(result["hIoU"]) and result["hIoU"] > best_hiou:
                     best_hiou = result["hIoU"]
-                    torch.save(core.state_dict(), run_dir / "best_model.pt")
+                    best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+                    if rank == 0:
+                        torch.save(best_state, run_dir / BEST_MODEL)
+            if last:
+                final = _test(core, best_state, test_set, classes, cfg, device, rank, world_size)
+                metrics.update(final)
                 if rank == 0:
-                    for path in _visualize(core, val_set, classes, cfg, device, run_dir / "viz",
+                    for path in _visualize(core, test_set, classes, cfg, device, run_dir / "viz",
                                            iteration):
                         tracker.log_artifact(path, "predictions")
+                    # The finished run's figures next to its checkpoints, so callers that come
+                    # back later (a rerun ablation) read what was measured.
+                    (run_dir / FINAL_METRICS).write_text(json.dumps(
+                        {"iteration": iteration, "selected": best_state is not None, **final},
+                        indent=1))
             if metrics:
                 metrics["iteration"] = iteration
                 if tracker is not None:
                     tracker.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)},
                                         step=iteration)
                 # ray.train.report is a barrier: every rank reports at the same iterations, and
-                # only rank 0 hands over a checkpoint. Every report carries hIoU (the latest
-                # evaluation's): it ranks checkpoints, and Tune schedulers require it each time.
-                if "hIoU" in metrics:
-                    last_hiou = _score(metrics["hIoU"])
-                reported = {**metrics, "hIoU": last_hiou}
+                # only rank 0 hands over a checkpoint. With a selection split every report
+                # carries select_hIoU (the latest evaluation's): Tune schedulers require it.
+                if "select_hIoU" in metrics:
+                    last_select = -1.0 if math.isnan(metrics["select_hIoU"]) else metrics["select_hIoU"]
+                reported = {**metrics, "select_hIoU": last_select} if select_set is not None else metrics
                 if wants_checkpoint:
                     with tempfile.TemporaryDirectory() as tmp:
                         ckpt = None
@@ -425,21 +442,29 @@ def train_loop_per_worker(config: dict) -> None:
             tick = time.perf_counter()
         epoch += 1
     # ---------------------------------------------------------------- finish
-    if rank == 0 and last_eval is not None:
-        # The finished run's figures next to its checkpoints, so callers that come back later
-        # (a rerun ablation) read what was measured instead of re-measuring it.
-        (run_dir / FINAL_METRICS).write_text(json.dumps(last_eval, indent=1))
     if tracker is not None:
-        if (run_dir / "best_model.pt").exists():
-            tracker.log_artifact(run_dir / "best_model.pt", "checkpoints")
-        tracker.set_tags({"best_hIoU": f"{best_hiou:.4f}"})
+        if (run_dir / BEST_MODEL).exists():
+            tracker.log_artifact(run_dir / BEST_MODEL, "checkpoints")
+            tracker.set_tags({"best_select_hIoU": f"{best_hiou:.4f}"})
         tracker.finish("FINISHED")
 
 
-def _score(hiou: float) -> float:
-    """Checkpoint score: a NaN hIoU (no unseen pixels evaluated) ranks lowest instead of breaking
-    Ray's ordering."""
-    return -1.0 if math.isnan(hiou) else hiou
+def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpace, cfg: Config,
+          device, rank: int, world_size: int) -> dict[str, float]:
+    """The one evaluation on the test split: of the selected weights when a selection split chose
+    some (the training weights are put back afterwards), else of the final ones."""
+    final_state = None
+    if best_state is not None:
+        final_state = {k: v.detach().clone() for k, v in core.state_dict().items()}
+        core.load_state_dict(best_state)
+    try:
+        result = evaluate(core, test_set, classes, cfg.inference, device, cfg.eval.batch_size,
+                          rank, world_size)
+    finally:
+        if final_state is not None:
+            core.load_state_dict(final_state)
+    return {**{k: result[k] for k in METRIC_KEYS},
+            **{f"IoU/{name}": v for name, v in result["per_class"].items()}}
 
 
 def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
@@ -464,6 +489,10 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
                               f"continue it, or choose another name (--set name=...)")
     if resume:
         check_run_config(run_dir, cfg)
+    if cfg.model.backbone_weights == IMAGENET:
+        # Fetched here, before any Ray worker starts, so that an offline machine fails in seconds
+        # with one line; each worker then finds the file in its node's torch hub cache.
+        imagenet_weights_file(cfg.model.backbone)
     _init_ray()
     if cfg.train.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -492,8 +521,9 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name, storage_path=cfg.train.storage_path, callbacks=callbacks,
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="hIoU",
-                                               checkpoint_score_order="max"),
+            # The latest checkpoint only: it is what a resumed run continues from. The selected
+            # weights, if any, are best_model.pt.
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
@@ -512,9 +542,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
     model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
     model.load_state_dict(load_state(checkpoint)["model"])
     model.to(device)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    result = evaluate(model, val_set, classes, cfg.inference.num_random_queries,
-                      cfg.inference.seen_score_calibration, device, cfg.eval.batch_size)
+    test_set = build_dataset(cfg.data, cfg.data.test_split, train=False)
+    result = evaluate(model, test_set, classes, cfg.inference, device, cfg.eval.batch_size)
     if out_csv is not None:
         out_csv = Path(out_csv)
         out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -524,7 +553,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
             for name, iou in result["per_class"].items():
                 writer.writerow([name, "unseen" if name in classes.unseen else "seen",
                                  "" if math.isnan(iou) else f"{iou:.4f}"])
-    log(f"{len(val_set)} images of {cfg.data.dataset}/{cfg.data.val_split}: hIoU {result['hIoU']:.2f}  "
+    log(f"{len(test_set)} images of {cfg.data.dataset}/{cfg.data.test_split}: hIoU {result['hIoU']:.2f}  "
         f"sIoU {result['sIoU']:.2f}  uIoU {result['uIoU']:.2f}  mIoU {result['mIoU']:.2f}"
         + (f"; per-class IoU in {out_csv}" if out_csv else ""))
     return result

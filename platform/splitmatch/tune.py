@@ -2,7 +2,8 @@
 issue's `launch`, not a copy), one MLflow parent run for the search and one child run per trial.
 
 The V2 pattern (ray-mlflow.md): a function trainable builds a `TorchTrainer` whose
-`TuneReportCallback` forwards rank 0's metrics (hIoU) to Tune. Trial names are deterministic, so a
+`TuneReportCallback` forwards rank 0's metrics to Tune, which chooses on select_hIoU: the hIoU on
+`data.select_split`, never on the test split that is reported. Trial names are deterministic, so a
 restored search resumes unfinished trials from their Train checkpoints and never re-runs finished
 ones. Concurrent trials write MLflow through one local `mlflow server`, never one SQLite file.
 """
@@ -90,6 +91,10 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
     cfg = resolve_paths(cfg)
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: nothing to search (see experiments/toyworld_search.yaml)")
+    if cfg.data.select_split is None:
+        raise ValueError(f"data.select_split is not set: a search must choose on a split other than "
+                         f"the reported test split ({cfg.data.test_split!r}); set e.g. "
+                         f"--set data.select_split=val")
     storage = Path(cfg.train.storage_path)
     search_dir = storage / cfg.name
     if search_dir.exists() and not resume:
@@ -139,7 +144,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric="hIoU", mode="max", scheduler=scheduler,
+                tune_config=tune.TuneConfig(metric="select_hIoU", mode="max", scheduler=scheduler,
                                             num_samples=cfg.tune.num_samples,
                                             max_concurrent_trials=cfg.tune.max_concurrent_trials),
                 run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage),
@@ -148,12 +153,17 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
             f"{parent_id} at {uri}")
         results = tuner.fit()
         summary = _summarise(results, cfg, client, parent_id, search_dir)
-        log(f"{summary['trials']} trials, {summary['errors']} failed; best hIoU "
-            f"{summary['best_hIoU']:.2f} with {summary['best_params']}")
+        log(f"{summary['trials']} trials, {summary['errors']} failed; best {summary['best_params']}: "
+            f"hIoU {summary['best_select_hIoU']:.2f} on {cfg.data.select_split} (chosen on it), "
+            f"{summary['best_hIoU']:.2f} on {cfg.data.test_split} (reported)")
         return summary
     finally:
         if server is not None:
             server.stop()
+
+
+# Both figures of every trial: the one it was chosen on and the one that is reported.
+SUMMARY_METRICS = ("select_hIoU", "hIoU", "sIoU", "uIoU", "mIoU", "iteration")
 
 
 def _summarise(results, cfg: Config, client, parent_id: str, search_dir: Path) -> dict:
@@ -166,16 +176,16 @@ def _summarise(results, cfg: Config, client, parent_id: str, search_dir: Path) -
         rows.append({"trial": Path(result.path).name if result.path else "?",
                      "status": "ERROR" if result.error else "OK",
                      **{k: json_value(v) for k, v in params.items()},
-                     **{m: metrics.get(m) for m in ("hIoU", "sIoU", "uIoU", "mIoU", "iteration")},
+                     **{m: metrics.get(m) for m in SUMMARY_METRICS},
                      "error": str(result.error)[:300] if result.error else ""})
-    ok = [r for r in rows if r["status"] == "OK" and r["hIoU"] is not None
-          and not math.isnan(r["hIoU"])]
-    ok.sort(key=lambda r: r["hIoU"], reverse=True)
+    ok = [r for r in rows if r["status"] == "OK" and r["select_hIoU"] is not None
+          and not math.isnan(r["select_hIoU"])]
+    ok.sort(key=lambda r: r["select_hIoU"], reverse=True)
     table = search_dir / "search_summary.csv"
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: -(r["hIoU"] or -math.inf)))
+        writer.writerows(sorted(rows, key=lambda r: -(r["select_hIoU"] or -math.inf)))
     client.log_artifact(parent_id, str(table))
     best = ok[0] if ok else None
     if best is not None:
@@ -183,10 +193,12 @@ def _summarise(results, cfg: Config, client, parent_id: str, search_dir: Path) -
                                 {k: yaml.safe_load(best[k]) if isinstance(best[k], str) else best[k]
                                  for k in searched}, f"{cfg.name}-best")
         client.log_text(parent_id, dump_config(best_cfg), "best_config.yaml")
-        client.log_metric(parent_id, "best_hIoU", best["hIoU"])
+        client.log_metric(parent_id, "best_select_hIoU", best["select_hIoU"])
+        client.log_metric(parent_id, "best_test_hIoU", best["hIoU"])
         client.set_tag(parent_id, "best_trial", best["trial"])
     client.set_terminated(parent_id, status="FINISHED")
     return {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
+            "best_select_hIoU": best["select_hIoU"] if best else float("nan"),
             "best_hIoU": best["hIoU"] if best else float("nan"),
             "best_params": {k: best[k] for k in searched} if best else {},
             "table": str(table), "parent_run_id": parent_id, "rows": rows}

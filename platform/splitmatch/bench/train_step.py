@@ -20,7 +20,7 @@ TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yam
 
 def toy_batch_with_candidates(cfg, clip) -> dict:
     """A training batch whose unseen objects stand in for pseudo masks (same sizes and counts)."""
-    val = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    val = build_dataset(cfg.data, cfg.data.test_split, train=False)
     batch = collate([val[i] for i in range(cfg.train.batch_size)])
     unseen = torch.tensor(val.unseen_ids)
     cmaps, embeds = torch.zeros_like(batch["label"], dtype=torch.uint8), []
@@ -43,7 +43,8 @@ def matcher_share_of_step(steps: int = 5, config: Path = TOY_CONFIG) -> dict:
     model = build_segmentor(cfg.model, clip.embed_dim)
     matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
                                          cfg.model.num_candidate_queries))
-    criterion = build_criterion(cfg.loss, matcher)
+    criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index,
+                                cfg.model.num_seen_queries if cfg.matching.mode == "split" else None)
     optimizer = build_optimizer(model, cfg.optim)
     batch = toy_batch_with_candidates(cfg, clip)
     device = torch.device("cpu")

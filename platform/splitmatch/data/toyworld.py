@@ -344,7 +344,9 @@ def split_size(cfg: ToyWorldConfig, split: str) -> int:
         return cfg.num_train
     if split == "val":
         return cfg.num_val
-    raise DataError(f"toyworld has splits 'train' and 'val', not {split!r}")
+    if split == "test":
+        return cfg.num_test
+    raise DataError(f"toyworld has splits 'train', 'val' and 'test', not {split!r}")
 
 
 # ----------------------------------------------------------------------------- dataset and export

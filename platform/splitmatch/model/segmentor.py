@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splitmatch.config import ModelConfig
+from splitmatch.config import InferenceConfig, ModelConfig
 from splitmatch.model.backbone import ResNetBackbone
 from splitmatch.model.mfe import MultiScaleFeatureEnhancement
 from splitmatch.model.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
@@ -102,19 +102,73 @@ class Segmentor(nn.Module):
         return output
 
     @torch.no_grad()
-    def predict(self, images: Tensor, class_embeds: Tensor, num_random_queries: int = 0,
-                seen_class_ids: Sequence[int] | Tensor | None = None,
-                seen_score_calibration: float = 0.0) -> Tensor:
-        """Class index per pixel -> LongTensor [B, H, W] (eval mode; training flag restored)."""
+    def predict(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig | None = None,
+                seen_class_ids: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Class index per pixel -> LongTensor [B, H, W] (eval mode; training flag restored).
+
+        `inference` says how (whole image or sliding windows, resizing, random queries,
+        calibration); the prediction always has the input's size.
+        """
+        inference = inference or InferenceConfig()
         was_training = self.training
         self.eval()
         try:
-            output = self(images, class_embeds, num_random_queries=num_random_queries)
+            size = tuple(images.shape[-2:])
+            if inference.short_side is not None:
+                images = resize_short_side(images, inference.short_side)
+            if inference.mode == "slide":
+                scores = self._slide_scores(images, class_embeds, inference, seen_class_ids)
+            else:
+                scores = self._scores(images, class_embeds, inference, seen_class_ids)
         finally:
             self.train(was_training)
-        scores = semantic_inference(output["pred_logits"], output["pred_masks"],
-                                    images.shape[-2:], seen_class_ids, seen_score_calibration)
+        if tuple(scores.shape[-2:]) != size:
+            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
         return scores.argmax(dim=1)
+
+    def _scores(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig,
+                seen_class_ids) -> Tensor:
+        output = self(images, class_embeds, num_random_queries=inference.num_random_queries)
+        return semantic_inference(output["pred_logits"], output["pred_masks"], images.shape[-2:],
+                                  seen_class_ids, inference.seen_score_calibration)
+
+    def _slide_scores(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig,
+                      seen_class_ids) -> Tensor:
+        scores = count = None
+        height, width = images.shape[-2:]
+        for y1, y2, x1, x2 in slide_windows(height, width, inference.crop_size, inference.stride):
+            window = self._scores(images[..., y1:y2, x1:x2], class_embeds, inference,
+                                  seen_class_ids)
+            if scores is None:
+                scores = window.new_zeros(*window.shape[:2], height, width)
+                count = window.new_zeros(1, 1, height, width)
+            scores[..., y1:y2, x1:x2] += window
+            count[..., y1:y2, x1:x2] += 1
+        return scores / count
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int
+                  ) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of mmseg's sliding grid, as ZegCLIP evaluates: a window every `stride`
+    pixels, the last row and column shifted back to end flush with the border, so every pixel is
+    covered; a side shorter than `crop` is one window spanning it."""
+    def spans(size: int) -> list[tuple[int, int]]:
+        count = max(size - crop + stride - 1, 0) // stride + 1
+        ends = [min(i * stride + crop, size) for i in range(count)]
+        return [(max(end - crop, 0), end) for end in ends]
+    return [(y1, y2, x1, x2) for y1, y2 in spans(height) for x1, x2 in spans(width)]
+
+
+def resize_short_side(images: Tensor, short_side: int) -> Tensor:
+    """uint8 [B, 3, H, W] -> uint8 with min(H', W') = short_side, aspect ratio kept (bilinear, as
+    ZegCLIP's test pipeline resizes before sliding)."""
+    height, width = images.shape[-2:]
+    factor = short_side / min(height, width)
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    if size == (height, width):
+        return images
+    resized = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def build_segmentor(cfg: ModelConfig, embed_dim: int) -> Segmentor:

@@ -68,6 +68,7 @@ def cache_inputs(cfg: Config, split: str) -> dict:
         dataset["root"] = str(Path(data.root).resolve())
     p = cfg.pseudo_masks
     pseudo = {"scales": list(p.scales), "merge_threshold": p.merge_threshold, "min_area": p.min_area,
+              "min_area_per": p.min_area_per, "cls_input": p.cls_input,
               "kmeans_iters": p.kmeans_iters, "kmeans_tol": p.kmeans_tol, "image_size": p.image_size}
     return {"kernel_version": KERNEL_VERSION, "dataset": dataset, "clip": _clip_identity(cfg),
             "pseudo_masks": pseudo}

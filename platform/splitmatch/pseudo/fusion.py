@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 
@@ -63,13 +65,15 @@ def region_scores(features: Tensor, group_centroids: Tensor, group_valid: Tensor
 
 
 def cut_candidates(scores: Tensor, unannotated: Tensor, min_area: int,
-                   max_candidates: int = 255) -> Tensor:
+                   max_candidates: int = 255, min_area_per: str = "cluster") -> Tensor:
     """Candidate-id map [H, W] uint8 (0 = none) from group scores [G, h, w] at label size [H, W].
 
     Scores are upsampled bilinearly (smoother boundaries than upsampling hard assignments), each
     pixel takes its best group, and only `unannotated` pixels (ignore/unseen in the training label)
-    are kept, so a seen object is never a candidate. Parts smaller than `min_area` pixels are dropped;
-    the rest are numbered 1..U by decreasing area.
+    are kept, so a seen object is never a candidate. Parts smaller than `min_area` pixels are
+    dropped: whole groups (`min_area_per="cluster"`), or each connected region of a group on its
+    own (`"region"`, 8-connected), which also removes slivers and rings left around seen objects
+    by a group that is large elsewhere. The rest are numbered 1..U by decreasing area.
     """
     height, width = unannotated.shape
     out = torch.zeros(height, width, dtype=torch.uint8, device=scores.device)
@@ -79,9 +83,26 @@ def cut_candidates(scores: Tensor, unannotated: Tensor, min_area: int,
                               align_corners=False)[0]
     region = upsampled.argmax(0)  # [H, W]
     region = torch.where(unannotated, region, torch.full_like(region, -1))
+    if min_area_per == "region":
+        region = drop_small_regions(region, min_area)
+    elif min_area_per != "cluster":
+        raise ValueError(f"min_area_per must be 'cluster' or 'region', got {min_area_per!r}")
     areas = torch.bincount(region[region >= 0], minlength=scores.shape[0])  # [U]
     order = torch.argsort(areas, descending=True, stable=True)
     kept = order[areas[order] >= max(min_area, 1)][:max_candidates]
     new_id = torch.zeros(scores.shape[0] + 1, dtype=torch.uint8, device=scores.device)
     new_id[kept] = torch.arange(1, len(kept) + 1, dtype=torch.uint8, device=scores.device)
     return new_id[region.clamp_min(-1)]  # region −1 reads new_id[−1] = 0 (the extra slot)
+
+
+def drop_small_regions(region: Tensor, min_area: int) -> Tensor:
+    """Group map [H, W] (−1 = none) with every 8-connected region under `min_area` pixels set to −1."""
+    labels = region.cpu().numpy()
+    out = labels.copy()
+    for group in np.unique(labels[labels >= 0]):
+        components, _ = ndimage.label(labels == group, structure=np.ones((3, 3), dtype=bool))
+        sizes = np.bincount(components.ravel())
+        small = sizes < min_area
+        small[0] = False  # background of this group's mask
+        out[small[components]] = -1
+    return torch.from_numpy(out).to(region.device)

@@ -16,7 +16,7 @@ from splitmatch.pseudo.fusion import cut_candidates, fuse_clusters, region_score
 from splitmatch.pseudo.kmeans import multi_scale_kmeans
 
 # Bump when the algorithm changes: it is part of the cache key, so old caches are never reused.
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2  # 2: Eq. 1 always seeds the last window (size − s)
 
 
 @dataclass
@@ -37,11 +37,14 @@ class PseudoMaskKernel:
 
     def __init__(self, clip: FrozenClip, scales: Sequence[int], merge_threshold: float,
                  min_area: int, kmeans_iters: int = 30, kmeans_tol: float = 1e-4,
-                 image_size: int | None = None, ignore_index: int = 255):
+                 image_size: int | None = None, ignore_index: int = 255,
+                 min_area_per: str = "cluster", cls_input: str = "masked"):
         self.clip = clip
         self.scales = list(scales)
         self.merge_threshold = merge_threshold
         self.min_area = min_area
+        self.min_area_per = min_area_per
+        self.cls_input = cls_input
         self.kmeans_iters = kmeans_iters
         self.kmeans_tol = kmeans_tol
         # CLIP input side for the dense features (None = the model's own); larger gives finer masks.
@@ -70,7 +73,8 @@ class PseudoMaskKernel:
         groups, group_valid = fuse_clusters(centroids.view(b, num_scales * kmax, c),
                                             sizes.view(b, -1), self.merge_threshold)
         scores = region_scores(dense, groups, group_valid)  # [B, G, h, w]
-        maps = [cut_candidates(scores[i], label.to(dense.device) == self.ignore_index, self.min_area)
+        maps = [cut_candidates(scores[i], label.to(dense.device) == self.ignore_index, self.min_area,
+                               min_area_per=self.min_area_per)
                 for i, label in enumerate(labels)]
         return maps, dense
 
@@ -89,7 +93,8 @@ class PseudoMaskKernel:
         if not masks:
             return [torch.zeros(0, self.clip.embed_dim, dtype=torch.float16) for _ in maps]
         embeds = self.clip.masked_cls(batch, torch.cat(masks).to(batch.device),
-                                      torch.tensor(owner, device=batch.device))  # [ΣU, C]
+                                      torch.tensor(owner, device=batch.device),
+                                      cls_input=self.cls_input)  # [ΣU, C]
         counts = [int(cmap.max()) for cmap in maps]
         return [e.to(torch.float16).cpu() for e in torch.split(embeds, counts)]
 
@@ -106,7 +111,8 @@ class PseudoMaskKernel:
 def build_kernel(cfg, clip: FrozenClip, ignore_index: int = 255) -> PseudoMaskKernel:
     """From a `PseudoMaskConfig`."""
     return PseudoMaskKernel(clip, cfg.scales, cfg.merge_threshold, cfg.min_area, cfg.kmeans_iters,
-                            cfg.kmeans_tol, cfg.image_size, ignore_index)
+                            cfg.kmeans_tol, cfg.image_size, ignore_index, cfg.min_area_per,
+                            cfg.cls_input)
 
 
 def candidate_quality(candidate_map: Tensor, full_label: Tensor, unseen_ids: Sequence[int]) -> dict:

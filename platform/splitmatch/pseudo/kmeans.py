@@ -18,17 +18,32 @@ def window_stride(scale: int) -> int:
     return max(1, scale // 2)
 
 
+def window_starts(size: int, scale: int) -> list[int]:
+    """Eq. 1's index set I = {0, ⌊s/2⌋, 2⌊s/2⌋, …, size − s} along one side of the grid.
+
+    The step [s/2] is read as ⌊s/2⌋: for odd s the denser grid (2 rather than 3 for s = 5) gives
+    each region more seeds. The last start is size − s even when it is off the step grid (14 and
+    s = 5: 0, 2, 4, 6, 8, 9), so the last rows and columns of O always seed a cluster.
+    """
+    s = min(scale, size)
+    starts = list(range(0, size - s + 1, window_stride(s)))
+    if starts[-1] != size - s:
+        starts.append(size - s)
+    return starts
+
+
 def window_seeds(features: Tensor, scale: int) -> Tensor:
     """Eq. 1 for one window size: features [B, C, H', W'] → seeds [B, K_s, C].
 
-    Seed (i, j) is the mean of O[u, v] over the s×s window at (i, j), for i ∈ {0, ⌊s/2⌋, …} up to
-    H' − s (likewise j); average pooling with kernel s and stride ⌊s/2⌋ enumerates exactly those
-    windows. A window larger than the grid is clamped to the grid.
+    Seed (i, j) is the mean of O[u, v] over the s×s window at (i, j), i and j from
+    `window_starts`. A window larger than the grid is clamped to the grid.
     """
     height, width = features.shape[-2:]
     s = min(scale, height, width)
-    pooled = F.avg_pool2d(features, kernel_size=s, stride=window_stride(s))  # [B, C, nI, nJ]
-    return pooled.flatten(2).transpose(1, 2)  # [B, nI·nJ, C]
+    every = F.avg_pool2d(features, kernel_size=s, stride=1)  # [B, C, H'−s+1, W'−s+1]: all windows
+    rows = torch.tensor(window_starts(height, s), device=features.device)
+    cols = torch.tensor(window_starts(width, s), device=features.device)
+    return every[:, :, rows][:, :, :, cols].flatten(2).transpose(1, 2)  # [B, nI·nJ, C]
 
 
 def multi_scale_seeds(features: Tensor, scales: Sequence[int]) -> tuple[Tensor, Tensor]:
