@@ -106,3 +106,29 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     for row in ROWS[:3]:  # rows evaluated without random queries give them no pixel
         assert all(counts[2] == 0 for counts in report["rows"][row]["ownership"]), row
     assert 0 <= report["candidates"]["background_pixel_share"] <= 1
+
+
+def test_tables_3_and_4_train_their_rows_under_their_own_parents(tmp_path, ray_cluster):
+    """Table 3 (candidate embedding) and Table 4 (MFE norm) at a tiny budget: every row is a
+    trained run with its own setting, under one parent per table, and the JSON last line has
+    one entry per row."""
+    config = write_config(tmp_path, "tab", max_iters=1, num_workers=1, checkpoint_every=1,
+                          log_every=1, num_visualizations=0)
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    expected = {"3": ({"Fu", "Fu+MLP", "Cu"}, "model.candidate_embedding",
+                      {"dense", "dense_mlp", "cls"}),
+                "4": ({"no norm", "BN", "GN"}, "model.mfe.norm", {"none", "bn", "gn"})}
+    for table, (rows, key, values) in expected.items():
+        out = finish(splitmatch("ablation", str(config), "--table", table, address=ray_cluster),
+                     timeout=600)
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert set(summary) == rows
+        experiment = client.get_experiment_by_name("tests").experiment_id
+        (parent,) = client.search_runs([experiment], f"tags.mlflow.runName = 'tab-table{table}'")
+        assert parent.data.tags["table"] == table
+        kids = client.search_runs([experiment],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert {k.data.params[key] for k in kids} == values
+        # Every row is the full model, tested with the config's random queries.
+        assert {k.data.params["inference.num_random_queries"] for k in kids} == {"2"}
+        assert {k.data.params["model.mfe.enabled"] for k in kids} == {"True"}

@@ -89,3 +89,11 @@ def test_defaults_and_flatten():
     assert flat["model.num_seen_queries"] == 100
     assert flat["model.mfe.norm"] == "gn"
     assert yaml.safe_load(dump_config(cfg))["matching"]["mode"] == "split"
+
+
+def test_dense_candidate_embeddings_need_the_mfe():
+    with pytest.raises(ConfigError, match="model.candidate_embedding"):
+        load_config(EXPERIMENTS / "toyworld.yaml",
+                    ["model.candidate_embedding=dense", "model.mfe.enabled=false"])
+    cfg = load_config(EXPERIMENTS / "toyworld.yaml", ["model.candidate_embedding=dense_mlp"])
+    assert cfg.model.candidate_embedding == "dense_mlp"

@@ -122,6 +122,42 @@ def test_mfe_only_in_training(norm):
         assert "mfe_logits" not in seg(images(), class_embeddings())
 
 
+@pytest.mark.parametrize("kind", ["dense", "dense_mlp"])
+def test_dense_candidate_embeddings_average_fu_over_each_mask(kind):
+    """Table 3's Fu embeddings, by hand: the area-weighted mean of Fu over each candidate mask,
+    (through the MLP), normalised; rescoring equals a forward pass given those embeddings."""
+    torch.manual_seed(0)
+    seg = build_segmentor(tiny_config(candidate_embedding=kind), EMBED_DIM).train()
+    x = images(batch=2)
+    out = seg(x, class_embeddings(batch=2))
+    fu = out["mfe_embeds"].detach()  # [2, C, 8, 8] for 64-px images
+    maps = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    maps[0, :16, :32] = 1   # exactly Fu cells rows 0-1, cols 0-3
+    maps[0, 40:, 40:] = 2   # rows 5-7, cols 5-7
+    maps[1, 8:24, 8:16] = 1  # rows 1-2, col 1
+    embeds = seg.dense_candidate_embeds(out, maps)
+    assert [e.shape for e in embeds] == [(2, EMBED_DIM), (1, EMBED_DIM)]
+    by_hand = [[fu[0, :, 0:2, 0:4].mean((1, 2)), fu[0, :, 5:8, 5:8].mean((1, 2))],
+               [fu[1, :, 1:3, 1:2].mean((1, 2))]]
+    for got, expected in zip(embeds, by_hand):
+        expected = torch.stack(expected)
+        if seg.candidate_mlp is not None:
+            expected = seg.candidate_mlp(expected)
+        assert torch.allclose(got, F.normalize(expected, dim=-1), atol=1e-5)
+    seen = class_embeddings(num=3)
+    joint = torch.zeros(2, 5, EMBED_DIM)
+    joint[:, :3] = seen
+    joint[0, 3:5] = embeds[0].detach()
+    joint[1, 3:4] = embeds[1].detach()
+    rescored = seg.rescore(out, joint)
+    torch.manual_seed(0)
+    fresh = seg(x, joint)
+    assert torch.allclose(rescored["pred_logits"], fresh["pred_logits"], atol=1e-5)
+    assert torch.allclose(rescored["aux_outputs"][0]["pred_logits"],
+                          fresh["aux_outputs"][0]["pred_logits"], atol=1e-5)
+    assert torch.allclose(rescored["mfe_logits"], fresh["mfe_logits"], atol=1e-5)
+
+
 def test_mfe_disabled_gives_no_logits():
     torch.manual_seed(0)
     seg = build_segmentor(tiny_config(mfe=MFEConfig(enabled=False)), EMBED_DIM).train()

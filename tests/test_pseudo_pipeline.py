@@ -113,6 +113,17 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
     batch = next(iter(DataLoader(augmented, batch_size=4, collate_fn=collate)))
     losses = training_step(model, criterion, batch, classes, True, torch.device("cpu"))
     assert losses["loss_cos"] > 0
+    # Table 3's Fu + MLP candidates: the same batch trains, and the MLP gets gradients.
+    dense = config_from_dict({**yaml.safe_load(dump_config(small)),
+                              "model": {**yaml.safe_load(dump_config(small))["model"],
+                                        "candidate_embedding": "dense_mlp"}})
+    model = build_segmentor(dense.model, classes.text.shape[1])
+    losses = training_step(model, criterion, batch, classes, True, torch.device("cpu"),
+                           candidate_embedding="dense_mlp")
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_cos"] > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.candidate_mlp.parameters())
 
 
 def write_voc(root: Path, corrupt: str) -> None:

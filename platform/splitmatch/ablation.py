@@ -1,6 +1,9 @@
-"""`splitmatch ablation`: the paper's Table 2 on any config — baseline, +SM, +SM+MFE, +SM+MFE+RQ —
-with the same data, seed and budget, on one or several unseen-class splits, every row an MLflow
-run under one parent run.
+"""`splitmatch ablation`: the paper's ablation tables on any config, every row with the same data,
+seed and budget, on one or several unseen-class splits, every row an MLflow run under one parent:
+- Table 2 (default): baseline, +SM, +SM+MFE, +SM+MFE+RQ;
+- Table 3 (`--table 3`): the candidates' class embedding in training: MFE features Fu, Fu + MLP,
+  CLIP CLS tokens Cu (`model.candidate_embedding`), each the full model with random queries;
+- Table 4 (`--table 4`): the MFE dense blocks' normalisation: none, BN, GN (`model.mfe.norm`).
 
 A gain measured on the one split its settings were chosen on is no evidence, so `--splits K` runs
 every row on K splits (`splits.draw_unseen_splits`: the standard split first, then splits drawn
@@ -26,8 +29,25 @@ from splitmatch.data.splits import draw_unseen_splits
 from splitmatch.tracking import (Tracker, artifact_root, default_tracking_uri, find_or_create_run,
                                  git_commit)
 
-ROWS = ("baseline", "+SM", "+SM+MFE", "+SM+MFE+RQ")
 METRICS = ("hIoU", "sIoU", "uIoU")
+# Rows of every table: what each row changes in the config (flattened keys). Table 2's +RQ row
+# trains nothing (see EVALUATES); Tables 3 and 4 vary the full model, which is then tested with
+# the config's random queries, as the paper's figures for them are.
+FULL_MODEL = {"matching.mode": "split", "model.mfe.enabled": True}
+TABLES: dict[int, dict[str, dict]] = {
+    2: {"baseline": {"matching.mode": "baseline", "model.mfe.enabled": False},
+        "+SM": {"matching.mode": "split", "model.mfe.enabled": False},
+        "+SM+MFE": dict(FULL_MODEL), "+SM+MFE+RQ": {}},
+    3: {"Fu": {**FULL_MODEL, "model.candidate_embedding": "dense"},
+        "Fu+MLP": {**FULL_MODEL, "model.candidate_embedding": "dense_mlp"},
+        "Cu": {**FULL_MODEL, "model.candidate_embedding": "cls"}},
+    4: {"no norm": {**FULL_MODEL, "model.mfe.norm": "none"},
+        "BN": {**FULL_MODEL, "model.mfe.norm": "bn"},
+        "GN": {**FULL_MODEL, "model.mfe.norm": "gn"}},
+}
+ROWS = tuple(TABLES[2])
+# Random queries only exist at inference: this row evaluates that row's model with them.
+EVALUATES = {"+SM+MFE+RQ": "+SM+MFE"}
 
 
 def split_config(cfg: Config, unseen: tuple[str, ...]) -> Config:
@@ -37,19 +57,25 @@ def split_config(cfg: Config, unseen: tuple[str, ...]) -> Config:
 
 def row_config(cfg: Config, row: str, seed: int, parent: str, split_index: int = 0) -> Config:
     """The config of one trained row (the RQ row reuses +SM+MFE's model)."""
+    table = next(number for number, rows in TABLES.items() if row in rows)
     data = to_dict(cfg)
     data["seed"] = seed
-    data["name"] = f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}"
-    data["matching"]["mode"] = "baseline" if row == "baseline" else "split"
-    data["model"]["mfe"]["enabled"] = row in ("+SM+MFE", "+SM+MFE+RQ")
-    # Without RQ, rows evaluate the trained queries only; the RQ row adds them.
-    data["inference"]["num_random_queries"] = 0
+    data["name"] = f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_').replace(' ', '_')}"
+    for key, value in TABLES[table][EVALUATES.get(row, row)].items():
+        section = data
+        *path, leaf = key.split(".")
+        for part in path:
+            section = section[part]
+        section[leaf] = value
+    if table == 2:
+        # Without RQ, rows evaluate the trained queries only; the RQ row adds them.
+        data["inference"]["num_random_queries"] = 0
     data["tune"] = {}
     return config_from_dict(data, f"ablation row {row}")
 
 
 def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int = 0,
-                 log=print) -> dict:
+                 table: int = 2, log=print) -> dict:
     """Train and evaluate every row for every (split, seed); returns the mean/std per row over
     all of them, the per-split tables and the per-class report."""
     from mlflow.tracking import MlflowClient
@@ -60,16 +86,19 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                                   result_checkpoint, launch)
 
     cfg = resolve_paths(cfg)
+    if table not in TABLES:
+        raise ConfigError(f"--table {table}: the ablation tables are {sorted(TABLES)}")
+    rows = tuple(TABLES[table])
     if cfg.inference.num_random_queries == 0:
         raise ConfigError("inference.num_random_queries is 0: the +RQ row would equal +SM+MFE; "
                           "set it (the paper adds 50 + 50 at test time)")
     unseen_splits = draw_unseen_splits(cfg.data.dataset, splits, split_seed, first=cfg.data.unseen)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     client = MlflowClient(uri)
-    parent_name = f"{cfg.name}-ablation"
+    parent_name = f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
     parent_id, _ = find_or_create_run(
         client, cfg.tracking.experiment, str(Path(cfg.train.storage_path) / parent_name), parent_name,
-        tags={"splitmatch.kind": "ablation", "git_commit": git_commit(), "dataset": cfg.data.dataset,
+        tags={"splitmatch.kind": "ablation", "table": str(table), "git_commit": git_commit(), "dataset": cfg.data.dataset,
               "unseen": " | ".join(",".join(u) for u in unseen_splits)},
         artifact_location=artifact_root(uri))
     # per_run[split][row]: one entry per seed, {"hIoU", "sIoU", "uIoU", "per_class"}
@@ -77,12 +106,12 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     reports = []
     for split_index, unseen in enumerate(unseen_splits):
         base = split_config(cfg, unseen)
-        results: dict[str, list[dict]] = {row: [] for row in ROWS}
+        results: dict[str, list[dict]] = {row: [] for row in rows}
         where = f"split {split_index} ({', '.join(unseen)})"
         for offset in range(seeds):
             seed = cfg.seed + offset
             tag = f"[{where}, seed {seed}]"
-            for row in ROWS[:3]:
+            for row in (r for r in rows if r not in EVALUATES):
                 row_cfg = row_config(base, row, seed, parent_name, split_index)
                 run_dir = Path(row_cfg.train.storage_path) / row_cfg.name
                 done = run_dir / FINAL_METRICS
@@ -103,26 +132,28 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                     metrics = result.metrics
                 results[row].append(_row_result(metrics))
                 log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
-            # +RQ: the +SM+MFE model, evaluated with the extra random queries.
-            trained = row_config(base, "+SM+MFE", seed, parent_name, split_index)
-            rq_cfg = config_from_dict({**to_dict(trained), "inference": {
-                **to_dict(trained)["inference"],
-                "num_random_queries": cfg.inference.num_random_queries}})
-            run_dir = Path(trained.train.storage_path) / trained.name
-            metrics = evaluate_checkpoint(rq_cfg, result_checkpoint(run_dir), log=lambda *_: None)
-            rq_name = f"{parent_name}-u{split_index}-s{seed}-plus_SMplus_MFEplus_RQ"
-            tracker = Tracker(uri, cfg.tracking.experiment, str(run_dir) + "+RQ", rq_name,
-                              run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)
-            tracker.open({"seed": seed, "data.unseen": list(unseen),
-                          "inference.num_random_queries": cfg.inference.num_random_queries,
-                          "evaluates": trained.name}, {"row": "+SM+MFE+RQ"})
-            tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
-                                 if not math.isnan(metrics[k])}, step=cfg.train.max_iters)
-            tracker.log_metrics({f"IoU/{name}": v for name, v in metrics["per_class"].items()
-                                 if not math.isnan(v)}, step=cfg.train.max_iters)
-            tracker.finish()
-            results["+SM+MFE+RQ"].append(_row_result(metrics))
-            log(f"{tag} +SM+MFE+RQ: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
+            for row in (r for r in rows if r in EVALUATES):
+                # +RQ: the +SM+MFE model, evaluated with the extra random queries.
+                trained = row_config(base, EVALUATES[row], seed, parent_name, split_index)
+                rq_cfg = config_from_dict({**to_dict(trained), "inference": {
+                    **to_dict(trained)["inference"],
+                    "num_random_queries": cfg.inference.num_random_queries}})
+                run_dir = Path(trained.train.storage_path) / trained.name
+                metrics = evaluate_checkpoint(rq_cfg, result_checkpoint(run_dir),
+                                              log=lambda *_: None)
+                rq_name = f"{parent_name}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}"
+                tracker = Tracker(uri, cfg.tracking.experiment, str(run_dir) + "+RQ", rq_name,
+                                  run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)
+                tracker.open({"seed": seed, "data.unseen": list(unseen),
+                              "inference.num_random_queries": cfg.inference.num_random_queries,
+                              "evaluates": trained.name}, {"row": row})
+                tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
+                                     if not math.isnan(metrics[k])}, step=cfg.train.max_iters)
+                tracker.log_metrics({f"IoU/{name}": v for name, v in metrics["per_class"].items()
+                                     if not math.isnan(v)}, step=cfg.train.max_iters)
+                tracker.finish()
+                results[row].append(_row_result(metrics))
+                log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
         per_run.append(results)
         report = class_report(base, {row: [r["per_class"] for r in runs]
                                      for row, runs in results.items()})
@@ -134,14 +165,14 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
         client.log_text(parent_id, text, f"split{split_index}_table.txt")
 
     pooled = {row: [{k: r[k] for k in METRICS} for split in per_run for r in split[row]]
-              for row in ROWS}
-    summary = {row: {k: statistics.fmean(r[k] for r in rows) for k in METRICS}
-               for row, rows in pooled.items()}
-    spread = {row: {k: statistics.pstdev([r[k] for r in rows]) for k in METRICS}
-              for row, rows in pooled.items()}
+              for row in rows}
+    summary = {row: {k: statistics.fmean(r[k] for r in runs) for k in METRICS}
+               for row, runs in pooled.items()}
+    spread = {row: {k: statistics.pstdev([r[k] for r in runs]) for k in METRICS}
+              for row, runs in pooled.items()}
     text = _table(pooled)
     per_split = [{row: {k: statistics.fmean(r[k] for r in split[row]) for k in METRICS}
-                  for row in ROWS} for split in per_run]
+                  for row in rows} for split in per_run]
     client.log_text(parent_id, text, "ablation_table.txt")
     client.log_dict(parent_id, {"mean": summary, "std": spread, "per_split": per_split,
                                 "splits": [list(u) for u in unseen_splits], "seeds": seeds,
@@ -149,14 +180,14 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                                 "per_run": [{row: [{k: r[k] for k in METRICS} for r in runs]
                                              for row, runs in split.items()} for split in per_run]},
                     "ablation.json")
-    for row in ROWS:
+    for row in rows:
         for k in METRICS:  # MLflow names allow no "+": "+SM+MFE/hIoU" is logged as "SM_MFE/hIoU"
             client.log_metric(parent_id, f"{metric_prefix(row)}/{k}", summary[row][k])
     client.set_terminated(parent_id, status="FINISHED")
     runs = len(unseen_splits) * seeds
     log(f"ablation over {len(unseen_splits)} split(s) x {seeds} seed(s) "
         f"(mean{' ± std' if runs > 1 else ''} over {runs} run(s) per row):\n{text}")
-    log(json.dumps({row: {k: round(summary[row][k], 2) for k in METRICS} for row in ROWS}))
+    log(json.dumps({row: {k: round(summary[row][k], 2) for k in METRICS} for row in rows}))
     return {"mean": summary, "std": spread, "per_split": per_split, "class_reports": reports,
             "splits": unseen_splits, "parent_run_id": parent_id}
 
@@ -172,8 +203,7 @@ def _row_result(metrics: dict) -> dict:
 def _table(rows: dict[str, list[dict]]) -> str:
     """One line per row: the mean (± std when there is more than one run) of each metric."""
     lines = ["row            " + "".join(f"{k:>16}" for k in METRICS)]
-    for row in ROWS:
-        runs = rows[row]
+    for row, runs in rows.items():
         cells = ""
         for k in METRICS:
             values = [r[k] for r in runs]
@@ -185,5 +215,5 @@ def _table(rows: dict[str, list[dict]]) -> str:
 
 
 def metric_prefix(row: str) -> str:
-    """"+SM+MFE" -> "SM_MFE": a row name MLflow accepts in a metric name."""
-    return row.lstrip("+").replace("+", "_")
+    """"+SM+MFE" -> "SM_MFE", "no norm" -> "no_norm": a row name MLflow accepts in a metric name."""
+    return row.lstrip("+").replace("+", "_").replace(" ", "_")

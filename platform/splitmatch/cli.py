@@ -149,7 +149,7 @@ def cmd_demo(args) -> int:
 def cmd_ablation(args) -> int:
     from splitmatch.ablation import run_ablation
     result = run_ablation(_config(args), seeds=args.seeds, splits=args.splits,
-                          split_seed=args.split_seed)
+                          split_seed=args.split_seed, table=args.table)
     return 0 if result else 1
 
 
@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unseen-class splits: data.unseen (default: the standard split) first, "
                         "then splits drawn from --split-seed")
     p.add_argument("--split-seed", type=int, default=0, help="seed that draws the extra splits")
+    p.add_argument("--table", type=int, default=2, choices=(2, 3, 4),
+                   help="the paper's Table 2 (baseline, +SM, +MFE, +RQ), 3 (candidate embedding: "
+                        "Fu, Fu+MLP, Cu) or 4 (MFE norm: none, BN, GN)")
 
     p = command("diagnose", "where one ablation split's results come from (queries, confusions, "
                             "candidates, CLIP)", cmd_diagnose)

@@ -45,6 +45,10 @@ class ModelConfig:
     num_candidate_queries: int = 50
     # Candidate (and random) queries project into CLIP space through their own MLP.
     candidate_head: bool = False
+    # The class embedding of a candidate in training (paper Table 3): the CLIP CLS token Cu of
+    # its masked region ("cls"), the model's own MFE features Fu averaged over the candidate mask
+    # ("dense"), or those through a learned MLP ("dense_mlp"). The dense ones need the MFE.
+    candidate_embedding: Literal["cls", "dense", "dense_mlp"] = "cls"
     mfe: MFEConfig = field(default_factory=MFEConfig)
 
 
@@ -337,6 +341,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     for key in ("hidden_dim", "mask_dim", "num_heads", "dim_feedforward", "dec_layers"):
         _positive(getattr(m, key), f"model.{key}", source)
     _positive(m.enc_layers, "model.enc_layers", source, allow_zero=True)
+    if m.candidate_embedding != "cls" and not m.mfe.enabled:
+        raise ConfigError(f"{source}: 'model.candidate_embedding' {m.candidate_embedding!r} is "
+                          f"made from the MFE features Fu: it needs model.mfe.enabled")
     _positive(m.num_seen_queries, "model.num_seen_queries", source)
     _positive(m.num_candidate_queries, "model.num_candidate_queries", source, allow_zero=True)
     if m.hidden_dim % m.num_heads:

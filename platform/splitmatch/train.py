@@ -93,8 +93,12 @@ def lr_factor(iteration: int, max_iters: int, optim_cfg: OptimConfig) -> float:
 
 
 def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classes: ClassSpace,
-                  split_matching: bool, device: torch.device, amp: bool = False) -> dict[str, Tensor]:
+                  split_matching: bool, device: torch.device, amp: bool = False,
+                  candidate_embedding: str = "cls") -> dict[str, Tensor]:
     """Forward + weighted losses for one batch (no backward: the caller owns the optimiser).
+
+    `candidate_embedding` is `model.candidate_embedding`: "cls" uses the cached CLIP Cu,
+    "dense"/"dense_mlp" the model's own MFE features pooled over each candidate mask.
 
     With `amp`, only the model runs under bf16 autocast (no loss scaling needed, unlike fp16); the
     matcher and the losses stay in float32, as in Mask2Former, since Hungarian costs in bf16 can
@@ -111,6 +115,14 @@ def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classe
                                                      images.shape[0])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(images, class_embeds)
+        if candidate_maps is not None and candidate_embedding != "cls":
+            # Table 3's alternatives: candidates named by the model's own features Fu instead
+            # of CLIP's Cu; the predictions are scored again against those.
+            core = model.module if hasattr(model, "module") else model
+            candidate_embeds = core.dense_candidate_embeds(outputs, candidate_maps)
+            class_embeds, class_valid = class_embedding_sets(
+                classes.seen_text.to(device), candidate_embeds, images.shape[0])
+            outputs = core.rescore(outputs, class_embeds)
     pseudo_labels = pseudo_label_map(labels, classes.seen_lut, candidate_maps, classes.num_seen,
                                      classes.ignore_index)
     return criterion(outputs, targets, class_valid, candidate_embeds=candidate_embeds,
@@ -367,7 +379,7 @@ def train_loop_per_worker(config: dict) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             losses = training_step(model, criterion, batch, classes, split_matching, device,
-                                   amp=use_amp)
+                                   amp=use_amp, candidate_embedding=cfg.model.candidate_embedding)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -55,9 +55,12 @@ class MultiScaleFeatureEnhancement(nn.Module):
         return fine + F.interpolate(fused, size=fine.shape[-2:], mode="bilinear",
                                     align_corners=False)
 
+    def embed(self, multi_scale: list[Tensor]) -> Tensor:
+        """Fu in CLIP space, L2-normalised per pixel: [B, C, h2, w2]."""
+        return F.normalize(self.proj(self.fuse(multi_scale)), dim=1)
+
     def forward(self, multi_scale: list[Tensor], class_embeds: Tensor,
                 classifier: EmbeddingClassifier) -> Tensor:
         """-> mfe_logits [B, K, h2, w2]; `classifier` is the query head's, so MFE and queries share
         one learned logit scale and bias."""
-        pixel_embeds = F.normalize(self.proj(self.fuse(multi_scale)), dim=1)  # [B, C, h2, w2]
-        return classifier(pixel_embeds, class_embeds, channel_dim=1)
+        return classifier(self.embed(multi_scale), class_embeds, channel_dim=1)

@@ -50,7 +50,7 @@ class Segmentor(nn.Module):
     def __init__(self, backbone: ResNetBackbone, pixel_decoder: nn.Module,
                  transformer_decoder: MaskedTransformerDecoder,
                  mfe: MultiScaleFeatureEnhancement | None, num_seen_queries: int,
-                 num_candidate_queries: int,
+                 num_candidate_queries: int, candidate_mlp: nn.Module | None = None,
                  pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
@@ -65,6 +65,7 @@ class Segmentor(nn.Module):
         self.mfe = mfe
         self.num_seen_queries = num_seen_queries
         self.num_candidate_queries = num_candidate_queries
+        self.candidate_mlp = candidate_mlp  # model.candidate_embedding "dense_mlp" only
         # Not persistent: they are constants of the input convention, not learned state.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
@@ -97,9 +98,40 @@ class Segmentor(nn.Module):
         output = self.transformer_decoder(multi_scale, mask_features, class_embeds,
                                           num_random_queries=num_random_queries)
         if self.training and self.mfe is not None:
-            output["mfe_logits"] = self.mfe(multi_scale, class_embeds,
-                                            self.transformer_decoder.classifier)
+            output["mfe_embeds"] = self.mfe.embed(multi_scale)  # Fu [B, C, H/8, W/8]
+            output["mfe_logits"] = self.transformer_decoder.classifier(
+                output["mfe_embeds"], class_embeds, channel_dim=1)
         return output
+
+    def rescore(self, output: dict, class_embeds: Tensor) -> dict:
+        """The same predictions scored against other class embeddings: every layer's query
+        logits and the MFE logits (for candidate embeddings that depend on this very forward)."""
+        classifier = self.transformer_decoder.classifier
+        layers = [output, *output.get("aux_outputs", [])]
+        for layer in layers:
+            layer["pred_logits"] = classifier(layer["pred_embeds"], class_embeds)
+        if "mfe_embeds" in output:
+            output["mfe_logits"] = classifier(output["mfe_embeds"], class_embeds, channel_dim=1)
+        return output
+
+    def dense_candidate_embeds(self, output: dict, candidate_maps: Tensor) -> list[Tensor]:
+        """Per image, the Fu of each candidate (ids 1..U of `candidate_maps` [B, H, W]) averaged
+        over its mask (area-resampled to Fu's size), through `candidate_mlp` when there is one,
+        L2-normalised: B × [U_b, C]. Fu is detached: a target the model could move itself would
+        collapse onto whatever its queries predict."""
+        fu = output["mfe_embeds"].detach()  # [B, C, h, w]
+        out = []
+        for b in range(fu.shape[0]):
+            count = int(candidate_maps[b].max())
+            ids = torch.arange(1, count + 1, device=candidate_maps.device)
+            onehot = (candidate_maps[b][None].long() == ids[:, None, None]).float()  # [U, H, W]
+            weights = F.interpolate(onehot[:, None], size=fu.shape[-2:], mode="area")[:, 0]
+            pooled = torch.einsum("uhw,chw->uc", weights, fu[b].float())
+            pooled = pooled / weights.flatten(1).sum(1, keepdim=True).clamp_min(1e-6)
+            if self.candidate_mlp is not None:
+                pooled = self.candidate_mlp(pooled)
+            out.append(F.normalize(pooled, dim=-1))
+        return out
 
     @torch.no_grad()
     def predict(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig | None = None,
@@ -195,5 +227,9 @@ def build_segmentor(cfg: ModelConfig, embed_dim: int) -> Segmentor:
     if cfg.mfe.enabled:
         mfe = MultiScaleFeatureEnhancement(cfg.hidden_dim, embed_dim, cfg.mfe.norm,
                                            cfg.mfe.num_groups)
+    candidate_mlp = None
+    if cfg.candidate_embedding == "dense_mlp":
+        candidate_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True),
+                                      nn.Linear(embed_dim, embed_dim))
     return Segmentor(backbone, pixel_decoder, transformer_decoder, mfe,
-                     cfg.num_seen_queries, cfg.num_candidate_queries)
+                     cfg.num_seen_queries, cfg.num_candidate_queries, candidate_mlp)
