@@ -123,8 +123,9 @@ class PseudoMaskConfig:
     # What min_area applies to: a whole fused cluster, or each of its connected regions.
     min_area_per: Literal["cluster", "region"] = "cluster"
     # What CLIP sees of a candidate for its CLS embedding Cu: the image with everything outside
-    # the region blacked out, the region's (square) bounding box, or that box blacked out.
-    cls_input: Literal["masked", "crop", "masked_crop"] = "masked"
+    # the region blacked out, the region's (square) bounding box, or that box blacked out. The
+    # last names the hidden unseen object best on the toy world (docs/method.md).
+    cls_input: Literal["masked", "crop", "masked_crop"] = "masked_crop"
     kmeans_iters: int = 30
     kmeans_tol: float = 1e-4
     # CLIP input side for the dense features; None = the model's own (224 → 14×14 for ViT-B/16).
