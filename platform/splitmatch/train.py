@@ -278,6 +278,15 @@ def final_checkpoint(run_dir: Path) -> Path:
     return max(checkpoints, key=lambda p: load_state(p)["iteration"])
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this worker so far: allocated GPU memory on a GPU, else the process's
+    maximum resident set (what a CPU node must have free)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024 ** 3
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
 def result_checkpoint(run_dir: Path) -> Path:
     """The weights a finished run's figures belong to: those chosen on the selection split
     (best_model.pt) when it had one, else its last checkpoint."""
@@ -401,6 +410,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update({"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
                 metrics.update({k: v.item() for k, v in losses.items() if "_aux" not in k})
                 metrics.update({
+                    "memory/peak_gb": peak_memory_gb(device),
                     "time/step_s": timers["step"] / steps_timed,
                     "time/data_fraction": timers["data"] / timers["step"],
                     "time/matcher_fraction": matcher.seconds / timers["step"],

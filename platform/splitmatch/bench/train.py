@@ -1,5 +1,7 @@
-"""`splitmatch bench train`: iterations/s of the toy config on Ray Train with 1 and 2 workers, and
-where a step's time goes (data loading, matching, optimizer step)."""
+"""`splitmatch bench train [--config CONFIG]`: iterations/s of a config on Ray Train (the toy
+config by default, with 1 and 2 workers), peak memory per worker, and where a step's time goes
+(data loading, matching, optimizer step). On a GPU the run uses bf16 autocast when `train.amp`
+is set, as training does; its data and pseudo masks must be where the config says."""
 from __future__ import annotations
 
 import tempfile
@@ -11,18 +13,19 @@ TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yam
 
 
 def run(iterations: int = 40, workers: tuple[int, ...] = (1, 2), config: Path = TOY_CONFIG,
-        log=print) -> dict:
+        overrides: list[str] | None = None, log=print) -> dict:
     from splitmatch.toyclip import with_toy_clip
     from splitmatch.train import launch
 
-    base = with_toy_clip(load_config(config), log=log)
+    base = with_toy_clip(load_config(config, overrides), log=log)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in workers:
             data = to_dict(base)
             data["name"] = f"bench_{n}w"
-            # One CPU per worker, so 1 and 2 workers both fit a 2-core machine.
-            data["train"].update(max_iters=iterations, num_workers=n, cpus_per_worker=1,
+            # One CPU per worker on CPU, so 1 and 2 workers both fit a 2-core machine.
+            cpus = data["train"]["cpus_per_worker"] if data["train"]["use_gpu"] else 1
+            data["train"].update(max_iters=iterations, num_workers=n, cpus_per_worker=cpus,
                                  log_every=iterations // 2,
                                  eval_every=iterations, checkpoint_every=iterations,
                                  storage_path=str(Path(tmp) / "runs"), num_visualizations=0)
@@ -32,11 +35,12 @@ def run(iterations: int = 40, workers: tuple[int, ...] = (1, 2), config: Path = 
             if result.error is not None:
                 raise RuntimeError(f"benchmark run with {n} workers failed: {result.error}")
             m = result.metrics  # the second half of the run: warm-up excluded
-            results[n] = {"iters_per_s": 1.0 / m["time/step_s"],
+            results[n] = {"iters_per_s": 1.0 / m["time/step_s"], "peak_gb": m["memory/peak_gb"],
                           "data": m["time/data_fraction"], "matcher": m["time/matcher_fraction"],
                           "optimizer": m["time/optimizer_fraction"]}
             log(f"workers={n} global_batch={cfg.train.batch_size} iters_per_s={results[n]['iters_per_s']:.2f} "
                 f"images_per_s={results[n]['iters_per_s'] * cfg.train.batch_size:.1f} "
+                f"peak_memory_gb={m['memory/peak_gb']:.2f}{' (GPU)' if cfg.train.use_gpu else ' (RSS)'} "
                 f"data_fraction={m['time/data_fraction']:.3f} "
                 f"matcher_fraction={m['time/matcher_fraction']:.3f} "
                 f"optimizer_fraction={m['time/optimizer_fraction']:.3f}")
