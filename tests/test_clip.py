@@ -288,3 +288,9 @@ def test_paper_vit_b16_architecture_builds_offline() -> None:
     assert clip.embed_dim == 512
     image = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
     assert clip.dense_features(image).shape == (1, 512, 14, 14)
+    # Text embeddings computed on the prompts' own length equal open_clip's 77-token ones.
+    names, templates = ["cow", "playingfield"], TEMPLATES["coco15"][:3]
+    manual = F.normalize(torch.stack([
+        F.normalize(clip.model.encode_text(clip.tokenizer([t.format(n) for n in names])), dim=-1)
+        for t in templates]).mean(0), dim=-1)
+    assert torch.allclose(clip.text_embeddings(names, templates), manual, atol=1e-5)

@@ -1,6 +1,6 @@
 """Typed experiment configuration: dataclasses loaded from YAML, validated, overridden, dumped.
 
-One place parses configuration (style.md, practice 3). Everything else receives the section it needs.
+One place parses configuration. Everything else receives the section it needs.
 Errors are `ConfigError`s naming the offending key and the file it came from.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Training: the per-worker loop (set-up, loop, evaluate, report/checkpoint) and its Ray Train
-launcher (style.md practice 5). The Ray calls are visible in the loop, not hidden in a framework.
+launcher. The Ray calls are visible in the loop, not hidden in a framework.
 
 `train_loop_per_worker` runs on every Ray Train worker (DDP over gloo on CPU, NCCL on GPU); rank 0
 alone talks to MLflow. `launch` builds the `TorchTrainer` on the driver and is what

@@ -5,7 +5,7 @@ Every dataset (VOC, COCO-Stuff, the toy world) yields the same sample dict:
 "path": str}`.
 Images stay uint8: models normalise them themselves, so one sample serves every backbone.
 
-Inductive zero-shot segmentation (method.md, "Setting") forbids the training loop from ever seeing
+Inductive zero-shot segmentation (docs/method.md, "Setting") forbids the training loop from ever seeing
 an unseen-class pixel, so in train mode unseen ids are turned into ignore by the same lookup table
 that maps raw file values to class ids, i.e. right after decoding and before any transform runs.
 """

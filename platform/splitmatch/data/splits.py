@@ -1,4 +1,4 @@
-"""Class lists and the standard seen/unseen splits (ZegCLIP / ZegFormer protocol, method.md)."""
+"""Class lists and the standard seen/unseen splits (ZegCLIP / ZegFormer protocol, docs/method.md)."""
 from __future__ import annotations
 
 import math

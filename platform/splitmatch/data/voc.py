@@ -5,7 +5,7 @@ Layout under `root`:
     SegmentationClassAug/{id}.png          raw VOC ids: 0 background, 1..20 classes, 255 border
     ImageSets/Segmentation/{split}.txt     one id per line; split "train_aug" or "val"
 
-Background is not a class in the ZSS protocol (method.md, reference facts): raw 0 and 255 become
+Background is not a class in the ZSS protocol (docs/method.md, "Setting"): raw 0 and 255 become
 ignore, raw k in 1..20 becomes class k-1 in the order of `splits.VOC_CLASSES`.
 """
 from __future__ import annotations

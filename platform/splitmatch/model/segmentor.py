@@ -1,7 +1,7 @@
 """The Split Matching segmentor: backbone -> pixel decoder -> masked transformer decoder (+ MFE).
 
 The model only predicts; which query is matched to which target (Split Matching) is the matcher's
-business (style.md, practice 1). The model's one concession is the query order: queries
+business. The model's one concession is the query order: queries
 [0, Ks) are the seen queries and [Ks, Ks+Ku) the candidate queries, then any random queries.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each query yields a mask (mask embedding dotted with the stride-4 mask features) and a C-dim
 embedding V in CLIP space; classification is sigmoid(scale * cos(V, E) + bias) against whatever
-class embeddings E are passed in (method.md, "Model"), so the same weights classify seen,
+class embeddings E are passed in (docs/method.md, "Model"), so the same weights classify seen,
 candidate and, at test time, unseen classes.
 """
 from __future__ import annotations
