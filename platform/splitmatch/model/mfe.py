@@ -13,7 +13,6 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splitmatch.model.transformer_decoder import EmbeddingClassifier
 
 MFENorm = Literal["gn", "bn", "none"]
 
@@ -37,7 +36,7 @@ def dense_block(channels: int, norm: MFENorm, num_groups: int) -> nn.Sequential:
 
 
 class MultiScaleFeatureEnhancement(nn.Module):
-    """F0, F1, F2 -> Fu = up(up(B0(F0)) + B1(F1)) + B2(F2) -> per-pixel class logits at F2's size."""
+    """F0, F1, F2 -> Fu = up(up(B0(F0)) + B1(F1)) + B2(F2), projected to CLIP space at F2's size."""
 
     def __init__(self, channels: int, embed_dim: int, norm: MFENorm = "gn",
                  num_groups: int = 32) -> None:
@@ -55,12 +54,7 @@ class MultiScaleFeatureEnhancement(nn.Module):
         return fine + F.interpolate(fused, size=fine.shape[-2:], mode="bilinear",
                                     align_corners=False)
 
-    def embed(self, multi_scale: list[Tensor]) -> Tensor:
-        """Fu in CLIP space, L2-normalised per pixel: [B, C, h2, w2]."""
+    def forward(self, multi_scale: list[Tensor]) -> Tensor:
+        """Fu in CLIP space, L2-normalised per pixel: [B, C, h2, w2]. The segmentor scores it with
+        the query head's classifier, so MFE and queries share one learned logit scale and bias."""
         return F.normalize(self.proj(self.fuse(multi_scale)), dim=1)
-
-    def forward(self, multi_scale: list[Tensor], class_embeds: Tensor,
-                classifier: EmbeddingClassifier) -> Tensor:
-        """-> mfe_logits [B, K, h2, w2]; `classifier` is the query head's, so MFE and queries share
-        one learned logit scale and bias."""
-        return classifier(self.embed(multi_scale), class_embeds, channel_dim=1)

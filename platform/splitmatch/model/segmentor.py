@@ -98,7 +98,7 @@ class Segmentor(nn.Module):
         output = self.transformer_decoder(multi_scale, mask_features, class_embeds,
                                           num_random_queries=num_random_queries)
         if self.training and self.mfe is not None:
-            output["mfe_embeds"] = self.mfe.embed(multi_scale)  # Fu [B, C, H/8, W/8]
+            output["mfe_embeds"] = self.mfe(multi_scale)  # Fu [B, C, H/8, W/8]
             output["mfe_logits"] = self.transformer_decoder.classifier(
                 output["mfe_embeds"], class_embeds, channel_dim=1)
         return output
