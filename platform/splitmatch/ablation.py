@@ -24,26 +24,26 @@ import math
 import statistics
 from pathlib import Path
 
-from splitmatch.config import Config, ConfigError, config_from_dict, to_dict
+from splitmatch.config import Config, ConfigError, apply_overrides, config_from_dict, to_dict
 from splitmatch.data.splits import draw_unseen_splits
 from splitmatch.tracking import (Tracker, artifact_root, default_tracking_uri, find_or_create_run,
                                  git_commit)
 
 METRICS = ("hIoU", "sIoU", "uIoU")
-# Rows of every table: what each row changes in the config (flattened keys). Table 2's +RQ row
-# trains nothing (see EVALUATES); Tables 3 and 4 vary the full model, which is then tested with
-# the config's random queries, as the paper's figures for them are.
-FULL_MODEL = {"matching.mode": "split", "model.mfe.enabled": True}
-TABLES: dict[int, dict[str, dict]] = {
-    2: {"baseline": {"matching.mode": "baseline", "model.mfe.enabled": False},
-        "+SM": {"matching.mode": "split", "model.mfe.enabled": False},
-        "+SM+MFE": dict(FULL_MODEL), "+SM+MFE+RQ": {}},
-    3: {"Fu": {**FULL_MODEL, "model.candidate_embedding": "dense"},
-        "Fu+MLP": {**FULL_MODEL, "model.candidate_embedding": "dense_mlp"},
-        "Cu": {**FULL_MODEL, "model.candidate_embedding": "cls"}},
-    4: {"no norm": {**FULL_MODEL, "model.mfe.norm": "none"},
-        "BN": {**FULL_MODEL, "model.mfe.norm": "bn"},
-        "GN": {**FULL_MODEL, "model.mfe.norm": "gn"}},
+# Rows of every table: what each row changes in the config (`--set` overrides). Table 2's +RQ
+# row trains nothing (see EVALUATES); Tables 3 and 4 vary the full model, which is then tested
+# with the config's random queries, as the paper's figures for them are.
+FULL_MODEL = ["matching.mode=split", "model.mfe.enabled=true"]
+TABLES: dict[int, dict[str, list[str]]] = {
+    2: {"baseline": ["matching.mode=baseline", "model.mfe.enabled=false"],
+        "+SM": ["matching.mode=split", "model.mfe.enabled=false"],
+        "+SM+MFE": FULL_MODEL, "+SM+MFE+RQ": []},
+    3: {"Fu": [*FULL_MODEL, "model.candidate_embedding=dense"],
+        "Fu+MLP": [*FULL_MODEL, "model.candidate_embedding=dense_mlp"],
+        "Cu": [*FULL_MODEL, "model.candidate_embedding=cls"]},
+    4: {"no norm": [*FULL_MODEL, "model.mfe.norm=none"],
+        "BN": [*FULL_MODEL, "model.mfe.norm=bn"],
+        "GN": [*FULL_MODEL, "model.mfe.norm=gn"]},
 }
 ROWS = tuple(TABLES[2])
 # Random queries only exist at inference: this row evaluates that row's model with them.
@@ -61,12 +61,7 @@ def row_config(cfg: Config, row: str, seed: int, parent: str, split_index: int =
     data = to_dict(cfg)
     data["seed"] = seed
     data["name"] = f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_').replace(' ', '_')}"
-    for key, value in TABLES[table][EVALUATES.get(row, row)].items():
-        section = data
-        *path, leaf = key.split(".")
-        for part in path:
-            section = section[part]
-        section[leaf] = value
+    apply_overrides(data, TABLES[table][EVALUATES.get(row, row)], f"ablation row {row}")
     if table == 2:
         # Without RQ, rows evaluate the trained queries only; the RQ row adds them.
         data["inference"]["num_random_queries"] = 0
