@@ -85,12 +85,13 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
         assert rerun[row] == table[row], row
     assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)
 
-    # Another budget under the same name: the trained rows were made under another config, so
-    # the command refuses by key instead of mixing two configs in one table.
+    # Another budget and split under the same name: the trained rows were made under another
+    # config, so the command refuses by key instead of mixing two configs in one table.
     other = splitmatch("ablation", str(config), "--splits", "2", "--set", "train.max_iters=3",
-                       address=ray_cluster)
+                       "--set", "data.unseen=[zebra, grape]", address=ray_cluster)
     refused, _ = other.communicate(timeout=300)
     assert other.returncode == 2, refused[-3000:]
+    assert "data.unseen: None -> ['zebra', 'grape']" in refused
     assert "train.max_iters: 2 -> 3" in refused and "training baseline" not in refused
 
     # The diagnostics of split 1 read the trained rows and write their report.

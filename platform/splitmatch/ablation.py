@@ -118,7 +118,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                     metrics = json.loads(done.read_text())
                 else:
                     log(f"{tag} training {row} ({row_cfg.name})")
-                    result = launch(row_cfg, resume=True, build_pseudo_masks=True,
+                    result = launch(row_cfg, resume=True, build_pseudo_masks=True, may_grow=(),
                                     parent_run_id=parent_id, log=lambda *_: None)
                     if result.error is not None:
                         raise RuntimeError(f"ablation row {row} ({where}, seed {seed}) failed: "

@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)  # what was done is kept; the command said where
+        return 130
 
 
 if __name__ == "__main__":

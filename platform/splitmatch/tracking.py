@@ -71,15 +71,55 @@ def find_or_create_run(client, experiment: str, run_key: str, run_name: str,
                        artifact_location: str | None = None) -> tuple[str, bool]:
     """(run id, whether it already existed) for the run tagged `run_key` in `experiment`."""
     exp_id = experiment_id(client, experiment, artifact_location)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                               max_results=1)
-    if found:
-        return found[0].info.run_id, True
+    found = _run_with_key(client, exp_id, run_key)
+    if found is not None:
+        return found.info.run_id, True
     all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id, False
+
+
+def _run_with_key(client, exp_id: str, run_key: str):
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {literal(run_key)}",
+                               max_results=1)
+    return found[0] if found else None
+
+
+def literal(value: str) -> str:
+    """`value` as a string literal of an MLflow search filter. MLflow's filter parser knows no
+    escapes: a value with a single quote goes in double quotes, and one with both cannot be said."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both kinds of quote, which MLflow search filters cannot "
+                     f"express: rename the path or run")
+
+
+def find_run(uri: str, experiment: str, run_key: str):
+    """The run tagged `run_key` in `experiment`, or None (also when the store cannot be read)."""
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        return _run_with_key(client, exp.experiment_id, run_key)
+    except Exception:  # noqa: BLE001 - a store that is down has no run to report on
+        return None
+
+
+def mark_killed(uri: str, experiment: str, run_key: str) -> bool:
+    """After Ctrl-C: the run is KILLED, not left RUNNING by workers that died with the driver.
+    Returns whether a running run was marked."""
+    run = find_run(uri, experiment, run_key)
+    if run is None or run.info.status != "RUNNING":
+        return False
+    client = _client(uri)
+    client.set_tag(run.info.run_id, "splitmatch.status", "killed")
+    client.set_terminated(run.info.run_id, status="KILLED")
+    return True
 
 
 class Tracker:

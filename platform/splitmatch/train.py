@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import (Config, InferenceConfig, OptimConfig, config_from_dict,
-                               dump_config, flatten, resolve_paths, to_dict)
+from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, InferenceConfig, OptimConfig,
+                               config_from_dict, dump_config, flatten, resolve_paths, to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
 from splitmatch.data.splits import class_names as dataset_classes
@@ -228,10 +229,11 @@ def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir
 
 
 def _save_checkpoint(directory: Path, model: nn.Module, optimizer, iteration: int, epoch: int,
-                     best_hiou: float) -> Path:
-    """Tensors and plain numbers only, so loading can use `torch.load(weights_only=True)`."""
+                     best_hiou: float, config: dict) -> Path:
+    """Tensors and plain values only, so loading can use `torch.load(weights_only=True)`. The
+    config that made the weights travels with them: `eval` and `--resume` check it."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "iteration": iteration, "epoch": epoch, "best_hiou": best_hiou}
+             "iteration": iteration, "epoch": epoch, "best_hiou": best_hiou, "config": config}
     torch.save(state, directory / "state.pt")
     return directory
 
@@ -247,35 +249,106 @@ def load_state(path: str | Path) -> dict:
     return state if "model" in state else {"model": state}
 
 
+def newest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
+    """(directory, iteration) of the complete checkpoint with the highest iteration in `run_dir`.
+
+    Read from the disk rather than from Ray Train's snapshot: an interrupt can land after a
+    checkpoint was written but before the snapshot names it (or before there is a snapshot at
+    all), and that checkpoint is the newest progress. One whose state.pt does not load (cut
+    short mid-copy) is passed over.
+    """
+    newest = None
+    for directory in Path(run_dir).glob("checkpoint_*"):
+        try:  # memory-mapped: only the iteration is read here
+            iteration = torch.load(directory / "state.pt", map_location="cpu", weights_only=True,
+                                   mmap=True)["iteration"]
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError):
+            continue
+        if newest is None or iteration > newest[1]:
+            newest = (directory, iteration)
+    return newest
+
+
 FINAL_METRICS = "final_metrics.json"
 BEST_MODEL = "best_model.pt"
 METRIC_KEYS = ("hIoU", "sIoU", "uIoU", "mIoU")
 
 
-def check_run_config(run_dir: Path, cfg: Config) -> None:
+# What `--resume` may change in a run's config: a longer budget (the stored config and the MLflow
+# run record the change). Everything else that can change a result must match.
+RESUME_MAY_GROW = ("train.max_iters",)
+# What `eval` may change against the config stored with a checkpoint: how the model is evaluated
+# and on which device, not what it is or which classes it was trained on.
+EVAL_MAY_DIFFER = ("inference.", "eval.", "data.test_split", "data.select_split", "train.use_gpu",
+                   "train.num_workers", "train.cpus_per_worker")
+
+
+def check_run_config(run_dir: Path, cfg: Config, may_grow: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Refuse to reuse `run_dir` (its checkpoints, its final figures) when the config that made it
-    differs from `cfg` in anything that can change a result; the error names the keys."""
+    differs from `cfg` in anything that can change a result; the error names the keys.
+
+    Numeric keys in `may_grow` may be larger in `cfg`: those changes are returned as
+    {key: (stored, wanted)} for the caller to record.
+    """
     import yaml
 
     from splitmatch.config import ConfigError, config_differences, describe_differences
 
     stored = Path(run_dir) / "config.yaml"
     if not stored.is_file():
-        return
+        return {}
     differences = config_differences(yaml.safe_load(stored.read_text()), cfg)
+    grown = _grown(differences, may_grow)
+    refused = {key: change for key, change in differences.items() if key not in grown}
+    if refused:
+        allowed = f" (only {', '.join(may_grow)} may grow)" if may_grow else ""
+        raise ConfigError(f"{run_dir} was made with another config ({describe_differences(refused)})"
+                          f"{allowed}; reusing it would mix results: choose another name "
+                          f"(--set name=...) or remove that directory")
+    return grown
+
+
+def _grown(differences: dict[str, tuple], may_grow: tuple[str, ...]) -> dict[str, tuple]:
+    return {key: (old, new) for key, (old, new) in differences.items()
+            if key in may_grow and isinstance(old, (int, float)) and new >= old}
+
+
+def check_checkpoint_config(checkpoint: str | Path, state: dict, cfg: Config) -> str:
+    """Refuse to evaluate a checkpoint under a config other than the one that trained it (another
+    unseen split, model or CLIP); returns where the stored config came from, or why none.
+
+    The config is stored in the checkpoint; older checkpoints fall back to their run's config.yaml.
+    """
+    import yaml
+
+    from splitmatch.config import ConfigError, config_differences, describe_differences
+
+    stored, source = state.get("config"), str(checkpoint)
+    if stored is None:
+        path = Path(checkpoint)
+        # checkpoint_*/ or checkpoint_*/state.pt, or a run's best_model.pt
+        run_dir = path.parent.parent if path.name == "state.pt" else path.parent
+        if (run_dir / "config.yaml").is_file():
+            stored, source = yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml")
+    if stored is None:
+        return f"{checkpoint} carries no config: not checked"
+    differences = config_differences(stored, cfg, neutral=(*RESULT_NEUTRAL_KEYS, *EVAL_MAY_DIFFER))
+    # A checkpoint from before a run's budget grew on --resume belongs to that run too.
+    differences = {k: v for k, v in differences.items() if k not in _grown(differences, RESUME_MAY_GROW)}
     if differences:
-        raise ConfigError(f"{run_dir} was made with another config ({describe_differences(differences)}); "
-                          f"reusing it would mix results: choose another name (--set name=...) "
-                          f"or remove that directory")
+        raise ConfigError(f"{source}: the checkpoint was trained under another config "
+                          f"({describe_differences(differences)}); evaluate it with its run's "
+                          f"config.yaml")
+    return f"config checked against {source}"
 
 
 def final_checkpoint(run_dir: Path) -> Path:
     """The last checkpoint of a finished run (ablation rows are compared at equal budget, not
     best-of, and never selected on the split they report)."""
-    checkpoints = [p for p in Path(run_dir).glob("checkpoint_*") if (p / "state.pt").is_file()]
-    if not checkpoints:
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    return max(checkpoints, key=lambda p: load_state(p)["iteration"])
+    return newest[0]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -338,11 +411,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     start_iteration, epoch, best_hiou = 0, 0, -1.0
     best_state = None  # the weights selected on select_set (every rank keeps the same copy)
-    checkpoint = ray.train.get_checkpoint()
     state = None
-    if checkpoint is not None:  # a restarted worker group, or the same run started again
+    checkpoint = ray.train.get_checkpoint()  # a restarted worker group, or a resumed run
+    if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
+    on_disk = newest_checkpoint(run_dir)  # what Ray's snapshot may not name yet (see there)
+    if on_disk is not None and (state is None or on_disk[1] > state["iteration"]):
+        state = load_state(on_disk[0])
+    if state is not None:
         model.load_state_dict(state["model"])
         start_iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
         if select_set is not None and (run_dir / BEST_MODEL).is_file():
@@ -363,12 +440,14 @@ def train_loop_per_worker(config: dict) -> None:
             "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
             "unseen": ",".join(classes.unseen), "matching": cfg.matching.mode,
             "pseudo_cache_key": candidates.root.name if candidates else "none"})
-        if state is None:
-            config_path = run_dir / "config.yaml"
-            config_path.write_text(dump_config(cfg))
-            tracker.log_artifact(config_path)
-        else:
+        if state is not None:
             tracker.set_tags({"resumed_from_iteration": start_iteration})
+        updates = config.get("config_updates") or {}
+        if state is None or updates:
+            # launch() wrote it; MLflow params cannot change, so a grown budget is a tag.
+            tracker.log_artifact(run_dir / "config.yaml")
+            tracker.set_tags({f"resumed_with.{key}": f"{old} -> {new}"
+                              for key, (old, new) in updates.items()})
 
     use_amp = cfg.train.amp and device.type == "cuda"
     timers = {"data": 0.0, "step": 0.0, "optimizer": 0.0}
@@ -426,7 +505,8 @@ def train_loop_per_worker(config: dict) -> None:
                     best_hiou = result["hIoU"]
                     best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
                     if rank == 0:
-                        torch.save(best_state, run_dir / BEST_MODEL)
+                        torch.save({"model": best_state, "config": config["cfg"]},
+                                   run_dir / BEST_MODEL)
             if last:
                 final = _test(core, best_state, test_set, classes, cfg, device, rank, world_size)
                 metrics.update(final)
@@ -455,7 +535,8 @@ def train_loop_per_worker(config: dict) -> None:
                         ckpt = None
                         if rank == 0:
                             ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
-                                Path(tmp), core, optimizer, iteration, epoch, best_hiou))
+                                Path(tmp), core, optimizer, iteration, epoch, best_hiou,
+                                config["cfg"]))
                         ray.train.report(reported, checkpoint=ckpt)
                 else:
                     ray.train.report(reported)
@@ -491,26 +572,26 @@ def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpac
 
 def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
            config_path: str = "CONFIG", parent_run_id: str | None = None, callbacks=None,
-           log=print):
+           may_grow: tuple[str, ...] = RESUME_MAY_GROW, log=print):
     """Run training on Ray Train (local instance, or the cluster in RAY_ADDRESS); returns the Result.
 
     The run lives in `train.storage_path/name`; starting the same name again resumes it from its
-    latest checkpoint, which Ray Train finds there, so that needs `resume=True` to be deliberate.
+    newest checkpoint, so that needs `resume=True` to be deliberate, and the config must match
+    the stored one except for the keys in `may_grow` (ablation rows pass none).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from splitmatch.pseudo.pipeline import _init_ray
-    from splitmatch.tracking import default_tracking_uri
+    from splitmatch.tracking import default_tracking_uri, mark_killed
 
     cfg = resolve_paths(cfg)
     run_dir = Path(cfg.train.storage_path) / cfg.name
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
         raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
-    if resume:
-        check_run_config(run_dir, cfg)
+    updates = check_run_config(run_dir, cfg, may_grow) if resume else {}
     if cfg.model.backbone_weights == IMAGENET:
         # Fetched here, before any Ray worker starts, so that an offline machine fails in seconds
         # with one line; each worker then finds the file in its node's torch hub cache.
@@ -530,9 +611,19 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
                            f"{cpus:g}; lower them with --set")
     open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
     run_dir.mkdir(parents=True, exist_ok=True)
+    newest = newest_checkpoint(run_dir) if resume else None
+    if resume:
+        log(f"resuming {cfg.name} from {newest[0].name} (iteration {newest[1]})" if newest else
+            f"resuming {cfg.name}: no complete checkpoint in {run_dir}, starting at iteration 0")
+    for key, (old, new) in updates.items():
+        log(f"{key}: {old} -> {new} on resume (recorded in config.yaml and the MLflow run's tags)")
+    if newest is None or updates or not (run_dir / "config.yaml").is_file():
+        # Written before any worker starts: whatever the run leaves behind can be checked.
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     loop_config = {"cfg": to_dict(cfg), "run_dir": str(run_dir), "tracking_uri": tracking_uri,
-                   "run_key": str(run_dir), "parent_run_id": parent_run_id}
+                   "run_key": str(run_dir), "parent_run_id": parent_run_id,
+                   "config_updates": {k: list(v) for k, v in updates.items()}}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -550,19 +641,53 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     )
     log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
         f"worker(s); run directory {run_dir}; MLflow {tracking_uri}")
-    return trainer.fit()
+    try:
+        return _fit_in_thread(trainer)
+    except KeyboardInterrupt:
+        # The workers die with this driver and cannot close their MLflow run: close it here.
+        ray.shutdown()
+        mark_killed(tracking_uri, cfg.tracking.experiment, str(run_dir))
+        newest = newest_checkpoint(run_dir)
+        log(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
+            f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
+            else "it had no checkpoint yet"))
+        raise
+
+
+def _fit_in_thread(trainer):
+    """`trainer.fit()`, with Ctrl-C left to us: in the main thread Ray Train installs its own SIGINT
+    handler, which aborts the run and exits the process (status 1) before the caller can close
+    the MLflow run or say where to resume. Off the main thread it installs none (as under Tune)."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: the main thread must stay able to take the interrupt
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path | None = None,
                         log=print) -> dict:
-    """`splitmatch eval`: a finished model on the validation split, per-class IoU to CSV."""
+    """`splitmatch eval`: a finished model on the test split, per-class IoU to CSV. The checkpoint's
+    stored config must match `cfg` in all but how it is evaluated (`EVAL_MAY_DIFFER`)."""
     import csv
 
+    state = load_state(checkpoint)
+    checked = check_checkpoint_config(checkpoint, state, cfg)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     clip = build_clip(cfg.clip, device=device)
     classes = build_class_space(cfg, clip)
     model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
-    model.load_state_dict(load_state(checkpoint)["model"])
+    model.load_state_dict(state["model"])
     model.to(device)
     test_set = build_dataset(cfg.data, cfg.data.test_split, train=False)
     result = evaluate(model, test_set, classes, cfg.inference, device, cfg.eval.batch_size)
@@ -577,5 +702,5 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
                                  "" if math.isnan(iou) else f"{iou:.4f}"])
     log(f"{len(test_set)} images of {cfg.data.dataset}/{cfg.data.test_split}: hIoU {result['hIoU']:.2f}  "
         f"sIoU {result['sIoU']:.2f}  uIoU {result['uIoU']:.2f}  mIoU {result['mIoU']:.2f}"
-        + (f"; per-class IoU in {out_csv}" if out_csv else ""))
+        + (f"; per-class IoU in {out_csv}" if out_csv else "") + f" ({checked})")
     return result

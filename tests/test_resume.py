@@ -1,0 +1,111 @@
+"""What a resumed or evaluated run reuses is checked: `--resume` under another config is refused by
+key (a longer budget is allowed and recorded), `eval` checks the config a checkpoint carries,
+and after Ctrl-C the run is KILLED and resumes from the newest complete checkpoint on disk, even
+one Ray Train's snapshot does not name."""
+import signal
+import time
+
+import torch
+import yaml
+
+from splitmatch.tracking import default_tracking_uri
+from splitmatch.train import newest_checkpoint
+from test_train_ray import finish, splitmatch, steps, the_run, write_config
+
+
+def test_newest_checkpoint_is_the_highest_complete_iteration(tmp_path):
+    for name, iteration in (("checkpoint_a", 2), ("checkpoint_b", 6), ("checkpoint_c", 4)):
+        (tmp_path / name).mkdir()
+        torch.save({"model": {}, "iteration": iteration}, tmp_path / name / "state.pt")
+    assert newest_checkpoint(tmp_path) == (tmp_path / "checkpoint_b", 6)
+    # An interrupt mid-copy leaves a state.pt that does not load: the one before it is newest.
+    data = (tmp_path / "checkpoint_b" / "state.pt").read_bytes()
+    (tmp_path / "checkpoint_b" / "state.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "checkpoint_d").mkdir()  # and one whose file was never written
+    assert newest_checkpoint(tmp_path) == (tmp_path / "checkpoint_c", 4)
+    assert newest_checkpoint(tmp_path / "nothing") is None
+
+
+def run(*args, address, timeout=300):
+    proc = splitmatch(*args, address=address)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_cluster):
+    config = write_config(tmp_path, "res", max_iters=4, num_workers=1, checkpoint_every=2,
+                          eval_every=2, num_visualizations=0)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["select_split"] = "val"  # so that there is a best_model.pt to check too
+    config.write_text(yaml.safe_dump(data))
+    finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
+    run_dir = tmp_path / "runs" / "res"
+
+    # Another unseen split on resume would score seen-trained classes as unseen: refused by key.
+    code, out = run("train", str(config), "--resume", "--set", "data.unseen=[zebra, grape]",
+                    "--set", "train.max_iters=6", address=ray_cluster)
+    assert code == 2 and "data.unseen: None -> ['zebra', 'grape']" in out, out
+    assert "only train.max_iters may grow" in out and "training res" not in out
+    code, out = run("train", str(config), "--resume", "--set", "train.max_iters=3",
+                    address=ray_cluster)
+    assert code == 2 and "train.max_iters: 4 -> 3" in out, out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_iters"] == 4
+
+    # A longer budget is allowed, and the stored config and the MLflow run say so.
+    out = finish(splitmatch("train", str(config), "--resume", "--set", "train.max_iters=6",
+                            address=ray_cluster))
+    newest = sorted(run_dir.glob("checkpoint_*"))
+    assert "resuming res from checkpoint_" in out and "(iteration 4)" in out, out
+    assert "train.max_iters: 4 -> 6 on resume" in out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_iters"] == 6
+    client, mlflow_run = the_run(default_tracking_uri(tmp_path / "runs"))
+    assert steps(client, mlflow_run, "loss") == [1, 2, 3, 4, 5, 6]
+    assert mlflow_run.data.tags["resumed_with.train.max_iters"] == "4 -> 6"
+    logged = client.download_artifacts(mlflow_run.info.run_id, "config.yaml", str(tmp_path))
+    assert yaml.safe_load(open(logged))["train"]["max_iters"] == 6
+
+    # eval: the checkpoint carries its config; the original file now differs in the budget.
+    checkpoint = str(newest_checkpoint(run_dir)[0])
+    code, out = run("eval", str(config), "--checkpoint", checkpoint, address=ray_cluster)
+    assert code == 2 and "train.max_iters: 6 -> 4" in out and "run's config.yaml" in out, out
+    code, out = run("eval", str(run_dir / "config.yaml"), "--checkpoint", checkpoint,
+                    "--set", "data.unseen=[zebra, grape]", address=ray_cluster)
+    assert code == 2 and "data.unseen" in out, out
+    out = finish(splitmatch("eval", str(run_dir / "config.yaml"), "--checkpoint", checkpoint,
+                            "--set", "inference.num_random_queries=0", address=ray_cluster))
+    assert f"config checked against {checkpoint}" in out and "hIoU" in out
+    out = finish(splitmatch("eval", str(run_dir / "config.yaml"), "--checkpoint",
+                            str(run_dir / "best_model.pt"), address=ray_cluster))
+    assert "config checked against" in out
+    assert newest  # the run kept its checkpoints through all of the above
+
+
+def test_ctrl_c_kills_the_run_and_resume_starts_at_the_newest_checkpoint(tmp_path, ray_cluster):
+    config = write_config(tmp_path, "int", max_iters=40, num_workers=1, checkpoint_every=2,
+                          log_every=1, num_visualizations=0)
+    run_dir = tmp_path / "runs" / "int"
+    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (newest_checkpoint(run_dir) or (None, 0))[1] >= 4:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted: the MLflow run of int is marked KILLED" in out and "--resume" in out
+    uri = default_tracking_uri(tmp_path / "runs")
+    client, mlflow_run = the_run(uri)
+    assert mlflow_run.info.status == "KILLED"
+    logged = steps(client, mlflow_run, "loss")
+
+    # As if the interrupt had come before Ray Train wrote its snapshot: the newest checkpoint
+    # on disk is still where the run goes on (Ray alone would start at iteration 0).
+    newest_dir, newest_iteration = newest_checkpoint(run_dir)
+    (run_dir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    out = finish(splitmatch("train", str(config), "--resume", address=ray_cluster))
+    assert f"resuming int from {newest_dir.name} (iteration {newest_iteration})" in out, out
+    client, mlflow_run = the_run(uri)
+    assert mlflow_run.info.status == "FINISHED"
+    assert int(mlflow_run.data.tags["resumed_from_iteration"]) == newest_iteration
+    # Steps logged before the interrupt and not checkpointed are redone but not logged twice.
+    assert logged and steps(client, mlflow_run, "loss") == list(range(1, 41))
