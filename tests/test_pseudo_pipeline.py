@@ -16,8 +16,9 @@ from PIL import Image
 
 from splitmatch.config import config_from_dict, dump_config
 from splitmatch.data import build_dataset
-from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir, cache_key, scan_shards
-from splitmatch.pseudo.pipeline import run_pseudo
+from splitmatch.pseudo.cache import (CacheDamaged, PseudoMaskCache, cache_dir, cache_key,
+                                     scan_shards)
+from splitmatch.pseudo.pipeline import PseudoMaskFailures, run_pseudo
 
 
 def toy_config(tmp_path, **sections):
@@ -141,20 +142,103 @@ def write_voc(root: Path, corrupt: str) -> None:
     (root / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(names))
 
 
-def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, ray_cluster):
+def test_failed_images_follow_on_error_and_are_retried(tmp_path, ray_cluster):
     root = tmp_path / "VOC2012"
     write_voc(root, corrupt="img3")
-    cfg = toy_config(tmp_path, data={"dataset": "voc", "root": str(root), "train_split": "train_aug"})
-    manifest = run_pseudo(cfg, log=lambda *_: None)
+    voc = {"dataset": "voc", "root": str(root), "train_split": "train_aug"}
+    quiet = lambda *_: None  # noqa: E731
+    # on_error "raise" (the default): the other images are done and kept, the run fails naming it.
+    cfg = toy_config(tmp_path, data=voc)
+    with pytest.raises(PseudoMaskFailures, match="1 of 5 images failed .data.on_error is 'raise'"
+                                                 ".*img3.jpg"):
+        run_pseudo(cfg, log=quiet)
+    manifest = json.loads((cache_dir(cfg, "train_aug") / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["stats"]["succeeded"] == 4
+    with pytest.raises(FileNotFoundError, match="missing or incomplete"):
+        PseudoMaskCache.open(cfg, "train_aug")
+    # The command line says it in one line and exits 1.
+    config_file = tmp_path / "voc.yaml"
+    config_file.write_text(dump_config(cfg))
+    cli = subprocess.run([sys.executable, "-m", "splitmatch.cli", "pseudo", str(config_file)],
+                         env=dict(os.environ, RAY_ADDRESS=ray_cluster), capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    last = cli.stderr.strip().splitlines()[-1]  # (Ray's own lines come before it)
+    assert last.startswith("error: 1 of 5 images failed") and "img3.jpg" in last
+
+    # "skip": one failure in five is over the default limit of 1%, within a limit of 25%.
+    with pytest.raises(PseudoMaskFailures, match="max_failed_fraction=0.01"):
+        run_pseudo(toy_config(tmp_path, data={**voc, "on_error": "skip"}), log=quiet)
+    lenient = toy_config(tmp_path, data={**voc, "on_error": "skip"},
+                         pseudo_masks={"max_failed_fraction": 0.25})
+    manifest = run_pseudo(lenient, log=quiet)
     assert manifest["complete"] and manifest["stats"]["succeeded"] == 4
-    assert len(manifest["failures"]) == 1
-    failure = manifest["failures"][0]
+    (failure,) = manifest["failures"]
     assert failure["index"] == 3 and "img3.jpg" in failure["error"] + failure["path"]
-    cache = PseudoMaskCache.open(cfg, "train_aug")
+    cache = PseudoMaskCache.open(lenient, "train_aug")
     assert 3 not in cache and 2 in cache
     with pytest.raises(KeyError, match="image 3"):
         cache.get(3)
     assert manifest["quality"] is None  # only the toy world knows its hidden unseen objects
+
+    # The file is fixed: the next run tries that image again (and only it), and it succeeds.
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(root / "JPEGImages" / "img3.jpg")
+    logs = []
+    manifest = run_pseudo(cfg, log=logs.append)
+    assert "4 cached, 1 to do (1 that failed before)" in logs[0], logs[0]
+    assert manifest["complete"] and not manifest["failures"] and 3 in PseudoMaskCache.open(cfg, "train_aug")
+
+
+def test_damaged_cache_files_are_named_and_rebuilt(tmp_path, ray_cluster):
+    cfg = toy_config(tmp_path)
+    quiet = lambda *_: None  # noqa: E731
+    manifest = run_pseudo(cfg, log=quiet)
+    root = cache_dir(cfg, "train")
+    name = sorted(manifest["shards"])[0]
+    assert set(manifest["shards"][name]) == {"bytes", "sha256"}
+    shard = root / "shards" / name
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    with pytest.raises(CacheDamaged, match=f"{name} is damaged .* bytes, the manifest recorded "
+                                           f"{len(data)}.*rebuild it with: splitmatch pseudo"):
+        PseudoMaskCache.open(cfg, "train")
+    logs = []
+    manifest = run_pseudo(cfg, log=logs.append)
+    assert any(f"damaged pseudo-mask shard {shard}" in line for line in logs), logs
+    assert manifest["complete"] and manifest["stats"]["processed"] == 12
+    assert "8 cached, 4 to do" in logs[1]  # only the damaged shard's images were redone
+
+    # The same size with other bytes: only the checksum sees it.
+    name = sorted(manifest["shards"])[-1]
+    shard = root / "shards" / name
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheDamaged, match="sha256 differs"):
+        PseudoMaskCache.open(cfg, "train")
+    # A damaged manifest is named too (not a bare JSONDecodeError); training with
+    # --build-pseudo-masks rebuilds what is damaged, checking the unrecorded shards by loading.
+    (root / "manifest.json").write_text('{"key": ')
+    with pytest.raises(CacheDamaged, match="manifest.json is damaged"):
+        PseudoMaskCache.open(cfg, "train")
+    from splitmatch.train import open_pseudo_masks
+    cache = open_pseudo_masks(cfg, build=True, log=quiet)
+    assert all(i in cache for i in range(12))
+
+
+def test_two_runs_on_one_cache_do_the_work_once(tmp_path, ray_cluster):
+    cfg = toy_config(tmp_path)
+    config_file = tmp_path / "pseudo.yaml"
+    config_file.write_text(dump_config(cfg))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    runs = [subprocess.Popen([sys.executable, "-m", "splitmatch.cli", "pseudo", str(config_file)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=400)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    # One of them computed the 12 images; the other waited for the lock and found them cached.
+    assert sorted("12 cached, 0 to do" in out for out in outputs) == [False, True], outputs
+    assert sum("processed 12 images" in out for out in outputs) == 1
 
 
 def test_killed_run_resumes_with_one_record_per_image(tmp_path, ray_cluster):

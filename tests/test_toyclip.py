@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
+from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from splitmatch.toyclip import (
     ToyClipRecipe,
     checkpoint_dir,
     checkpoint_info,
+    checkpoint_inputs,
     checkpoint_key,
     contrastive_loss,
     jaccard_targets,
@@ -200,6 +204,11 @@ def test_key_follows_every_training_input_but_not_the_cache_folder(toy_cfg):
     assert checkpoint_key(toy_cfg, dataclasses.replace(RECIPE, zoom_fraction=0.0)) != key
     with pytest.raises(Exception, match="no model config"):
         checkpoint_key(dataclasses.replace(toy_cfg, model_name="no-such-model"), RECIPE)
+    # The library versions and the training code are inputs too (as the README says).
+    inputs = checkpoint_inputs(toy_cfg, RECIPE)
+    assert inputs["torch"] == torch.__version__ and inputs["open_clip"] == open_clip.__version__
+    source = Path(toyclip.__file__).read_bytes()
+    assert inputs["training_code_sha256"] == hashlib.sha256(source).hexdigest()
 
 
 def test_interrupted_pretraining_leaves_nothing_that_looks_complete(toy_cfg, monkeypatch):

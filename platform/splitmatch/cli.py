@@ -177,8 +177,12 @@ def cmd_sync_mlflow(args) -> int:
 
 
 def cmd_pseudo(args) -> int:
-    from splitmatch.pseudo.pipeline import run_pseudo
-    manifest = run_pseudo(_config(args), split=args.split)
+    from splitmatch.pseudo.pipeline import PseudoMaskFailures, run_pseudo
+    try:
+        manifest = run_pseudo(_config(args), split=args.split)
+    except PseudoMaskFailures as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0 if manifest["complete"] else 1
 
 

@@ -137,6 +137,9 @@ class PseudoMaskConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0
+    # With data.on_error: skip, the largest share of images that may fail before `pseudo` says the
+    # cache is not complete (exit 1) instead of training on what is left.
+    max_failed_fraction: float = 0.01
 
 
 @dataclass

@@ -354,9 +354,12 @@ def checkpoint_inputs(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE
         "templates": {"single": SINGLE_TEMPLATES, "scene": SCENE_TEMPLATES,
                       "background": BACKGROUND_TEMPLATES,
                       "test": TEST_TEMPLATE, "test_prob": TEST_TEMPLATE_PROB},
-        # The toy world has no generator version: its source stands in for one, so any change to
-        # how images are drawn retrains rather than reusing weights fitted to other pictures.
+        # The toy world and this training code have no versions: their sources stand in for
+        # them, so a change to how images are drawn or how the model is fitted retrains rather
+        # than reusing weights made another way. The libraries count too (kernels, init, RNG).
         "toyworld_sha256": hashlib.sha256(Path(toyworld.__file__).read_bytes()).hexdigest(),
+        "training_code_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "torch": torch.__version__, "open_clip": open_clip.__version__,
     }
 
 

@@ -172,30 +172,20 @@ def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONF
 
     Missing → an error naming the command that builds it, or, with `build`, it is built first.
     """
-    import fcntl
-
-    from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir
+    from splitmatch.pseudo.cache import PseudoMaskCache
+    from splitmatch.pseudo.pipeline import run_pseudo
 
     if cfg.matching.mode != "split":
         return None
     try:
         return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
-    except FileNotFoundError:
+    except FileNotFoundError:  # missing, incomplete or damaged
         if not build:
             raise
-    from splitmatch.pseudo.pipeline import run_pseudo
-
-    # Trials with equal pseudo-mask settings share one cache: the first to get the lock builds it,
-    # the others wait and then find it complete (even when the trials start together).
-    root = cache_dir(cfg, cfg.data.train_split)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.with_name(root.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
-        except FileNotFoundError:
-            run_pseudo(cfg, cfg.data.train_split, log=log)
-            return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
+    # Trials with equal pseudo-mask settings share one cache: run_pseudo lets one build it while
+    # the others wait, then finds it complete.
+    run_pseudo(cfg, cfg.data.train_split, log=log)
+    return PseudoMaskCache.open(cfg, cfg.data.train_split, config_path)
 
 
 def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir: Path,

@@ -4,15 +4,20 @@ Layout of `{pseudo_masks.cache_dir}/{key}/`:
     key.json            what the key was computed from (dataset split, CLIP, pseudo-mask settings)
     shards/*.npz        one per kernel batch, written to a temporary name then renamed, so a crash
                         never leaves a half shard that looks complete
-    manifest.json       written at the end of a run: shards, failures, statistics, quality
+    manifest.json       written at the end of a run: shards (with size and sha256), failures,
+                        statistics, quality
 The key is a hash of everything that changes the result, so a config change gives a new folder and
 never a stale cache. Shards are plain arrays (`allow_pickle=False` on read): nothing executable.
+A shard whose size or checksum differs from the manifest, or that does not load, is damaged: the
+reader refuses it by name, and `splitmatch pseudo` deletes it and recomputes its images.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -104,16 +109,67 @@ def write_shard(shard_dir: Path, arrays: dict[str, np.ndarray]) -> str:
     return name
 
 
-def scan_shards(shard_dir: Path) -> dict[int, dict]:
-    """One record per image index found in complete shards (first shard by name wins)."""
+class CacheDamaged(FileNotFoundError):
+    """A cache file that cannot be trusted; it counts as missing (`--build-pseudo-masks` and
+    `splitmatch pseudo` rebuild it)."""
+
+
+def shard_file_record(path: Path) -> dict:
+    """What the manifest records of a shard to check it later: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+
+
+def check_shard(path: Path, expected: dict | None) -> str | None:
+    """Why the shard at `path` cannot be used (None if it can): missing, another size or checksum
+    than the manifest recorded, or arrays that do not load (zip CRCs catch what has no record)."""
+    if not path.is_file():
+        return "missing"
+    if expected is not None:
+        if path.stat().st_size != expected["bytes"]:
+            return f"{path.stat().st_size} bytes, the manifest recorded {expected['bytes']}"
+        if _file_sha256(path) != expected["sha256"]:
+            return "its sha256 differs from the manifest's"
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as shard:
+            for name in SHARD_FIELDS:
+                shard[name]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest of a cache folder; None if there is none, CacheDamaged if it does not parse."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheDamaged(f"{path} is damaged ({exc})") from exc
+
+
+def scan_shards(shard_dir: Path, recorded: dict | None = None, log=print) -> dict[int, dict]:
+    """One record per image index found in usable shards: a successful record wins over a
+    failed one (an image that failed and was redone), else the first shard by name.
+
+    `recorded` maps shard names to the manifest's size/sha256 records, where there are any.
+    Damaged shards are deleted (and named): their images count as not done.
+    """
     records: dict[int, dict] = {}
     for path in sorted(shard_dir.glob("shard-*.npz")):
+        problem = check_shard(path, (recorded or {}).get(path.name))
+        if problem is not None:
+            log(f"damaged pseudo-mask shard {path}: {problem}; deleted, its images are redone")
+            path.unlink()
+            continue
         with np.load(path, allow_pickle=False) as shard:
             indices, ok = shard["indices"], shard["ok"]
             errors, paths, counts = shard["errors"], shard["paths"], shard["num_candidates"]
             quality = [shard[k] for k in ("q_segments", "q_best_iou_sum", "q_covered", "q_unseen")]
         for pos, index in enumerate(indices.tolist()):
-            if index in records:
+            if index in records and (records[index]["ok"] or not ok[pos]):
                 continue
             records[index] = {"shard": path.name, "pos": pos, "ok": bool(ok[pos]),
                               "error": str(errors[pos]), "path": str(paths[pos]),
@@ -135,14 +191,21 @@ class PseudoMaskCache:
 
     def __init__(self, root: Path, max_open_shards: int = 4):
         self.root = Path(root)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"no pseudo-mask manifest at {manifest_path}")
-        self.manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            raise FileNotFoundError(f"no pseudo-mask manifest at {self.root / 'manifest.json'}")
+        self.manifest = manifest
         self._where: dict[int, tuple[str, int, int, int]] = {}
         self._open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.max_open_shards = max_open_shards
-        for name in self.manifest["shards"]:
+        shards = manifest["shards"]
+        if isinstance(shards, list):  # a manifest from before shards had records: loads are checked
+            shards = dict.fromkeys(shards)
+        for name, record in shards.items():
+            problem = check_shard(self.root / "shards" / name, record)
+            if problem is not None:
+                raise CacheDamaged(f"pseudo-mask shard {self.root / 'shards' / name} is damaged "
+                                   f"({problem})")
             with np.load(self.root / "shards" / name, allow_pickle=False) as shard:
                 shapes, counts, ok = shard["map_shapes"], shard["num_candidates"], shard["ok"]
                 indices = shard["indices"]
@@ -158,12 +221,15 @@ class PseudoMaskCache:
     def open(cls, cfg: Config, split: str, config_path: str = "CONFIG") -> "PseudoMaskCache":
         """The complete cache for (cfg, split), or an error saying which command builds it."""
         root = cache_dir(cfg, split)
-        manifest = root / "manifest.json"
-        if not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
-            raise FileNotFoundError(
-                f"pseudo-mask cache {root.name} for split '{split}' is missing or incomplete at "
-                f"{root}; build it with: splitmatch pseudo {config_path}")
-        return cls(root)
+        rebuild = f"build it with: splitmatch pseudo {config_path}"
+        try:
+            manifest = read_manifest(root)
+            if manifest is None or not manifest.get("complete"):
+                raise FileNotFoundError(f"pseudo-mask cache {root.name} for split '{split}' is "
+                                        f"missing or incomplete at {root}; {rebuild}")
+            return cls(root)
+        except CacheDamaged as exc:
+            raise CacheDamaged(f"{exc}; re{rebuild}") from exc
 
     def __contains__(self, index: int) -> bool:
         return index in self._where

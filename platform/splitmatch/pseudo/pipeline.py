@@ -2,8 +2,14 @@
 
 Each actor loads the frozen CLIP once, decodes its images itself (a corrupt image becomes a failure
 row, not a failed block: Ray Data would otherwise drop or retry the whole block), runs the kernel
-and writes its batch as one shard. Re-running skips every image already in a complete shard, so an
-interrupted run resumes where it stopped and ends with exactly one record per image.
+and writes its batch as one shard. Re-running skips every image already done in a usable shard, so
+an interrupted run resumes where it stopped and ends with exactly one record per image; images
+that failed are tried again on every run (a fixed file then succeeds). One run at a time per
+cache key: a second waits for the first (a file lock), then reuses what it built.
+
+Failed images follow `data.on_error`: "raise" ends the run with an error naming them once the
+others are done (their shards are kept); "skip" leaves them out, up to
+`pseudo_masks.max_failed_fraction` of the split.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import torch
 
 from splitmatch.config import Config, config_from_dict, to_dict
 from splitmatch.data import build_dataset
-from splitmatch.pseudo.cache import (cache_dir, cache_inputs, remove_temporaries, scan_shards,
+from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, read_manifest,
+                                     remove_temporaries, scan_shards, shard_file_record,
                                      write_json_atomic, write_shard)
 
 
@@ -109,12 +116,26 @@ def _init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
+class PseudoMaskFailures(RuntimeError):
+    """Images failed beyond what `data.on_error` allows; the manifest lists them."""
+
+
 def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
-    """Build (or finish) the pseudo-mask cache of `split`; returns the manifest."""
-    import ray
+    """Build (or finish) the pseudo-mask cache of `split`; returns the manifest, or raises
+    PseudoMaskFailures (after writing it) when failed images exceed what the config allows."""
+    import fcntl
 
     split = split or cfg.data.train_split
     root = cache_dir(cfg, split)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        return _build(cfg, split, root, log)
+
+
+def _build(cfg: Config, split: str, root: Path, log) -> dict:
+    import ray
+
     shard_dir = root / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "key.json", cache_inputs(cfg, split))
@@ -122,10 +143,18 @@ def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
     num_images = len(dataset)
     with_quality = cfg.data.dataset == "toyworld"
     removed = remove_temporaries(shard_dir)
-    done = scan_shards(shard_dir)
-    todo = [i for i in range(num_images) if i not in done]
-    log(f"pseudo masks for {cfg.data.dataset}/{split}: {num_images} images, {len(done)} cached, "
-        f"{len(todo)} to do (cache {root})" + (f"; removed {removed} partial shards" if removed else ""))
+    try:
+        recorded = (read_manifest(root) or {}).get("shards")
+    except CacheDamaged as exc:
+        log(f"{exc}: it is written anew")
+        recorded = None
+    done = scan_shards(shard_dir, recorded if isinstance(recorded, dict) else None, log)
+    todo = [i for i in range(num_images) if i not in done or not done[i]["ok"]]
+    retried = sum(1 for i in todo if i in done)
+    log(f"pseudo masks for {cfg.data.dataset}/{split}: {num_images} images, "
+        f"{num_images - len(todo)} cached, {len(todo)} to do"
+        + (f" ({retried} that failed before)" if retried else "") + f" (cache {root})"
+        + (f"; removed {removed} partial shards" if removed else ""))
     seconds = 0.0
     if todo:
         _init_ray()
@@ -146,14 +175,16 @@ def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
         seconds = time.perf_counter() - start
         log(f"processed {processed} images in {seconds:.1f} s on "
             f"{p.num_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
-    records = scan_shards(shard_dir)
+    records = scan_shards(shard_dir, log=log)
     summary = _summarise(records, num_images, with_quality)
     failures = [{"index": i, "path": r["path"], "error": r["error"]}
                 for i, r in sorted(records.items()) if not r["ok"]]
+    allowed = 0 if cfg.data.on_error == "raise" else cfg.pseudo_masks.max_failed_fraction * num_images
     manifest = {
         "key": root.name, "split": split, "inputs": cache_inputs(cfg, split),
-        "complete": all(i in records for i in range(num_images)),
-        "shards": sorted({r["shard"] for r in records.values()}),
+        "complete": all(i in records for i in range(num_images)) and len(failures) <= allowed,
+        "shards": {name: shard_file_record(shard_dir / name)
+                   for name in sorted({r["shard"] for r in records.values()})},
         "failures": failures, **summary,
         "images_per_second": len(todo) / seconds if seconds else None,
     }
@@ -168,4 +199,12 @@ def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
             f"best-match IoU {q['best_match_iou']:.3f}  coverage {q['coverage']:.3f}")
     for failure in failures[:10]:
         log(f"failed: image {failure['index']} {failure['path']}: {failure['error']}")
+    if len(failures) > allowed:
+        first = failures[0]
+        limit = ("data.on_error is 'raise'" if cfg.data.on_error == "raise" else
+                 f"more than pseudo_masks.max_failed_fraction={cfg.pseudo_masks.max_failed_fraction:g}")
+        raise PseudoMaskFailures(
+            f"{len(failures)} of {num_images} images failed ({limit}), e.g. {first['path']}: "
+            f"{first['error']}; all are listed in {root / 'manifest.json'}; fix them and rerun "
+            f"(failed images are retried), or set data.on_error=skip")
     return manifest
