@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from splitmatch.config import redact
 from splitmatch.dashboards import plots
-from splitmatch.dashboards.runs import (Scope, display_uri, load_runs, make_client,
+from splitmatch.dashboards.runs import (Scope, load_runs, make_client,
                                         metric_histories, rank_runs, ranked_table, resolve_scope,
                                         sqlite_store_missing)
 
@@ -168,7 +169,7 @@ def render_html(table: pd.DataFrame, scope: Scope, plot_paths: dict[str, Path],
     """The whole report as one HTML string with the PNGs inlined."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     without_hiou = int(table["hIoU"].isna().sum())
-    scope_rows = [("MLflow store", display_uri(scope.tracking_uri)),
+    scope_rows = [("MLflow store", redact(scope.tracking_uri)),
                   ("experiment(s)", ", ".join(scope.experiments))]
     if scope.missing_experiments:
         scope_rows.append(("not found", ", ".join(scope.missing_experiments)))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from splitmatch.config import redact
+
 IOU_METRICS = ("hIoU", "sIoU", "uIoU", "mIoU")
 PARENT_KIND_TAG = "tags.splitmatch.kind"  # "search" | "ablation": a parent, not a training run
 
@@ -44,22 +46,10 @@ class Scope:
 
     def describe(self) -> str:
         names = ", ".join(self.experiments + self.missing_experiments) or "(none)"
-        text = f"experiment(s) {names} at {display_uri(self.tracking_uri)}"
+        text = f"experiment(s) {names} at {redact(self.tracking_uri)}"
         if self.parent_run_id:
             text += f" (parent {self.parent_run_id})"
         return text
-
-
-def display_uri(uri: str) -> str:
-    """The URI without user:password, so a report can be mailed."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 def make_client(tracking_uri: str):

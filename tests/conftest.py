@@ -36,10 +36,41 @@ def _ray(*args):
     return subprocess.run([str(ray_cli), *args], capture_output=True, text=True, timeout=180)
 
 
-def _stop_processes_under(marker: str, grace_s: float = 8.0) -> None:
-    """Stop the Ray processes whose command line names `marker` (this cluster's temp dir) and all
-    their descendants (workers rename themselves). Not `ray stop`: that kills every Ray process
-    on the machine, including clusters of other sessions or a user's running job."""
+def start_head(num_cpus: int = 2):
+    """`ray start --head` on loopback with its own temp dir and ports; returns (GCS address,
+    dashboard URL, markers): every process of this cluster names one of the markers."""
+    from splitmatch.tracking import free_port
+
+    port, dashboard, client = free_port(), free_port(), free_port()
+    # A temp dir of its own: every daemon's command line names it, so teardown stops this cluster
+    # and nothing else. Short, because Ray's unix sockets live under it (108-byte path limit).
+    temp_dir = tempfile.mkdtemp(prefix="ray-t", dir="/tmp")
+    started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                   "--ray-client-server-port", str(client), "--num-cpus", str(num_cpus),
+                   "--disable-usage-stats", "--temp-dir", temp_dir)
+    assert started.returncode == 0, started.stdout + started.stderr
+    # The Ray client server is started detached from `ray start` and names no temp dir, but it
+    # names the GCS address it serves.
+    return f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", (temp_dir, f"127.0.0.1:{port}")
+
+
+def stop_head(markers) -> None:
+    _stop_processes_under(markers)
+    shutil.rmtree(markers[0], ignore_errors=True)
+
+
+def cluster_processes(markers) -> list[str]:
+    """Command lines of the running processes that name one of `markers`."""
+    out = subprocess.run(["ps", "-ww", "-eo", "args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if any(m in line for m in markers)]
+
+
+def _stop_processes_under(markers, grace_s: float = 8.0) -> None:
+    """Stop the Ray processes whose command line names one of `markers` (this cluster's temp dir
+    and GCS address) and all their descendants (workers rename themselves). Not `ray stop`: that
+    kills every Ray process on the machine, including clusters of other sessions or a user's
+    running job."""
     def table():  # (pid, parent pid, command line) of every process
         out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
                              text=True).stdout
@@ -47,7 +78,7 @@ def _stop_processes_under(marker: str, grace_s: float = 8.0) -> None:
         return [(int(f[0]), int(f[1]), f[2]) for f in fields if len(f) == 3]
 
     rows = table()
-    doomed = {pid for pid, _, args in rows if marker in args}
+    doomed = {pid for pid, _, args in rows if any(m in args for m in markers)}
     while True:  # add descendants until nothing changes
         more = {pid for pid, ppid, _ in rows if ppid in doomed} - doomed
         if not more:
@@ -70,19 +101,9 @@ def _stop_processes_under(marker: str, grace_s: float = 8.0) -> None:
 @pytest.fixture(scope="session")
 def ray_head():
     """(GCS address, dashboard URL) of a 2-CPU head node started for this test session."""
-    from splitmatch.tracking import free_port
-
-    port, dashboard = free_port(), free_port()
-    # A temp dir of its own: every daemon's command line names it, so teardown stops this cluster
-    # and nothing else. Short, because Ray's unix sockets live under it (108-byte path limit).
-    temp_dir = tempfile.mkdtemp(prefix="ray-t", dir="/tmp")
-    started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                   "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir)
-    assert started.returncode == 0, started.stdout + started.stderr
-    yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
-    _stop_processes_under(temp_dir)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    gcs, dashboard, markers = start_head(num_cpus=2)
+    yield gcs, dashboard
+    stop_head(markers)
 
 
 @pytest.fixture(scope="session")

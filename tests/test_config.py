@@ -42,6 +42,20 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.seed == 7
 
 
+def test_floats_take_scientific_notation_and_refuse_non_finite_values():
+    path = EXPERIMENTS / "toyworld.yaml"
+    # YAML 1.1 reads these as strings; a float field takes them as the numbers they are.
+    cfg = load_config(path, ["optim.lr=1e-4", "optim.weight_decay=5E-2", "loss.focal_alpha=.25"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.focal_alpha) == (1e-4, 5e-2, 0.25)
+    for value in (".nan", ".inf", "-.inf", "nan", "1e999"):
+        with pytest.raises(ConfigError, match="'optim.lr' must be a finite number"):
+            load_config(path, [f"optim.lr={value}"])
+    with pytest.raises(ConfigError, match="'optim.lr' must be a number, got 'fast'"):
+        load_config(path, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="'model.hidden_dim' must be an integer, got '1e2'"):
+        load_config(path, ["model.hidden_dim=1e2"])  # integers stay exact
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.num_seen_queries=-4", "model.num_seen_queries"),
     ("model.num_candidate_queries=-1", "model.num_candidate_queries"),
@@ -55,6 +69,9 @@ def test_overrides_are_typed(tmp_path):
     ("inference.stride=600", "inference.stride"),
     ("inference.mode=tiles", "inference.mode"),
     ("inference.short_side=0", "inference.short_side"),
+    ("name=../x", "name"),  # run names are folders under train.storage_path: no paths
+    ("name=a/b", "name"),
+    ("name=..", "name"),
 ])
 def test_bad_values_name_key_and_file(override, key):
     path = EXPERIMENTS / "toyworld.yaml"

@@ -6,7 +6,8 @@ import warnings
 import pytest
 from mlflow.tracking import MlflowClient
 
-from splitmatch.tracking import Tracker, default_tracking_uri, replay
+from splitmatch.config import redact
+from splitmatch.tracking import Tracker, default_tracking_uri, find_run, literal, replay
 
 
 def steps(client, run_id, key):
@@ -70,3 +71,25 @@ def test_unreachable_server_goes_offline_and_replays(tmp_path):
 def test_replay_of_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         replay(tmp_path / "nothing.jsonl")
+
+
+def test_run_keys_with_quotes_are_found_not_duplicated(tmp_path):
+    # A storage path with a quote once made every MLflow query fail (the run went offline).
+    folder = tmp_path / "it's \"here\""
+    uri = default_tracking_uri(tmp_path)
+    for key in (f"{tmp_path}/it's runs/a", f'{tmp_path}/say "hi"/a'):
+        first = Tracker(uri, "exp", key, "a", tmp_path / "o.jsonl")
+        run_id = first.open({}, {})
+        assert Tracker(uri, "exp", key, "a", tmp_path / "o.jsonl").open({}, {}) == run_id
+        assert not first.offline and not (tmp_path / "o.jsonl").exists()
+        assert find_run(uri, "exp", key).info.run_id == run_id
+    with pytest.raises(ValueError, match="both kinds of quote"):
+        literal(str(folder))
+
+
+def test_credentials_are_redacted():
+    assert redact("http://alice:pw@host:5000/mlflow") == "http://***@host:5000/mlflow"
+    assert redact("https://host/?token=abc&page=2") == "https://host/?token=***&page=2"
+    assert redact("https://host/?X-Amz-Signature=abc") == "https://host/?X-Amz-Signature=***"
+    for plain in ("sqlite:////tmp/a b/mlflow.db", "http://127.0.0.1:5000", "databricks", None):
+        assert redact(plain) == plain  # nothing to hide: unchanged, to the byte

@@ -149,7 +149,8 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
         config = write_config(tmp_path, "outage", max_iters=10, num_workers=1, batch_size=2,
                               checkpoint_every=5, eval_every=5)
         data = yaml.safe_load(config.read_text())
-        data["tracking"]["uri"] = server.url
+        # Credentials in the URI (the server does not check them) must not be shown or stored.
+        data["tracking"]["uri"] = server.url.replace("http://", "http://alice:s3cret-pw@")
         config.write_text(yaml.safe_dump(data))
         proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
         client = MlflowClient(server.url)
@@ -163,9 +164,12 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
             time.sleep(0.2)
         server.stop()  # the server goes away mid-run
         out = finish(proc)
-        assert "unreachable" in out
+        assert "unreachable" in out and "http://***@127.0.0.1" in out
         offline = tmp_path / "runs" / "outage" / "mlflow_offline.jsonl"
         assert offline.exists()
+        for stored in (offline, tmp_path / "runs" / "outage" / "config.yaml"):
+            assert "s3cret" not in stored.read_text() and "alice" not in stored.read_text(), stored
+        assert "s3cret" not in out
         server = MlflowServer(tmp_path / "server", port=port).start()
         client = MlflowClient(server.url)
         run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
@@ -175,6 +179,7 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
                                 stderr=subprocess.STDOUT, text=True))
         run = client.get_run(run.info.run_id)
         assert steps(client, run, "loss") == list(range(1, 11))
+        assert run.data.params["tracking.uri"] == f"http://***@127.0.0.1:{port}"
         # No selection split: the test split is evaluated once, at the end.
         assert steps(client, run, "hIoU") == [10] and run.info.status == "FINISHED"
     finally:

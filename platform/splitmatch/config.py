@@ -6,6 +6,8 @@ Errors are `ConfigError`s naming the offending key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,8 +309,16 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot, unsigned exponent) as text; people write it anyway.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -339,8 +349,16 @@ def _positive(value: float, key: str, source: str, allow_zero: bool = False) -> 
         raise ConfigError(f"{source}: '{key}' must be {bound}, got {value}")
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
 def validate(cfg: Config, source: str = "<config>") -> Config:
     """Reject impossible values; return `cfg` unchanged when everything is fine."""
+    if not RUN_NAME.fullmatch(cfg.name):
+        # The name becomes a folder under train.storage_path: a path in it would put checkpoints
+        # and best_model.pt somewhere else.
+        raise ConfigError(f"{source}: 'name' must be a plain name (letters, digits, '.', '_', "
+                          f"'-'; no path), got {cfg.name!r}")
     m = cfg.model
     for key in ("hidden_dim", "mask_dim", "num_heads", "dim_feedforward", "dec_layers"):
         _positive(getattr(m, key), f"model.{key}", source)
@@ -561,13 +579,39 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+_SECRET_QUERY_KEYS = ("token", "password", "passwd", "secret", "key", "signature", "credential")
+
+
+def redact(uri: str | None) -> str | None:
+    """`uri` with any user:password@ and secret-looking query values replaced by ***, for
+    everything that shows or stores a URI (MLflow servers take credentials from
+    MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN instead)."""
+    if not uri:
+        return uri
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [any(s in k.lower() for s in _SECRET_QUERY_KEYS) for k, _ in pairs]
+    if "@" not in parts.netloc and not any(secret):
+        return uri  # untouched (urlunsplit would also rewrite sqlite://// paths)
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
+    query = urlencode([(k, "***" if hidden else v) for (k, v), hidden in zip(pairs, secret)],
+                      safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML; `config_from_dict(yaml.safe_load(dump_config(c))) == c`."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML (credentials in tracking.uri redacted); otherwise
+    `config_from_dict(yaml.safe_load(dump_config(c))) == c`."""
+    data = to_dict(cfg)
+    data["tracking"]["uri"] = redact(data["tracking"]["uri"])
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """`{"model.num_seen_queries": 100, ...}`: the form MLflow params and Tune spaces use."""
+    """`{"model.num_seen_queries": 100, ...}`: the form MLflow params and Tune spaces use
+    (credentials in tracking.uri redacted)."""
     out: dict[str, Any] = {}
 
     def walk(node: dict, prefix: str) -> None:
@@ -579,6 +623,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
                 out[key] = v
 
     walk(to_dict(cfg), "")
+    out["tracking.uri"] = redact(out["tracking.uri"])
     return out
 
 

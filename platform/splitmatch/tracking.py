@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from splitmatch.config import redact
+
 # Fail fast against a dead server instead of MLflow's default of minutes of retries: training must
 # not stall on tracking. Set before mlflow reads them; users can still override.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -143,7 +145,7 @@ class Tracker:
 
     def _go_offline(self, what: str, exc: Exception) -> None:
         if not self.offline:
-            message = (f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {exc}); training "
+            message = (f"MLflow at {redact(self.uri)} is unreachable ({type(exc).__name__}: {exc}); training "
                        f"goes on and unsent records go to {self.offline_path} — replay them with "
                        f"`splitmatch sync-mlflow {self.offline_path}`")
             warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -152,7 +154,7 @@ class Tracker:
 
     def _record(self, record: dict) -> None:
         self.offline_path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"uri": self.uri, "experiment": self.experiment, "run_key": self.run_key,
+        header = {"uri": redact(self.uri), "experiment": self.experiment, "run_key": self.run_key,
                   "run_name": self.run_name, "parent_run_id": self.parent_run_id, "run_id": self.run_id}
         with open(self.offline_path, "a") as handle:
             handle.write(json.dumps({**header, **record}) + "\n")
@@ -250,7 +252,9 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
     if not records:
         return {"records": 0}
     first = records[0]
-    uri = uri or first["uri"]
+    # The file keeps no credentials: a redacted user:password@ comes back from MLflow's own
+    # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or pass --tracking-uri).
+    uri = uri or first["uri"].replace("***@", "")
     client = _client(uri)
     run_id, existed = find_or_create_run(client, first["experiment"], first["run_key"],
                                          first["run_name"], first["parent_run_id"],
@@ -289,7 +293,7 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
             client.set_tag(run_id, "splitmatch.status", record["status"].lower())
             client.set_terminated(run_id, status=record["status"])
     offline_path.rename(offline_path.with_name(offline_path.name + ".synced"))
-    log(f"replayed {len(records)} records into run {run_id} at {uri}: {counts}")
+    log(f"replayed {len(records)} records into run {run_id} at {redact(uri)}: {counts}")
     return {"records": len(records), "run_id": run_id, **counts}
 
 

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from splitmatch.clip import TEMPLATES, build_clip
 from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, InferenceConfig, OptimConfig,
-                               config_from_dict, dump_config, flatten, resolve_paths, to_dict)
+                               config_from_dict, dump_config, flatten, redact, resolve_paths,
+                               to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
 from splitmatch.data.splits import class_names as dataset_classes
@@ -630,7 +631,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
-        f"worker(s); run directory {run_dir}; MLflow {tracking_uri}")
+        f"worker(s); run directory {run_dir}; MLflow {redact(tracking_uri)}")
     try:
         return _fit_in_thread(trainer)
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from splitmatch.config import (Config, apply_overrides, config_from_dict, dump_config,
+from splitmatch.config import (Config, apply_overrides, config_from_dict, dump_config, redact,
                                resolve_paths, to_dict)
 from splitmatch.tracking import (MlflowServer, experiment_id, artifact_root, default_tracking_uri,
                                  find_or_create_run, git_commit)
@@ -150,7 +150,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
                 run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage),
                                           failure_config=tune.FailureConfig(max_failures=0)))
         log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
-            f"{parent_id} at {uri}")
+            f"{parent_id} at {redact(uri)}")
         results = tuner.fit()
         summary = _summarise(results, cfg, client, parent_id, search_dir)
         log(f"{summary['trials']} trials, {summary['errors']} failed; best {summary['best_params']}: "
