@@ -79,8 +79,11 @@ def test_locally_invalid_config_is_not_submitted(ray_head):
 def test_wrong_token_is_rejected(ray_head):
     _, address = ray_head
     denied = cli("jobs", "list", "--address", address, "--token", "not-the-token")
-    assert denied.returncode != 0
-    assert "auth" in (denied.stdout + denied.stderr).lower()
+    assert denied.returncode == 2 and "Traceback" not in denied.stderr
+    (line,) = denied.stderr.strip().splitlines()
+    assert line.startswith(f"error: the cluster at {address} needs its auth token and the token "
+                           f"from --token was refused: pass --token TOKEN or set RAY_AUTH_TOKEN")
+    assert "[traceback: " in line
 
 
 def test_shipped_cluster_specs_keep_auth_on_and_run_the_entry_point():

@@ -193,3 +193,20 @@ def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, ray
     assert proc.returncode != 0
     assert "train.cpus_per_worker (2) CPUs are needed, but the Ray cluster has 2" in out, out[-2000:]
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs" / "greedy").exists()
+
+
+def test_a_deterministic_error_in_a_worker_is_one_line_and_not_retried(tmp_path, ray_cluster):
+    # Found inside the worker (the training split is only read there), with restarts allowed.
+    config = write_config(tmp_path, "toobig", num_workers=1, batch_size=64, max_failures=3)
+    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 2, out[-3000:]
+    error_log = tmp_path / "runs" / "toobig" / "error.log"
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("config error: 'train.batch_size' (64, over 1 workers) is more than the "
+                           "16 images of split 'train': lower it with --set (rank 0; traceback in "
+                           f"{error_log})"), last
+    assert "[traceback: " in last  # the driver's side, in the runs folder's logs
+    assert "restarting from the newest checkpoint" not in out  # the same input fails the same way
+    text = error_log.read_text()
+    assert text.count("worker group failed") == 1 and "ConfigError" in text

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from splitmatch.config import ConfigError, dump_config, load_config
+from splitmatch.errors import RunFailed, UserError
 
 
 
@@ -48,12 +49,8 @@ def cmd_config(args) -> int:
 def cmd_train(args) -> int:
     from splitmatch.train import launch
     cfg = _config(args)
-    try:
-        result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
-                        config_path=args.config)
-    except (FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
+                    config_path=args.config)
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
@@ -71,11 +68,7 @@ def cmd_train(args) -> int:
 
 def cmd_tune(args) -> int:
     from splitmatch.tune import run_search
-    try:
-        run_search(_config(args), resume=args.resume)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_search(_config(args), resume=args.resume)
     return 0
 
 
@@ -155,12 +148,7 @@ def cmd_ablation(args) -> int:
 
 def cmd_diagnose(args) -> int:
     from splitmatch.diagnose import run_diagnose
-    try:
-        run_diagnose(_config(args), split_index=args.split, splits_seed=args.split_seed,
-                     seed=args.seed)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_diagnose(_config(args), split_index=args.split, splits_seed=args.split_seed, seed=args.seed)
     return 0
 
 
@@ -177,12 +165,8 @@ def cmd_sync_mlflow(args) -> int:
 
 
 def cmd_pseudo(args) -> int:
-    from splitmatch.pseudo.pipeline import PseudoMaskFailures, run_pseudo
-    try:
-        manifest = run_pseudo(_config(args), split=args.split)
-    except PseudoMaskFailures as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from splitmatch.pseudo.pipeline import run_pseudo
+    manifest = run_pseudo(_config(args), split=args.split)
     return 0 if manifest["complete"] else 1
 
 
@@ -318,12 +302,37 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # what was done is kept; the command said where
         return 130
+    # The one place where user-facing failures become one line and an exit code.
+    except (UserError, FileNotFoundError, FileExistsError) as exc:
+        return _fail(args, exc, 2)
+    except RunFailed as exc:
+        return _fail(args, exc, 1)
+
+
+def _fail(args, exc: BaseException, code: int) -> int:
+    """Print `exc` as one line, its traceback going to a log file under the runs folder."""
+    import time
+    import traceback
+
+    storage = "runs"
+    if getattr(args, "config", None):
+        try:
+            storage = load_config(args.config, args.overrides).train.storage_path
+        except Exception:  # noqa: BLE001 - the config may be what is broken
+            pass
+    log = Path(storage) / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(exc)))
+        where = f" [traceback: {log}]"
+    except OSError:
+        where = ""
+    kind = "config error" if isinstance(exc, ConfigError) else "error"
+    print(f"{kind}: {' '.join(str(exc).split())}{where}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from splitmatch.data import splits
+from splitmatch.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem: the message names the key and the source file."""
 
 

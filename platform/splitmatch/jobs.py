@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import splitmatch
+from splitmatch.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(splitmatch.__file__).resolve().parent
@@ -31,13 +32,23 @@ def client(address: str, token: str | None = None):
     """A JobSubmissionClient for the cluster dashboard at `address` (e.g. http://127.0.0.1:8265)."""
     from ray.job_submission import JobSubmissionClient
 
+    from ray.exceptions import AuthenticationError
+
+    given = "--token" if token else "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else None
     token = token or os.environ.get("RAY_AUTH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     if token is None and os.environ.get("RAY_AUTH_MODE") is None and \
             (Path.home() / ".ray" / "auth_token").exists():
         # Let Ray's own loader send the token it keeps for this user.
         os.environ["RAY_AUTH_MODE"] = "token"
-    return JobSubmissionClient(address, headers=headers)
+        given = "~/.ray/auth_token"
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        told = f"the token from {given} was refused" if given else "no token was given"
+        raise UserError(f"the cluster at {address} needs its auth token and {told}: pass "
+                        f"--token TOKEN or set RAY_AUTH_TOKEN (on the head node: "
+                        f"ray get-auth-token)") from exc
 
 
 def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -> str:

@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from splitmatch.config import redact
 
@@ -145,9 +146,12 @@ class Tracker:
 
     def _go_offline(self, what: str, exc: Exception) -> None:
         if not self.offline:
-            message = (f"MLflow at {redact(self.uri)} is unreachable ({type(exc).__name__}: {exc}); training "
-                       f"goes on and unsent records go to {self.offline_path} — replay them with "
-                       f"`splitmatch sync-mlflow {self.offline_path}`")
+            # The client's own error repeats the URL, credentials and all.
+            userinfo = urlsplit(self.uri).netloc.rpartition("@")[0]
+            error = str(exc).replace(f"{userinfo}@", "***@") if userinfo else str(exc)
+            message = (f"MLflow at {redact(self.uri)} is unreachable ({type(exc).__name__}: "
+                       f"{error}); training goes on and unsent records go to {self.offline_path} "
+                       f"— replay them with `splitmatch sync-mlflow {self.offline_path}`")
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             self.log(f"warning: {message}")
         self.offline = True

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, InferenceConfig, OptimConfig,
+from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, InferenceConfig, OptimConfig,
                                config_from_dict, dump_config, flatten, redact, resolve_paths,
                                to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
@@ -30,6 +30,7 @@ from splitmatch.data import build_dataset, collate
 from splitmatch.data.splits import class_names as dataset_classes
 from splitmatch.data.splits import default_unseen
 from splitmatch.data.splits import seen_ids as dataset_seen_ids
+from splitmatch.errors import RunFailed, UserError
 from splitmatch.evaluation import ZSSEvaluator
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
@@ -271,7 +272,7 @@ RESUME_MAY_GROW = ("train.max_iters",)
 # What `eval` may change against the config stored with a checkpoint: how the model is evaluated
 # and on which device, not what it is or which classes it was trained on.
 EVAL_MAY_DIFFER = ("inference.", "eval.", "data.test_split", "data.select_split", "train.use_gpu",
-                   "train.num_workers", "train.cpus_per_worker")
+                   "train.num_workers", "train.cpus_per_worker", "data.root")
 
 
 def check_run_config(run_dir: Path, cfg: Config, may_grow: tuple[str, ...] = ()) -> dict[str, tuple]:
@@ -283,7 +284,7 @@ def check_run_config(run_dir: Path, cfg: Config, may_grow: tuple[str, ...] = ())
     """
     import yaml
 
-    from splitmatch.config import ConfigError, config_differences, describe_differences
+    from splitmatch.config import config_differences, describe_differences
 
     stored = Path(run_dir) / "config.yaml"
     if not stored.is_file():
@@ -312,7 +313,7 @@ def check_checkpoint_config(checkpoint: str | Path, state: dict, cfg: Config) ->
     """
     import yaml
 
-    from splitmatch.config import ConfigError, config_differences, describe_differences
+    from splitmatch.config import config_differences, describe_differences
 
     stored, source = state.get("config"), str(checkpoint)
     if stored is None:
@@ -397,8 +398,9 @@ def train_loop_per_worker(config: dict) -> None:
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size // world_size, sampler=sampler,
                         drop_last=True, collate_fn=collate, num_workers=cfg.train.loader_workers)
     if len(loader) == 0:
-        raise ValueError(f"the training split has {len(train_set)} images: too few for a global "
-                         f"batch of {cfg.train.batch_size} over {world_size} workers")
+        raise ConfigError(f"'train.batch_size' ({cfg.train.batch_size}, over {world_size} workers) is "
+                          f"more than the {len(train_set)} images of split "
+                          f"'{cfg.data.train_split}': lower it with --set")
 
     start_iteration, epoch, best_hiou = 0, 0, -1.0
     best_state = None  # the weights selected on select_set (every rank keeps the same copy)
@@ -592,12 +594,12 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < cfg.train.num_workers:
             # Ray Train would wait for GPUs that never come; say so instead.
-            raise RuntimeError(f"train.use_gpu is true with {cfg.train.num_workers} workers, but the "
+            raise ConfigError(f"train.use_gpu is true with {cfg.train.num_workers} workers, but the "
                                f"Ray cluster has {gpus:g} GPU(s); set train.use_gpu=false or add GPUs")
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < cfg.train.num_workers * cfg.train.cpus_per_worker:
         # Same reason: the worker group would wait forever for CPUs the cluster does not have.
-        raise RuntimeError(f"train.num_workers ({cfg.train.num_workers}) x train.cpus_per_worker "
+        raise ConfigError(f"train.num_workers ({cfg.train.num_workers}) x train.cpus_per_worker "
                            f"({cfg.train.cpus_per_worker}) CPUs are needed, but the Ray cluster has "
                            f"{cpus:g}; lower them with --set")
     open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
@@ -618,22 +620,25 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=cfg.name, storage_path=cfg.train.storage_path, callbacks=callbacks,
-            # The latest checkpoint only: it is what a resumed run continues from. The selected
-            # weights, if any, are best_model.pt.
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-    )
+    def trainer():
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
+                                         use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=cfg.name, storage_path=cfg.train.storage_path, callbacks=callbacks,
+                # The latest checkpoint only: it is what a resumed run continues from. The
+                # selected weights, if any, are best_model.pt.
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                # Restarts are decided below, where a deterministic error can end them.
+                failure_config=FailureConfig(max_failures=0)),
+        )
+
     log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
         f"worker(s); run directory {run_dir}; MLflow {redact(tracking_uri)}")
     try:
-        return _fit_in_thread(trainer)
+        return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, log)
     except KeyboardInterrupt:
         # The workers die with this driver and cannot close their MLflow run: close it here.
         ray.shutdown()
@@ -643,6 +648,34 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
             else "it had no checkpoint yet"))
         raise
+
+
+def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, log):
+    """Fit; when the worker group fails, start it again from the newest checkpoint (up to
+    `max_failures` times) unless the failure is the input's (a UserError on any rank: the same
+    input fails the same way). Every failure's tracebacks go to `run_dir/error.log`."""
+    from ray.train import WorkerGroupError
+
+    failures = 0
+    while True:
+        try:
+            return _fit_in_thread(make_trainer())
+        except WorkerGroupError as exc:
+            errors = exc.worker_failures  # {rank: the exception raised there}
+            error_log = run_dir / "error.log"
+            with open(error_log, "a") as handle:
+                handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker group failed\n{exc}\n")
+            rank, first = min(errors.items(), key=lambda item: item[0]) if errors else (None, exc)
+            user = next(((r, e) for r, e in sorted(errors.items()) if isinstance(e, UserError)), None)
+            if user is not None:
+                raise type(user[1])(f"{user[1]} (rank {user[0]}; traceback in {error_log})") from exc
+            if failures >= max_failures:
+                raise RunFailed(f"training failed {failures + 1} time(s), last on rank {rank}: "
+                                f"{type(first).__name__}: {first} (train.max_failures="
+                                f"{max_failures}; tracebacks in {error_log})") from exc
+            failures += 1
+            log(f"the worker group failed on rank {rank} ({type(first).__name__}); restarting from "
+                f"the newest checkpoint ({failures} of train.max_failures={max_failures})")
 
 
 def _fit_in_thread(trainer):
@@ -672,6 +705,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
     stored config must match `cfg` in all but how it is evaluated (`EVAL_MAY_DIFFER`)."""
     import csv
 
+    cfg = resolve_paths(cfg)  # as the stored config is
     state = load_state(checkpoint)
     checked = check_checkpoint_config(checkpoint, state, cfg)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from splitmatch.config import (Config, apply_overrides, config_from_dict, dump_config, redact,
+from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config, redact,
                                resolve_paths, to_dict)
 from splitmatch.tracking import (MlflowServer, experiment_id, artifact_root, default_tracking_uri,
                                  find_or_create_run, git_commit)
@@ -90,9 +90,9 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
 
     cfg = resolve_paths(cfg)
     if not cfg.tune.space:
-        raise ValueError("tune.space is empty: nothing to search (see experiments/toyworld_search.yaml)")
+        raise ConfigError("tune.space is empty: nothing to search (see experiments/toyworld_search.yaml)")
     if cfg.data.select_split is None:
-        raise ValueError(f"data.select_split is not set: a search must choose on a split other than "
+        raise ConfigError(f"data.select_split is not set: a search must choose on a split other than "
                          f"the reported test split ({cfg.data.test_split!r}); set e.g. "
                          f"--set data.select_split=val")
     storage = Path(cfg.train.storage_path)

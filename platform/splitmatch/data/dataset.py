@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from splitmatch.data import splits
 from splitmatch.data.transforms import TrainAugment
+from splitmatch.errors import UserError
 
 if TYPE_CHECKING:  # config.py imports splitmatch.data.splits, so a runtime import here would cycle
     from splitmatch.config import DataConfig
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # config.py imports splitmatch.data.splits, so a runtime impo
 Sample = dict[str, Any]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad sample or missing dataset file; the message names the file and the problem."""
 
 

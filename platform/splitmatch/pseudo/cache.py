@@ -27,6 +27,7 @@ import torch
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS
 from splitmatch.config import Config
 from splitmatch.data import splits
+from splitmatch.errors import UserError
 from splitmatch.pseudo.kernel import KERNEL_VERSION
 
 SHARD_FIELDS = ("indices", "ok", "errors", "paths", "map_shapes", "map_data", "num_candidates",
@@ -109,7 +110,7 @@ def write_shard(shard_dir: Path, arrays: dict[str, np.ndarray]) -> str:
     return name
 
 
-class CacheDamaged(FileNotFoundError):
+class CacheDamaged(UserError, FileNotFoundError):
     """A cache file that cannot be trusted; it counts as missing (`--build-pseudo-masks` and
     `splitmatch pseudo` rebuild it)."""
 

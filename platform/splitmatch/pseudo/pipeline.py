@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from splitmatch.config import Config, config_from_dict, to_dict
+from splitmatch.errors import RunFailed
 from splitmatch.data import build_dataset
 from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, read_manifest,
                                      remove_temporaries, scan_shards, shard_file_record,
@@ -116,7 +117,7 @@ def _init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-class PseudoMaskFailures(RuntimeError):
+class PseudoMaskFailures(RunFailed):
     """Images failed beyond what `data.on_error` allows; the manifest lists them."""
 
 

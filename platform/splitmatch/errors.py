@@ -1,0 +1,15 @@
+"""The failures a user is shown as one line. The command line catches them once (`cli.main`):
+the message on the terminal, the traceback in a log file whose path it prints.
+
+`UserError` is bad input (a config key, a data file, a checkpoint or run made under another
+config, a cluster token): the same input fails the same way, so nothing retries it. `RunFailed`
+is work that failed for another reason (a worker group that kept dying, images that failed).
+"""
+
+
+class UserError(Exception):
+    """Bad input; the message names the key or file and the cause. Exit code 2."""
+
+
+class RunFailed(Exception):
+    """The work failed after what could be retried was; the message says where to look. Exit 1."""
