@@ -36,6 +36,20 @@ def _ray(*args):
     return subprocess.run([str(ray_cli), *args], capture_output=True, text=True, timeout=180)
 
 
+def node_ports() -> list[str]:
+    """`ray start` options giving a node ports of its own: with Ray's defaults, a second Ray on
+    the machine (another test cluster, a user's local instance) takes the dashboard agent's port
+    and this node never gets the agent that the Job API needs."""
+    from splitmatch.tracking import free_port
+
+    options = []
+    for option in ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                   "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                   "--runtime-env-agent-port"):
+        options += [option, str(free_port())]
+    return options
+
+
 def start_head(num_cpus: int = 2):
     """`ray start --head` on loopback with its own temp dir and ports; returns (GCS address,
     dashboard URL, markers): every process of this cluster names one of the markers."""
@@ -48,7 +62,7 @@ def start_head(num_cpus: int = 2):
     started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                    "--ray-client-server-port", str(client), "--num-cpus", str(num_cpus),
-                   "--disable-usage-stats", "--temp-dir", temp_dir)
+                   *node_ports(), "--disable-usage-stats", "--temp-dir", temp_dir)
     assert started.returncode == 0, started.stdout + started.stderr
     # The Ray client server is started detached from `ray start` and names no temp dir, but it
     # names the GCS address it serves.

@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)  # what was done is kept; the command said where
+    except KeyboardInterrupt as exc:  # what was done is kept; the message says where
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
     # The one place where user-facing failures become one line and an exit code.
     except (UserError, FileNotFoundError, FileExistsError) as exc:

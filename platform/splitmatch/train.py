@@ -644,10 +644,9 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         ray.shutdown()
         mark_killed(tracking_uri, cfg.tracking.experiment, str(run_dir))
         newest = newest_checkpoint(run_dir)
-        log(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
+        raise KeyboardInterrupt(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
-            else "it had no checkpoint yet"))
-        raise
+            else "it had no checkpoint yet")) from None
 
 
 def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, log):
