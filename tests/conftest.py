@@ -31,9 +31,10 @@ if "RAY_AUTH_TOKEN" not in os.environ:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
-def _ray(*args):
+def _ray(*args, env=None):
     ray_cli = Path(sys.executable).with_name("ray")
-    return subprocess.run([str(ray_cli), *args], capture_output=True, text=True, timeout=180)
+    return subprocess.run([str(ray_cli), *args], capture_output=True, text=True, timeout=180,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def node_ports() -> list[str]:
@@ -47,7 +48,21 @@ def node_ports() -> list[str]:
                    "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                    "--runtime-env-agent-port"):
         options += [option, str(free_port())]
-    return options
+    # Workers of nodes that share an address must not share a port range: the OS picks.
+    return options + ["--min-worker-port", "0", "--max-worker-port", "0"]
+
+
+def start_worker_node(gcs: str, num_cpus: int = 1):
+    """`ray start --address=GCS`: one more node of that cluster on this machine, with its own temp
+    dir and ports; returns (its markers, its temp dir). Stopping it is a node dying."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-w", dir="/tmp")
+    # The variable that keeps local clusters on loopback (above) also forbids joining nodes;
+    # this node names its address itself, so it may join.
+    started = _ray("start", "--address", gcs, "--node-ip-address", "127.0.0.1",
+                   "--num-cpus", str(num_cpus), *node_ports(), "--disable-usage-stats",
+                   "--temp-dir", temp_dir, env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+    assert started.returncode == 0, started.stdout + started.stderr
+    return (temp_dir,)
 
 
 def start_head(num_cpus: int = 2):
@@ -128,3 +143,56 @@ def ray_cluster(ray_head):
     ray.init(address=ray_head[0], log_to_driver=False)
     yield ray_head[0]
     ray.shutdown()
+
+
+class TwoNodeCluster:
+    """A head node and a worker node, separate Ray node processes on this machine (Ray's own
+    multi-node test helper, so that both stay on 127.0.0.1), each with its temp dir and ports.
+    `kill_worker()` kills the worker node's processes; `add_worker()` brings one back."""
+
+    def __init__(self, cpus_per_node: int = 1):
+        from ray.cluster_utils import Cluster
+
+        from splitmatch.tracking import free_port
+
+        self.temp_dirs = [tempfile.mkdtemp(prefix="ray-m", dir="/tmp")]
+        self.cpus = cpus_per_node
+        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": cpus_per_node, "temp_dir": self.temp_dirs[0],
+            "node_ip_address": "127.0.0.1", "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+            "ray_client_server_port": free_port()})
+        self.address = self.cluster.address
+        self.dashboard = f"http://{self.cluster.head_node.webui_url}"
+        self.worker = self.add_worker()
+
+    def add_worker(self):
+        self.temp_dirs.append(tempfile.mkdtemp(prefix="ray-m", dir="/tmp"))
+        self.worker = self.cluster.add_node(num_cpus=self.cpus, temp_dir=self.temp_dirs[-1],
+                                            node_ip_address="127.0.0.1")
+        self.cluster.wait_for_nodes()
+        return self.worker
+
+    def kill_worker(self) -> list[int]:
+        """SIGKILL every process of the worker node (no clean-up runs); returns their pids."""
+        pids = [info.process.pid for infos in self.worker.all_processes.values()
+                for info in infos if info.process is not None]
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+        return pids
+
+    def node_ids(self) -> tuple[str, str]:
+        return self.cluster.head_node.node_id, self.worker.node_id
+
+    def stop(self) -> None:
+        self.cluster.shutdown()
+        _stop_processes_under((*self.temp_dirs, self.address))
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes():
+    """A fresh two-node cluster (1 CPU each) for one test: tests kill its nodes."""
+    nodes = TwoNodeCluster()
+    yield nodes
+    nodes.stop()

@@ -191,7 +191,8 @@ def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, ray
     proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "train.cpus_per_worker (2) CPUs are needed, but the Ray cluster has 2" in out, out[-2000:]
+    assert ("train.num_workers / train.cpus_per_worker / train.use_gpu: 2 Ray Train workers of 2 CPU "
+            "each are needed at once, but the 1 node(s) of the Ray cluster hold 1") in out, out[-2000:]
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs" / "greedy").exists()
 
 

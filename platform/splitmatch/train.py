@@ -576,7 +576,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from splitmatch.pseudo.pipeline import _init_ray
+    from splitmatch.cluster import check_fits, init_ray
     from splitmatch.tracking import default_tracking_uri, mark_killed
 
     cfg = resolve_paths(cfg)
@@ -589,19 +589,11 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         # Fetched here, before any Ray worker starts, so that an offline machine fails in seconds
         # with one line; each worker then finds the file in its node's torch hub cache.
         imagenet_weights_file(cfg.model.backbone)
-    _init_ray()
-    if cfg.train.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < cfg.train.num_workers:
-            # Ray Train would wait for GPUs that never come; say so instead.
-            raise ConfigError(f"train.use_gpu is true with {cfg.train.num_workers} workers, but the "
-                               f"Ray cluster has {gpus:g} GPU(s); set train.use_gpu=false or add GPUs")
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < cfg.train.num_workers * cfg.train.cpus_per_worker:
-        # Same reason: the worker group would wait forever for CPUs the cluster does not have.
-        raise ConfigError(f"train.num_workers ({cfg.train.num_workers}) x train.cpus_per_worker "
-                           f"({cfg.train.cpus_per_worker}) CPUs are needed, but the Ray cluster has "
-                           f"{cpus:g}; lower them with --set")
+    init_ray()
+    # Ray Train would wait forever for workers that no node can hold: say so instead.
+    check_fits("Ray Train worker", cfg.train.num_workers,
+               {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0},
+               "train.num_workers / train.cpus_per_worker / train.use_gpu")
     open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
     run_dir.mkdir(parents=True, exist_ok=True)
     newest = newest_checkpoint(run_dir) if resume else None

@@ -86,7 +86,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from splitmatch.pseudo.pipeline import _init_ray
+    from splitmatch.cluster import init_ray
 
     cfg = resolve_paths(cfg)
     if not cfg.tune.space:
@@ -102,7 +102,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
                               f"continue it, or choose another name (--set name=...)")
     if resume and not tune.Tuner.can_restore(str(search_dir)):
         raise FileNotFoundError(f"no search to resume in {search_dir}")
-    _init_ray()
+    init_ray()
     server = None
     uri = cfg.tracking.uri
     if uri is None:  # one writer for the embedded store: a local server over its SQLite file

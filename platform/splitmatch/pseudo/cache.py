@@ -169,12 +169,13 @@ def scan_shards(shard_dir: Path, recorded: dict | None = None, log=print) -> dic
             indices, ok = shard["indices"], shard["ok"]
             errors, paths, counts = shard["errors"], shard["paths"], shard["num_candidates"]
             quality = [shard[k] for k in ("q_segments", "q_best_iou_sum", "q_covered", "q_unseen")]
+            node = str(shard["node"]) if "node" in shard.files else ""  # older shards: unknown
         for pos, index in enumerate(indices.tolist()):
             if index in records and (records[index]["ok"] or not ok[pos]):
                 continue
             records[index] = {"shard": path.name, "pos": pos, "ok": bool(ok[pos]),
                               "error": str(errors[pos]), "path": str(paths[pos]),
-                              "num_candidates": int(counts[pos]),
+                              "num_candidates": int(counts[pos]), "node": node,
                               "quality": [float(q[pos]) for q in quality]}
     return records
 

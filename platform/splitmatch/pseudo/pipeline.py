@@ -13,13 +13,13 @@ others are done (their shards are kept); "skip" leaves them out, up to
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from splitmatch.cluster import check_fits, init_ray
 from splitmatch.config import Config, config_from_dict, to_dict
 from splitmatch.errors import RunFailed
 from splitmatch.data import build_dataset
@@ -46,6 +46,8 @@ class PseudoMaskActor:
         # The toy world knows where its unseen objects are: measure how well candidates find them.
         self.full_set = build_dataset(cfg.data, split, train=False) if with_quality else None
         self.shard_dir = Path(shard_dir)
+        import ray
+        self.node = ray.get_runtime_context().get_node_id()  # which node made a shard
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from splitmatch.pseudo.kernel import candidate_quality
@@ -83,6 +85,7 @@ class PseudoMaskActor:
             "embeds": (np.concatenate(embeds) if embeds
                        else np.zeros((0, self.clip.embed_dim), np.float16)),
         }
+        arrays["node"] = np.array(self.node)
         for k, name in enumerate(("q_segments", "q_best_iou_sum", "q_covered", "q_unseen")):
             arrays[name] = np.array([quality.get(i, (0, 0.0, 0, 0))[k] for i in indices],
                                     dtype=np.float64)
@@ -106,15 +109,6 @@ def _summarise(records: dict[int, dict], num_images: int, with_quality: bool) ->
                    "best_match_iou": best_iou_sum / segments if segments else float("nan"),
                    "coverage": covered / unseen if unseen else float("nan")}
     return {"stats": stats, "quality": quality}
-
-
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit` and on cluster nodes) joins a cluster; otherwise a
-        # local instance is started on this machine.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 class PseudoMaskFailures(RunFailed):
@@ -158,9 +152,13 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
         + (f"; removed {removed} partial shards" if removed else ""))
     seconds = 0.0
     if todo:
-        _init_ray()
+        init_ray()
         p = cfg.pseudo_masks
         use_gpu = p.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
+        # The actor pool would wait forever for actors that no node can hold.
+        check_fits("pseudo-mask actor", p.num_actors,
+                   {"CPU": p.cpus_per_actor, "GPU": p.gpus_per_actor if use_gpu else 0.0},
+                   "pseudo_masks.num_actors / cpus_per_actor / gpus_per_actor")
         start = time.perf_counter()
         ds = ray.data.from_items([{"index": i} for i in todo])
         ds = ds.map_batches(
@@ -168,7 +166,10 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
             fn_constructor_kwargs={"config": to_dict(cfg), "split": split,
                                    "shard_dir": str(shard_dir), "with_quality": with_quality},
             batch_size=p.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=p.num_actors),
+            # All actors from the start, but down to one: a pool that lost a node goes on with
+            # the actors it has left.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.num_actors,
+                                               initial_size=p.num_actors),
             num_cpus=p.cpus_per_actor,
             num_gpus=p.gpus_per_actor if use_gpu else 0,
         )
@@ -187,6 +188,9 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
         "shards": {name: shard_file_record(shard_dir / name)
                    for name in sorted({r["shard"] for r in records.values()})},
         "failures": failures, **summary,
+        # Images per Ray node that computed them (a cluster shows every node at work).
+        "nodes": {node: sum(r["node"] == node for r in records.values())
+                  for node in sorted({r["node"] for r in records.values()})},
         "images_per_second": len(todo) / seconds if seconds else None,
     }
     write_json_atomic(root / "manifest.json", manifest)

@@ -1,0 +1,56 @@
+"""Joining Ray, and checking that a piece of work fits on the cluster's nodes before it starts.
+
+Every command that uses Ray (pseudo, train, tune, ablation) joins it through `init_ray`. Ray would
+otherwise wait forever for a worker or actor that no node can hold: `check_fits` says so at once,
+naming the config keys to change.
+"""
+from __future__ import annotations
+
+import os
+
+from splitmatch.config import ConfigError
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes), else start a
+    local instance on this machine. Idempotent."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each live node (not what is free now: busy nodes free up)."""
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+
+
+def how_many_fit(nodes: list[dict[str, float]], per_item: dict[str, float]) -> int:
+    """How many items needing `per_item` each the nodes can hold at once (each on one node)."""
+    fits = 0
+    for node in nodes:
+        counts = [int(node.get(name, 0.0) // amount + 1e-9) for name, amount in per_item.items()
+                  if amount > 0]
+        fits += min(counts) if counts else 0
+    return fits
+
+
+def check_fits(what: str, count: int, per_item: dict[str, float], keys: str,
+               nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse, naming `keys`, `count` items of `per_item` resources that the nodes cannot all hold
+    at once (`what` says what an item is: "Ray Train worker", "pseudo-mask actor")."""
+    nodes = node_resources() if nodes is None else nodes
+    needs = ", ".join(f"{amount:g} {name}" for name, amount in per_item.items() if amount > 0)
+    largest = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in per_item}
+    if how_many_fit(nodes, per_item) == 0:
+        have = ", ".join(f"{amount:g} {name}" for name, amount in largest.items())
+        raise ConfigError(f"{keys}: one {what} needs {needs}, more than any of the "
+                          f"{len(nodes)} node(s) of the Ray cluster has (the largest: {have}); "
+                          f"lower it with --set or add a larger node")
+    fit = how_many_fit(nodes, per_item)
+    if fit < count:
+        raise ConfigError(f"{keys}: {count} {what}s of {needs} each are needed at once, but the "
+                          f"{len(nodes)} node(s) of the Ray cluster hold {fit}; lower them "
+                          f"with --set or add nodes")

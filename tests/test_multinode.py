@@ -1,0 +1,86 @@
+"""The platform on a real multi-node Ray cluster (two node processes on this machine, shared
+storage = the local disk both see): work placed on both nodes, a node killed mid-run, resource
+errors named before any work."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from splitmatch.config import dump_config
+from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir
+from test_pseudo_pipeline import toy_config
+from test_train_ray import write_config
+
+
+def splitmatch(address, *args):
+    return subprocess.Popen([sys.executable, "-m", "splitmatch.cli", *args],
+                            env=dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def shard_nodes(shard_dir) -> set[str]:
+    nodes = set()
+    for path in shard_dir.glob("shard-*.npz"):
+        try:
+            with np.load(path) as shard:
+                nodes.add(str(shard["node"]))
+        except Exception:  # noqa: BLE001 - being written right now
+            pass
+    return nodes
+
+
+def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
+    cfg = toy_config(tmp_path, data={"toyworld": {"num_train": 40, "num_val": 4, "image_size": 64}},
+                     pseudo_masks={"batch_size": 2, "num_actors": 2, "cpus_per_actor": 1.0})
+    config = tmp_path / "pseudo.yaml"
+    config.write_text(dump_config(cfg))
+    shard_dir = cache_dir(cfg, "train") / "shards"
+    head, worker = two_nodes.node_ids()
+    proc = splitmatch(two_nodes.address, "pseudo", str(config))
+    deadline = time.time() + 300
+    while time.time() < deadline and shard_nodes(shard_dir) != {head, worker}:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    assert shard_nodes(shard_dir) == {head, worker}  # an actor on each node
+    done_before = len(list(shard_dir.glob("shard-*.npz")))
+    killed = two_nodes.kill_worker()
+    out, _ = proc.communicate(timeout=400)
+    runs = 1
+    if proc.returncode != 0:  # Ray could not finish without the node: a rerun does
+        rerun = splitmatch(two_nodes.address, "pseudo", str(config))
+        out, _ = rerun.communicate(timeout=400)
+        assert rerun.returncode == 0, out[-3000:]
+        runs = 2
+    manifest = json.loads((shard_dir.parent / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["stats"]["processed"] == 40
+    assert set(manifest["nodes"]) >= {head, worker} and sum(manifest["nodes"].values()) == 40
+    indices = []
+    for name in manifest["shards"]:
+        with np.load(shard_dir / name) as shard:
+            indices += shard["indices"][shard["ok"]].tolist()
+    assert sorted(indices) == list(range(40)), "every image exactly once"
+    cache = PseudoMaskCache.open(cfg, "train")
+    assert all(i in cache for i in range(40))
+    print(f"killed worker node {worker[:8]} (pids {killed}) after {done_before} shards; "
+          f"{runs} run(s); images per node {manifest['nodes']}")
+
+
+def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nodes):
+    # Two CPUs in the cluster, one per node: a 2-CPU worker or actor fits nowhere.
+    config = write_config(tmp_path, "wide", num_workers=1, cpus_per_worker=2)
+    proc = splitmatch(two_nodes.address, "train", str(config), "--build-pseudo-masks")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-3000:]
+    assert ("train.num_workers / train.cpus_per_worker / train.use_gpu: one Ray Train worker needs "
+            "2 CPU, more than any of the 2 node(s) of the Ray cluster has") in out
+    assert not (tmp_path / "runs" / "wide").exists() and not (tmp_path / "cache").exists()
+    cfg = toy_config(tmp_path, pseudo_masks={"cpus_per_actor": 2.0})
+    pseudo = tmp_path / "pseudo.yaml"
+    pseudo.write_text(dump_config(cfg))
+    proc = splitmatch(two_nodes.address, "pseudo", str(pseudo))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "pseudo_masks.num_actors / cpus_per_actor / gpus_per_actor: " \
+        "one pseudo-mask actor needs 2 CPU, more than any" in out, out[-3000:]
