@@ -84,3 +84,34 @@ def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nod
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "pseudo_masks.num_actors / cpus_per_actor / gpus_per_actor: " \
         "one pseudo-mask actor needs 2 CPU, more than any" in out, out[-3000:]
+
+
+def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tmp_path, two_nodes):
+    from mlflow.tracking import MlflowClient
+
+    from splitmatch.tracking import default_tracking_uri
+
+    # One worker per node (1 CPU each): DDP over gloo across the node boundary.
+    config = write_config(tmp_path, "ddp", max_iters=12, num_workers=2, cpus_per_worker=1,
+                          checkpoint_every=4, eval_every=100, max_failures=2,
+                          num_visualizations=0)
+    run_dir = tmp_path / "runs" / "ddp"
+    proc = splitmatch(two_nodes.address, "train", str(config), "--build-pseudo-masks")
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    pids = {rank: int((run_dir / "workers" / f"rank{rank}.pid").read_text()) for rank in (0, 1)}
+    killed = two_nodes.kill_worker()
+    time.sleep(3)
+    two_nodes.add_worker()  # the node is back: the run goes on from its checkpoint
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert "restarting from the newest checkpoint (1 of train.max_failures=2)" in out
+    assert {int((run_dir / "workers" / f"rank{r}.pid").read_text()) for r in (0, 1)} & set(pids.values()) == set()
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
+    assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_iteration"]) >= 4
+    print(f"killed worker node (pids {killed}) after the first checkpoint; ranks were {pids}")
