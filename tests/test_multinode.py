@@ -115,3 +115,28 @@ def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tm
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
     assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_iteration"]) >= 4
     print(f"killed worker node (pids {killed}) after the first checkpoint; ranks were {pids}")
+
+
+def test_search_places_trials_on_both_nodes_with_one_shared_cache(tmp_path, two_nodes):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from test_tune import children, search_config
+
+    config = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [2, 3]}},
+                           max_concurrent_trials=2)
+    proc = splitmatch(two_nodes.address, "tune", str(config))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "2 trials, 0 failed" in out, out[-4000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (parent,), kids = children(client)
+    assert parent.info.status == "FINISHED" and len(kids) == 2
+    assert all(k.info.status == "FINISHED" and "hIoU" in k.data.metrics for k in kids)
+    # One worker of 1 CPU per trial on 1-CPU nodes: the two trials ran on the two nodes ...
+    assert {k.data.tags["ray_node"] for k in kids} == set(two_nodes.node_ids())
+    # ... from one pseudo-mask cache, built once (the other trial waited for its lock).
+    (key,) = {k.data.tags["pseudo_cache_key"] for k in kids}
+    caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert [p.name for p in caches] == [key]
+    assert json.loads((caches[0] / "manifest.json").read_text())["complete"]
+    assert yaml.safe_load(config.read_text())["tune"]["max_concurrent_trials"] == 2

@@ -432,7 +432,8 @@ def train_loop_per_worker(config: dict) -> None:
             "git_commit": git_commit(), "dataset": cfg.data.dataset,
             "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
             "unseen": ",".join(classes.unseen), "matching": cfg.matching.mode,
-            "pseudo_cache_key": candidates.root.name if candidates else "none"})
+            "pseudo_cache_key": candidates.root.name if candidates else "none",
+            "ray_node": ray.get_runtime_context().get_node_id()})  # where rank 0 ran
         if state is not None:
             tracker.set_tags({"resumed_from_iteration": start_iteration})
         updates = config.get("config_updates") or {}
