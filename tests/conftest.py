@@ -161,7 +161,7 @@ class TwoNodeCluster:
             "num_cpus": cpus_per_node, "temp_dir": self.temp_dirs[0],
             "node_ip_address": "127.0.0.1", "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-            "ray_client_server_port": free_port()})
+            "ray_client_server_port": free_port(), **self._ports()})
         self.address = self.cluster.address
         self.dashboard = f"http://{self.cluster.head_node.webui_url}"
         self.worker = self.add_worker()
@@ -169,9 +169,17 @@ class TwoNodeCluster:
     def add_worker(self):
         self.temp_dirs.append(tempfile.mkdtemp(prefix="ray-m", dir="/tmp"))
         self.worker = self.cluster.add_node(num_cpus=self.cpus, temp_dir=self.temp_dirs[-1],
-                                            node_ip_address="127.0.0.1")
+                                            node_ip_address="127.0.0.1", **self._ports())
         self.cluster.wait_for_nodes()
         return self.worker
+
+    @staticmethod
+    def _ports() -> dict:
+        """The node's daemons on ports of their own (see node_ports)."""
+        from splitmatch.tracking import free_port
+
+        return {name: free_port() for name in (
+            "metrics_export_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
 
     def kill_worker(self) -> list[int]:
         """SIGKILL every process of the worker node (no clean-up runs); returns their pids."""

@@ -140,3 +140,28 @@ def test_search_places_trials_on_both_nodes_with_one_shared_cache(tmp_path, two_
     assert [p.name for p in caches] == [key]
     assert json.loads((caches[0] / "manifest.json").read_text())["complete"]
     assert yaml.safe_load(config.read_text())["tune"]["max_concurrent_trials"] == 2
+
+
+def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
+    from mlflow.tracking import MlflowClient
+
+    from splitmatch.tracking import default_tracking_uri
+    from test_jobs import PROJECT_ROOT, cli, job_config
+
+    # Two Train workers of 1 CPU: the job's training needs both nodes.
+    config = job_config(tmp_path, "jobmulti")
+    data = __import__("yaml").safe_load(config.read_text())
+    data["train"]["num_workers"] = 2
+    config.write_text(__import__("yaml").safe_dump(data))
+    try:
+        submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)), "--address",
+                        two_nodes.dashboard, "--follow", "--", "--build-pseudo-masks")
+    finally:
+        config.unlink()  # the job ran from the copy Ray shipped, not from this file
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = submitted.stdout.splitlines()[0].strip()
+    logs = cli("jobs", "logs", job_id, "--address", two_nodes.dashboard)
+    assert "hIoU" in logs.stdout and "on 2 CPU worker(s)" in logs.stdout
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    (run,) = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
