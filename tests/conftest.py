@@ -155,14 +155,24 @@ class TwoNodeCluster:
 
         from splitmatch.tracking import free_port
 
+        from ray._common.utils import get_ray_address_file
+
         self.temp_dirs = [tempfile.mkdtemp(prefix="ray-m", dir="/tmp")]
         self.cpus = cpus_per_node
+        # Ray's helper records its address as the machine's "current cluster" (a file in the
+        # default temp dir), where another Ray on this machine keeps its own: put that back, and
+        # record ours in our temp dir, where this cluster's job supervisor looks for it.
+        shared = Path(get_ray_address_file(None))
+        before = shared.read_text() if shared.is_file() else None
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": cpus_per_node, "temp_dir": self.temp_dirs[0],
             "node_ip_address": "127.0.0.1", "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
             "ray_client_server_port": free_port(), **self._ports()})
         self.address = self.cluster.address
+        self._shared, self._before = shared, before
+        self._restore_current_cluster()
+        Path(get_ray_address_file(self.temp_dirs[0])).write_text(self.address)
         self.dashboard = f"http://{self.cluster.head_node.webui_url}"
         self.worker = self.add_worker()
 
@@ -191,8 +201,15 @@ class TwoNodeCluster:
     def node_ids(self) -> tuple[str, str]:
         return self.cluster.head_node.node_id, self.worker.node_id
 
+    def _restore_current_cluster(self) -> None:
+        if self._before is None:
+            self._shared.unlink(missing_ok=True)
+        else:
+            self._shared.write_text(self._before)
+
     def stop(self) -> None:
         self.cluster.shutdown()
+        self._restore_current_cluster()  # shutdown deletes that file, whoever wrote it
         _stop_processes_under((*self.temp_dirs, self.address))
         for folder in self.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)

@@ -158,9 +158,9 @@ def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
                         two_nodes.dashboard, "--follow", "--", "--build-pseudo-masks")
     finally:
         config.unlink()  # the job ran from the copy Ray shipped, not from this file
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = submitted.stdout.splitlines()[0].strip()
     logs = cli("jobs", "logs", job_id, "--address", two_nodes.dashboard)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + logs.stdout[-5000:]
     assert "hIoU" in logs.stdout and "on 2 CPU worker(s)" in logs.stdout
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     (run,) = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
