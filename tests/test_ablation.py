@@ -91,7 +91,7 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
                        "--set", "data.unseen=[zebra, grape]", address=ray_cluster)
     refused, _ = other.communicate(timeout=300)
     assert other.returncode == 2, refused[-3000:]
-    assert "data.unseen: None -> ['zebra', 'grape']" in refused
+    assert "data.unseen: ['leaf', 'starfish', 'donut'] -> ['zebra', 'grape']" in refused
     assert "train.max_iters: 2 -> 3" in refused and "training baseline" not in refused
 
     # The diagnostics of split 1 read the trained rows and write their report.
