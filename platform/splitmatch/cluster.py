@@ -44,12 +44,12 @@ def check_fits(what: str, count: int, per_item: dict[str, float], keys: str,
     nodes = node_resources() if nodes is None else nodes
     needs = ", ".join(f"{amount:g} {name}" for name, amount in per_item.items() if amount > 0)
     largest = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in per_item}
-    if how_many_fit(nodes, per_item) == 0:
+    fit = how_many_fit(nodes, per_item)
+    if fit == 0:
         have = ", ".join(f"{amount:g} {name}" for name, amount in largest.items())
         raise ConfigError(f"{keys}: one {what} needs {needs}, more than any of the "
                           f"{len(nodes)} node(s) of the Ray cluster has (the largest: {have}); "
                           f"lower it with --set or add a larger node")
-    fit = how_many_fit(nodes, per_item)
     if fit < count:
         raise ConfigError(f"{keys}: {count} {what}s of {needs} each are needed at once, but the "
                           f"{len(nodes)} node(s) of the Ray cluster hold {fit}; lower them "
