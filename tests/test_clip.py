@@ -19,8 +19,7 @@ def tiny_cfg(**overrides) -> ClipConfig:
     return ClipConfig(**{"model_name": TINY, "pretrained": None, **overrides})
 
 
-def build_tiny(seed: int = 0, **overrides) -> FrozenClip:
-    torch.manual_seed(seed)
+def build_tiny(**overrides) -> FrozenClip:
     return build_clip(tiny_cfg(**overrides))
 
 
@@ -83,12 +82,16 @@ def test_deterministic(clip: FrozenClip, images: torch.Tensor) -> None:
         lambda c: c.text_embeddings(["cat", "dog"], TEMPLATES["coco15"]),
     ):
         assert torch.equal(run(clip), run(clip))
-    again = build_tiny(seed=0)
+    # A random CLIP is one CLIP, whatever the caller's seed: Ray workers seeded per rank, the
+    # pseudo-mask actors and `eval` must agree on its text and CLS embeddings.
+    torch.manual_seed(1)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(1)
+    again = build_clip(tiny_cfg())
+    assert torch.equal(torch.rand(3), expected_draw)  # and the caller's RNG stream is untouched
     for key, value in clip.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
     assert torch.equal(again.dense_features(images), clip.dense_features(images))
-    other = build_tiny(seed=1)
-    assert not torch.equal(other.encode_images(images), clip.encode_images(images))
 
 
 def test_dense_features_match_manual_value_path(clip: FrozenClip, images: torch.Tensor) -> None:
@@ -232,16 +235,15 @@ def test_text_embeddings_average_templates(clip: FrozenClip) -> None:
 
 def test_load_checkpoint_file(clip: FrozenClip, images: torch.Tensor, tmp_path: Path) -> None:
     """A local state-dict file goes through open_clip's strict loader, as real ViT-B/16 would."""
+    generator = torch.Generator().manual_seed(7)  # weights unlike the random init's
+    saved = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+             for k, v in clip.model.state_dict().items()}
     checkpoint = tmp_path / "tiny.pt"
-    torch.save(clip.model.state_dict(), checkpoint)
-    loaded = build_tiny(seed=123, pretrained=str(checkpoint))
-    masks = torch.ones(1, 48, 80)
-    assert torch.equal(loaded.dense_features(images), clip.dense_features(images))
-    assert torch.equal(loaded.encode_images(images), clip.encode_images(images))
-    assert torch.equal(loaded.masked_cls(images, masks, torch.tensor([1])),
-                       clip.masked_cls(images, masks, torch.tensor([1])))
-    assert torch.equal(loaded.text_embeddings(["cat"], TEMPLATES["single"]),
-                       clip.text_embeddings(["cat"], TEMPLATES["single"]))
+    torch.save(saved, checkpoint)
+    loaded = build_tiny(pretrained=str(checkpoint))
+    for key, value in saved.items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert not torch.equal(loaded.encode_images(images), clip.encode_images(images))
 
 
 def test_config_errors(tmp_path: Path) -> None:

@@ -395,6 +395,9 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
         f"open_clip pretrained tag of '{model_name}' (known tags: {tags or 'none'})")
 
 
+RANDOM_INIT_SEED = 0  # the weights of a CLIP built without `clip.pretrained` (tests)
+
+
 def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenClip:
     """Build the frozen CLIP described by `cfg` (the `clip:` config section).
 
@@ -403,7 +406,9 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenCli
     for random init (tests). OpenAI ViT-B/16 weights were trained with QuickGELU: loading them
     from a file into "ViT-B-16" needs `force_quick_gelu: true` (or model "ViT-B-16-quickgelu"),
     otherwise the activations silently differ (docs/method.md "Setting").
-    Random init draws from torch's global RNG: seed it before calling for reproducible weights.
+    Random init is seeded with `RANDOM_INIT_SEED`, whatever the caller's RNG state: every Ray
+    worker, pseudo-mask actor and `eval` process then holds the same CLIP, so the class text
+    embeddings and the candidates' CLS embeddings agree between them.
     """
     if cfg.model_config_dir is not None:
         config_dir = Path(cfg.model_config_dir)
@@ -423,9 +428,12 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenCli
     pretrained = None if has_schema else _resolve_pretrained(cfg.model_name, cfg.pretrained)
 
     try:
-        model, _, _ = open_clip.create_model_and_transforms(
-            cfg.model_name, pretrained=pretrained, force_quick_gelu=cfg.force_quick_gelu,
-            device=device)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, _ = open_clip.create_model_and_transforms(
+                cfg.model_name, pretrained=pretrained, force_quick_gelu=cfg.force_quick_gelu,
+                device="cpu")
+        model = model.to(device)
     except RuntimeError as exc:
         if pretrained is None or os.path.isfile(pretrained):
             raise

@@ -39,7 +39,6 @@ class PseudoMaskActor:
         # Ray sets CUDA_VISIBLE_DEVICES for actors that asked for a GPU, and hides GPUs otherwise.
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_num_threads(max(1, int(cfg.pseudo_masks.cpus_per_actor)))
-        torch.manual_seed(cfg.seed)  # only matters for a randomly initialised (test) CLIP
         self.clip = build_clip(cfg.clip, device=device)
         self.kernel = build_kernel(cfg.pseudo_masks, self.clip, cfg.data.ignore_index)
         self.train_set = build_dataset(cfg.data, split, train=True, augment=False)
