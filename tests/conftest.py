@@ -150,7 +150,7 @@ class TwoNodeCluster:
     multi-node test helper, so that both stay on 127.0.0.1), each with its temp dir and ports.
     `kill_worker()` kills the worker node's processes; `add_worker()` brings one back."""
 
-    def __init__(self, cpus_per_node: int = 1):
+    def __init__(self, cpus_per_node: int = 1, node_env: tuple[dict, dict] | None = None):
         from ray.cluster_utils import Cluster
 
         from splitmatch.tracking import free_port
@@ -159,6 +159,9 @@ class TwoNodeCluster:
 
         self.temp_dirs = [tempfile.mkdtemp(prefix="ray-m", dir="/tmp")]
         self.cpus = cpus_per_node
+        # Environment of each node's processes (head, worker): what a node of a real cluster
+        # would have of its own (credentials, a local disk).
+        self.node_env = node_env or ({}, {})
         # Ray's helper records its address as the machine's "current cluster" (a file in the
         # default temp dir), where another Ray on this machine keeps its own: put that back, and
         # record ours in our temp dir, where this cluster's job supervisor looks for it.
@@ -168,7 +171,8 @@ class TwoNodeCluster:
             "num_cpus": cpus_per_node, "temp_dir": self.temp_dirs[0],
             "node_ip_address": "127.0.0.1", "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-            "ray_client_server_port": free_port(), **self._ports()})
+            "ray_client_server_port": free_port(), "env_vars": self.node_env[0] or None,
+            **self._ports()})
         self.address = self.cluster.address
         self._shared, self._before = shared, before
         self._restore_current_cluster()
@@ -179,7 +183,8 @@ class TwoNodeCluster:
     def add_worker(self):
         self.temp_dirs.append(tempfile.mkdtemp(prefix="ray-m", dir="/tmp"))
         self.worker = self.cluster.add_node(num_cpus=self.cpus, temp_dir=self.temp_dirs[-1],
-                                            node_ip_address="127.0.0.1", **self._ports())
+                                            node_ip_address="127.0.0.1",
+                                            env_vars=self.node_env[1] or None, **self._ports())
         self.cluster.wait_for_nodes()
         return self.worker
 
@@ -221,3 +226,62 @@ def two_nodes():
     nodes = TwoNodeCluster()
     yield nodes
     nodes.stop()
+
+
+class S3Server:
+    """moto's S3-compatible server on loopback, a process of its own (its own session, stopped by
+    its id), with one empty bucket. `env` is what a client needs besides the endpoint."""
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, log_dir: Path, bucket: str = "splitmatch"):
+        import urllib.request
+
+        from splitmatch.tracking import free_port
+
+        port = free_port()
+        self.endpoint, self.bucket = f"http://127.0.0.1:{port}", bucket
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=open(log_dir / "moto.log", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                break
+            except OSError:
+                assert self.process.poll() is None and time.time() < deadline, "moto did not start"
+                time.sleep(0.2)
+        self.client().create_bucket(Bucket=bucket)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **{
+            "aws_access_key_id": self.env["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": self.env["AWS_SECRET_ACCESS_KEY"],
+            "region_name": self.env["AWS_DEFAULT_REGION"]})
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                         Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """An S3-compatible server for one test; this process (and the commands it starts) has its
+    credentials, its endpoint and its own local mirror folder."""
+    server = S3Server(tmp_path)
+    for name, value in {**server.env, "AWS_ENDPOINT_URL": server.endpoint,
+                        "MLFLOW_S3_ENDPOINT_URL": server.endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SPLITMATCH_MIRROR", str(tmp_path / "mirror-driver"))
+    yield server
+    server.stop()

@@ -165,3 +165,71 @@ def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     (run,) = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
+
+
+def test_a_run_on_object_storage_shares_nothing_but_the_bucket(tmp_path, s3):
+    """Caches, checkpoints and MLflow artifacts in an S3 bucket (a real S3 server on loopback),
+    each node with a local folder of its own: pseudo masks from actors on both nodes, DDP over
+    both, and a driver that sees the nodes' work only through the bucket."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from conftest import TwoNodeCluster
+    from splitmatch.tracking import MlflowServer
+
+    mirrors = {name: tmp_path / f"mirror-{name}" for name in ("head", "worker")}
+    nodes = TwoNodeCluster(node_env=tuple({**s3.env, "SPLITMATCH_MIRROR": str(mirror)}
+                                          for mirror in mirrors.values()))
+    server = MlflowServer(tmp_path / "mlflow", artifacts=f"s3://{s3.bucket}/mlartifacts").start()
+    try:
+        config = write_config(tmp_path, "s3run", max_iters=4, num_workers=2, cpus_per_worker=1,
+                              checkpoint_every=2, eval_every=2)
+        data = yaml.safe_load(config.read_text())
+        data["train"]["storage_path"] = f"s3://{s3.bucket}/runs"
+        data["pseudo_masks"].update(cache_dir=f"s3://{s3.bucket}/cache", num_actors=2,
+                                    cpus_per_actor=1.0, batch_size=2)
+        data["data"]["select_split"] = "val"
+        data["tracking"]["uri"] = server.url
+        data["storage"] = {"s3_endpoint_url": s3.endpoint}  # the nodes learn it from the config
+        config.write_text(yaml.safe_dump(data))
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "splitmatch.cli", "train", str(config), "--build-pseudo-masks"],
+            env=dict(env, RAY_ADDRESS=nodes.address, PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        assert f"run directory: s3://{s3.bucket}/runs/s3run" in out
+        assert f"weights chosen on 'val', the ones tested above: s3://{s3.bucket}/runs/s3run/best_model.pt" in out
+        assert "is unreachable" not in out  # MLflow took every record, artifacts included
+
+        keys = s3.keys()
+        # The pseudo-mask cache: every shard and, last, the manifest, made on both nodes.
+        (manifest_key,) = [k for k in keys if k.startswith("cache/") and k.endswith("manifest.json")]
+        body = s3.client().get_object(Bucket=s3.bucket, Key=manifest_key)["Body"].read()
+        manifest = json.loads(body)
+        assert manifest["complete"] and set(manifest["nodes"]) == set(nodes.node_ids())
+        shards = {k.rsplit("/", 1)[1] for k in keys if k.startswith("cache/") and k.endswith(".npz")}
+        assert shards == set(manifest["shards"])
+        # Each node kept its local copy in its own folder, of what it computed or read.
+        for mirror in mirrors.values():
+            assert list(mirror.rglob("shard-*.npz")), mirror
+        # The run: Ray Train's checkpoint and the driver's and rank 0's files, all in the bucket.
+        run = [k[len("runs/s3run/"):] for k in keys if k.startswith("runs/s3run/")]
+        assert {"config.yaml", "best_model.pt", "final_metrics.json"} <= set(run)
+        assert any(k.startswith("checkpoint_") and k.endswith("/state.pt") for k in run)
+        assert (mirrors["worker"] / "s3" / s3.bucket / "runs" / "s3run" / "workers" / "rank1.pid").is_file() \
+            or (mirrors["head"] / "s3" / s3.bucket / "runs" / "s3run" / "workers" / "rank1.pid").is_file()
+        # MLflow: the run is complete, and its artifacts are objects in the bucket.
+        client = MlflowClient(server.url)
+        (mlrun,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        assert mlrun.info.status == "FINISHED" and "hIoU" in mlrun.data.metrics, out[-4000:]
+        assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")] == [1, 2, 3, 4]
+        stored = [k for k in keys if k.startswith("mlartifacts/")]
+        assert any(k.endswith("/config.yaml") for k in stored)
+        assert any(k.endswith("/checkpoints/best_model.pt") for k in stored)
+        print(f"bucket after the run: {len(keys)} objects; images per node {manifest['nodes']}")
+    finally:
+        server.stop()
+        nodes.stop()

@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from pathlib import Path
 
+from splitmatch import storage
 from splitmatch.config import Config, ConfigError, apply_overrides, config_from_dict, to_dict
 from splitmatch.data.splits import draw_unseen_splits
 from splitmatch.tracking import (Tracker, artifact_root, default_tracking_uri, find_or_create_run,
@@ -78,7 +78,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     from splitmatch.config import resolve_paths
     from splitmatch.diagnose import class_report, format_class_report
     from splitmatch.train import (FINAL_METRICS, check_run_config, evaluate_checkpoint,
-                                  result_checkpoint, launch)
+                                  result_checkpoint, launch, run_directory, run_location)
 
     cfg = resolve_paths(cfg)
     if table not in TABLES:
@@ -92,7 +92,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     client = MlflowClient(uri)
     parent_name = f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
     parent_id, _ = find_or_create_run(
-        client, cfg.tracking.experiment, str(Path(cfg.train.storage_path) / parent_name), parent_name,
+        client, cfg.tracking.experiment, storage.join(cfg.train.storage_path, parent_name), parent_name,
         tags={"splitmatch.kind": "ablation", "table": str(table), "git_commit": git_commit(), "dataset": cfg.data.dataset,
               "unseen": " | ".join(",".join(u) for u in unseen_splits)},
         artifact_location=artifact_root(uri))
@@ -108,7 +108,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
             tag = f"[{where}, seed {seed}]"
             for row in (r for r in rows if r not in EVALUATES):
                 row_cfg = row_config(base, row, seed, parent_name, split_index)
-                run_dir = Path(row_cfg.train.storage_path) / row_cfg.name
+                run_dir = run_directory(row_cfg)
                 done = run_dir / FINAL_METRICS
                 if done.is_file():
                     check_run_config(run_dir, row_cfg)  # launch(resume=True) checks the others
@@ -133,11 +133,11 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                 rq_cfg = config_from_dict({**to_dict(trained), "inference": {
                     **to_dict(trained)["inference"],
                     "num_random_queries": cfg.inference.num_random_queries}})
-                run_dir = Path(trained.train.storage_path) / trained.name
+                run_dir = run_directory(trained)
                 metrics = evaluate_checkpoint(rq_cfg, result_checkpoint(run_dir),
                                               log=lambda *_: None)
                 rq_name = f"{parent_name}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}"
-                tracker = Tracker(uri, cfg.tracking.experiment, str(run_dir) + "+RQ", rq_name,
+                tracker = Tracker(uri, cfg.tracking.experiment, run_location(trained) + "+RQ", rq_name,
                                   run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)
                 tracker.open({"seed": seed, "data.unseen": list(unseen),
                               "inference.num_random_queries": cfg.inference.num_random_queries,

@@ -32,8 +32,10 @@ def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
 
 def _config(args):
     """The command's config, with `clip.pretrained: toy` replaced by the (cached) toy CLIP."""
+    from splitmatch.storage import use_endpoint
     from splitmatch.toyclip import with_toy_clip
     cfg = load_config(args.config, args.overrides)
+    use_endpoint(cfg.storage.s3_endpoint_url)
     if cfg.model.backbone_weights == "imagenet":
         # Before the toy CLIP's minutes of pretraining: offline, this fails in seconds.
         from splitmatch.model.backbone import imagenet_weights_file
@@ -47,7 +49,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from splitmatch.train import launch
+    from splitmatch import storage
+    from splitmatch.config import resolve_paths
+    from splitmatch.train import BEST_MODEL, launch, run_location
     cfg = _config(args)
     result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
                     config_path=args.config)
@@ -57,11 +61,12 @@ def cmd_train(args) -> int:
     metrics = result.metrics or {}
     print(f"test split {cfg.data.test_split!r}: " + "hIoU {:.2f}  sIoU {:.2f}  uIoU {:.2f}  mIoU {:.2f}".format(
         *(metrics.get(k, float("nan")) for k in ("hIoU", "sIoU", "uIoU", "mIoU"))))
-    print(f"run directory: {result.path}")
+    location = run_location(resolve_paths(cfg))  # Ray's result.path drops an s3:// scheme
+    print(f"run directory: {location}")
     if result.checkpoint is not None:
-        print(f"last checkpoint: {result.checkpoint.path}")
-    best = Path(result.path) / "best_model.pt"
-    if cfg.data.select_split and best.is_file():
+        print(f"last checkpoint: {storage.join(location, Path(result.checkpoint.path).name)}")
+    best = storage.join(location, BEST_MODEL)
+    if cfg.data.select_split and storage.exists(best):
         print(f"weights chosen on {cfg.data.select_split!r}, the ones tested above: {best}")
     return 0
 
@@ -128,8 +133,11 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_toy_clip(args) -> int:
+    from splitmatch.storage import use_endpoint
     from splitmatch.toyclip import main_toy_clip
-    main_toy_clip(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    use_endpoint(cfg.storage.s3_endpoint_url)
+    main_toy_clip(cfg)
     return 0
 
 
@@ -323,7 +331,8 @@ def _fail(args, exc: BaseException, code: int) -> int:
             storage = load_config(args.config, args.overrides).train.storage_path
         except Exception:  # noqa: BLE001 - the config may be what is broken
             pass
-    log = Path(storage) / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    from splitmatch.storage import local_path
+    log = local_path(storage) / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("".join(traceback.format_exception(exc)))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
+from splitmatch import storage
 from splitmatch.config import ClipConfig, ConfigError
 
 # ZegCLIP's prompt sets (docs/method.md, "Setting"). VOC habitually uses the single template; COCO-Stuff
@@ -379,7 +380,13 @@ def _register_config_dir(path: Path) -> None:
 
 
 def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
-    """Check `clip.pretrained` up front so a typo is reported as such, not as a download error."""
+    """Check `clip.pretrained` up front so a typo is reported as such, not as a download error.
+    A checkpoint on object storage (s3://...) is fetched into this node's mirror."""
+    if pretrained is not None and storage.is_remote(pretrained):
+        try:
+            return storage.resolve_file(pretrained)
+        except FileNotFoundError:
+            raise ConfigError(f"'clip.pretrained': checkpoint file not found: {pretrained}") from None
     if pretrained is None or os.path.isfile(pretrained):
         return pretrained
     tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -402,7 +409,8 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenCli
     """Build the frozen CLIP described by `cfg` (the `clip:` config section).
 
     `cfg.pretrained` is an open_clip tag (e.g. "openai"; downloads, so needs network or a warm
-    cache), a local checkpoint path (an open_clip / OpenAI state dict, loaded strictly), or None
+    cache), a checkpoint file (an open_clip / OpenAI state dict, loaded strictly; a local path or
+    an s3:// URI), or None
     for random init (tests). OpenAI ViT-B/16 weights were trained with QuickGELU: loading them
     from a file into "ViT-B-16" needs `force_quick_gelu: true` (or model "ViT-B-16-quickgelu"),
     otherwise the activations silently differ (docs/method.md "Setting").

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 
-from splitmatch.config import ConfigError
+from splitmatch.config import ConfigError, StorageConfig
 
 
-def init_ray() -> None:
+def init_ray(storage: StorageConfig | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes), else start a
-    local instance on this machine. Idempotent."""
+    local instance on this machine. Idempotent. The workers get this command's object-store
+    endpoint (`storage`), so every node reads and writes `s3://` locations at the same place."""
     import ray
 
+    from splitmatch.storage import use_endpoint
+
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        env = use_endpoint(storage.s3_endpoint_url if storage else None)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 runtime_env={"env_vars": env} if env else None)
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -234,6 +234,13 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    # The S3-compatible endpoint of `s3://` locations (train.storage_path, the cache dirs,
+    # clip.pretrained); None = the AWS_ENDPOINT_URL of the environment, else AWS itself.
+    s3_endpoint_url: str | None = None
+
+
+@dataclass
 class TuneConfig:
     """`splitmatch tune`: the search space and how to explore it.
 
@@ -266,6 +273,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
@@ -558,7 +566,9 @@ def resolve_paths(cfg: Config) -> Config:
     """A copy with every local path made absolute, before anything is shipped to Ray workers or
     Tune trials (which run in other working directories)."""
     def absolute(path: str | None) -> str | None:
-        return str(Path(path).expanduser().resolve()) if path else path
+        if not path or "://" in path:  # unset, or a URI (s3://...): the same from everywhere
+            return path
+        return str(Path(path).expanduser().resolve())
 
     data = to_dict(cfg)
     data["data"]["root"] = absolute(cfg.data.root)
@@ -631,7 +641,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 # Keys that say where or how a run is recorded, or how fast it goes, but cannot change what it
 # computes: a reused run, checkpoint or row may differ in these and nothing else.
 RESULT_NEUTRAL_KEYS = (
-    "name", "tracking.", "tune.", "train.log_every", "train.num_visualizations",
+    "name", "tracking.", "storage.", "tune.", "train.log_every", "train.num_visualizations",
     "train.loader_workers", "train.max_failures", "train.storage_path", "eval.batch_size",
     "pseudo_masks.cache_dir", "pseudo_masks.batch_size", "pseudo_masks.num_actors",
     "pseudo_masks.cpus_per_actor", "pseudo_masks.gpus_per_actor", "toy_clip.cache_dir",

@@ -98,11 +98,15 @@ def per_class_pseudo_quality(candidate_maps: Sequence[Tensor], full_labels: Sequ
 def clip_zero_shot(cfg) -> dict[str, float] | None:
     """Per-class zero-shot accuracy of the config's CLIP when it is the toy CLIP (measured when it
     was pretrained, on held-out images); None for other CLIPs (no labelled probe set here)."""
+    from splitmatch.storage import local_path
     from splitmatch.toyclip import INFO_NAME, checkpoint_info
 
-    if not cfg.clip.pretrained or not (Path(cfg.clip.pretrained).parent / INFO_NAME).is_file():
+    if not cfg.clip.pretrained:
         return None
-    return checkpoint_info(Path(cfg.clip.pretrained))["zero_shot"]["per_class"]
+    checkpoint = local_path(cfg.clip.pretrained)  # an s3:// one: the mirror `with_toy_clip` filled
+    if not (checkpoint.parent / INFO_NAME).is_file():
+        return None
+    return checkpoint_info(checkpoint)["zero_shot"]["per_class"]
 
 
 def pseudo_quality_of_split(cfg, max_images: int = 512) -> dict[str, dict]:
@@ -328,7 +332,8 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
     from splitmatch.ablation import ROWS, row_config, split_config
     from splitmatch.config import config_from_dict, resolve_paths, to_dict
     from splitmatch.data.splits import draw_unseen_splits
-    from splitmatch.train import check_run_config, result_checkpoint
+    from splitmatch.storage import local_path
+    from splitmatch.train import check_run_config, result_checkpoint, run_directory
 
     cfg = resolve_paths(cfg)
     seed = cfg.seed if seed is None else seed
@@ -339,7 +344,7 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
     rows = {}
     for row in ROWS[:3]:
         row_cfg = row_config(base, row, seed, parent, split_index)
-        run_dir = Path(row_cfg.train.storage_path) / row_cfg.name
+        run_dir = run_directory(row_cfg)
         if not run_dir.is_dir():
             continue
         check_run_config(run_dir, row_cfg)
@@ -354,7 +359,7 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
                                 f"({', '.join(unseen)}), seed {seed} under "
                                 f"{cfg.train.storage_path}: run splitmatch ablation first")
     report = diagnose_split(base, rows, log=log)
-    out = Path(cfg.train.storage_path) / parent / f"diagnose-u{split_index}-s{seed}.json"
+    out = local_path(cfg.train.storage_path) / parent / f"diagnose-u{split_index}-s{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     log(format_diagnosis(report))

@@ -24,7 +24,8 @@ Two images of one batch often share a class (ten classes, 64 images): plain Info
 them apart as negatives. The targets are therefore soft: image i's target over captions is
 proportional to the Jaccard overlap of their class sets (identical sets count as full positives).
 
-The checkpoint is cached at `{cache_dir}/{key}/` (`toy_clip.pt`: an open_clip state dict,
+The checkpoint is cached at `{cache_dir}/{key}/` (a local folder, or a prefix on object storage
+that each node mirrors, see `splitmatch.storage`) (`toy_clip.pt`: an open_clip state dict,
 `toy_clip.json`: what it was trained from and how well it classifies), the key a hash of
 everything that changes the weights. The folder is assembled under a temporary name and renamed
 into place, so an interrupted pretraining never leaves a folder that looks complete.
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from splitmatch import storage
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS, TEMPLATES, FrozenClip, build_clip
 from splitmatch.config import (
     ClipConfig,
@@ -368,8 +370,14 @@ def checkpoint_key(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def checkpoint_location(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> str:
+    """The cache folder of `cfg`'s checkpoint: a local path, or a prefix on object storage."""
+    return storage.join(cfg.cache_dir, checkpoint_key(cfg, recipe))
+
+
 def checkpoint_dir(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
-    return Path(cfg.cache_dir).resolve() / checkpoint_key(cfg, recipe)
+    """The local folder: the cache itself, or this node's mirror of the remote one."""
+    return storage.local_path(checkpoint_location(cfg, recipe))
 
 
 def create_model(model_name: str) -> nn.Module:
@@ -519,6 +527,10 @@ def pretrain_toy_clip(cfg: ToyClipConfig, log: Callable[[str], None] = print,
             log(f"toy CLIP: {final} appeared while training; keeping it")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    location = checkpoint_location(cfg, recipe)
+    if storage.is_remote(location):  # the weights last: a reader that finds them finds the info
+        storage.push(final / INFO_NAME, storage.join(location, INFO_NAME))
+        storage.push(final / CHECKPOINT_NAME, storage.join(location, CHECKPOINT_NAME))
     log(f"toy CLIP: trained in {train_seconds:.0f} s, zero-shot accuracy "
         f"{report['accuracy']:.3f}; saved {final / CHECKPOINT_NAME}")
     return final / CHECKPOINT_NAME
@@ -529,6 +541,10 @@ def toy_clip_checkpoint(cfg: ToyClipConfig, build: bool = True,
                         recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
     """The cached checkpoint for `cfg`, pretraining it first (once) if absent and `build`."""
     folder = checkpoint_dir(cfg, recipe)
+    location = checkpoint_location(cfg, recipe)
+    if storage.is_remote(location) and storage.info(storage.join(location, CHECKPOINT_NAME)):
+        for name in (INFO_NAME, CHECKPOINT_NAME):
+            storage.pull(storage.join(location, name), folder / name)
     if (folder / CHECKPOINT_NAME).is_file() and (folder / INFO_NAME).is_file():
         accuracy = json.loads((folder / INFO_NAME).read_text())["zero_shot"]["accuracy"]
         log(f"toy CLIP: using cached checkpoint {folder / CHECKPOINT_NAME} (zero-shot accuracy "
@@ -634,9 +650,11 @@ def with_toy_clip(cfg: Config, log: Callable[[str], None] = print) -> Config:
         return cfg
     from splitmatch.config import config_from_dict, to_dict
 
-    checkpoint = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log)
+    checkpoint = str(toy_clip_checkpoint(cfg.toy_clip, build=True, log=log))
+    if storage.is_remote(cfg.toy_clip.cache_dir):  # each node fetches it from there
+        checkpoint = storage.join(checkpoint_location(cfg.toy_clip), CHECKPOINT_NAME)
     data = to_dict(cfg)
-    data["clip"].update(model_name=cfg.toy_clip.model_name, pretrained=str(checkpoint))
+    data["clip"].update(model_name=cfg.toy_clip.model_name, pretrained=checkpoint)
     return config_from_dict(data, "toy CLIP")
 
 
@@ -647,6 +665,7 @@ __all__ = [
     "checkpoint_info",
     "checkpoint_inputs",
     "checkpoint_key",
+    "checkpoint_location",
     "contrastive_loss",
     "create_model",
     "jaccard_targets",

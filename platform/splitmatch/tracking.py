@@ -18,18 +18,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from splitmatch.config import redact
+from splitmatch.config import ConfigError, redact
 
 # Fail fast against a dead server instead of MLflow's default of minutes of retries: training must
-# not stall on tracking. Set before mlflow reads them; users can still override.
+# not stall on tracking. A server that is down refuses at once; the timeout only bounds a request
+# that was accepted, and one of those is a checkpoint uploaded through the server to its artifact
+# store (S3): give it a minute. Set before mlflow reads them; users can still override.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 RUN_KEY_TAG = "splitmatch.run_key"
 
 
 def default_tracking_uri(storage_path: str | Path) -> str:
     """The embedded store: one SQLite file beside the runs, absolute (trials chdir elsewhere)."""
+    if "://" in str(storage_path):
+        # SQLite cannot live on object storage, and a local file would be one node's alone.
+        raise ConfigError(f"train.storage_path is {storage_path}: runs there need an MLflow server "
+                          f"all nodes reach: set tracking.uri (its artifacts can go to the same "
+                          f"object store: mlflow server --artifacts-destination s3://...)")
     return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
 
 
@@ -312,10 +319,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class MlflowServer:
     """A local `mlflow server` over one SQLite file: the single writer that concurrent trials (or a
     test) log to over HTTP, since many processes writing one SQLite file fail with "database is
-    locked". Binds to loopback unless told otherwise."""
+    locked". Binds to loopback unless told otherwise. Artifacts go to `store_dir/mlartifacts`, or
+    to `artifacts` (e.g. s3://bucket/prefix: the server uploads them, with the endpoint and
+    credentials of its environment)."""
 
-    def __init__(self, store_dir: str | Path, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, store_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
+                 artifacts: str | None = None):
         self.store_dir = Path(store_dir).resolve()
+        self.artifacts = artifacts or str(self.store_dir / "mlartifacts")
         self.host = host
         self.port = port or free_port(host)
         self.process: subprocess.Popen | None = None
@@ -331,7 +342,7 @@ class MlflowServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "mlflow", "server",
                    "--backend-store-uri", f"sqlite:///{self.store_dir / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.store_dir / "mlartifacts"),
+                   "--artifacts-destination", self.artifacts,
                    "--host", self.host, "--port", str(self.port), "--workers", "1"]
         log = open(self.store_dir / "mlflow_server.log", "ab")
         # Its own session, so stopping it also stops the web workers it forks.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from splitmatch import storage
 from splitmatch.clip import TEMPLATES, build_clip
 from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, InferenceConfig, OptimConfig,
                                config_from_dict, dump_config, flatten, redact, resolve_paths,
@@ -359,6 +361,41 @@ def result_checkpoint(run_dir: Path) -> Path:
     return best if best.is_file() else final_checkpoint(run_dir)
 
 
+def run_location(cfg: Config) -> str:
+    """Where the run `cfg.name` lives: a folder under `train.storage_path`, or a prefix on object
+    storage (Ray Train writes its checkpoints there itself)."""
+    return storage.join(cfg.train.storage_path, cfg.name)
+
+
+def run_directory(cfg: Config) -> Path:
+    """The run's local folder: the run itself, or this node's mirror of a remote one, holding
+    what the driver needs to check and report it (`pull_run`)."""
+    run_dir = storage.local_path(run_location(cfg))
+    if storage.is_remote(cfg.train.storage_path):
+        pull_run(run_location(cfg), run_dir)
+    return run_dir
+
+
+def pull_run(location: str, run_dir: Path) -> None:
+    """Mirror a remote run's config, selected weights, final figures and checkpoints (only those
+    the remote still has: a mirrored checkpoint the run has since dropped must not look newest)."""
+    for name in ("config.yaml", BEST_MODEL, FINAL_METRICS):
+        storage.pull(storage.join(location, name), run_dir / name, refresh=True)
+    remote = {name for name in storage.listdir(location) if name.startswith("checkpoint_")}
+    for stale in run_dir.glob("checkpoint_*"):
+        if stale.name not in remote:
+            shutil.rmtree(stale, ignore_errors=True)
+    for name in remote:
+        storage.pull(storage.join(location, name, "state.pt"), run_dir / name / "state.pt")
+
+
+def _share(run_dir: Path, location: str, *names: str) -> None:
+    """Push files written in a remote run's local folder to the run's remote prefix."""
+    if storage.is_remote(location):
+        for name in names:
+            storage.push(run_dir / name, storage.join(location, name))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The whole training of one Ray Train worker."""
     import ray.train
@@ -367,7 +404,10 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"], "<train loop>")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    run_dir = Path(config["run_dir"])
+    location = config["run_location"]
+    run_dir = storage.local_path(location)  # this node's (a remote run: a mirror on each node)
+    if rank == 0 and storage.is_remote(location):  # the driver wrote it, maybe on another node
+        storage.pull(storage.join(location, "config.yaml"), run_dir / "config.yaml", refresh=True)
     # ---------------------------------------------------------------- set-up
     torch.manual_seed(cfg.seed + rank)  # different dropout/sampling noise per rank
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
@@ -415,6 +455,8 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
         start_iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
+        if select_set is not None and storage.is_remote(location):
+            storage.pull(storage.join(location, BEST_MODEL), run_dir / BEST_MODEL, refresh=True)
         if select_set is not None and (run_dir / BEST_MODEL).is_file():
             best_state = load_state(run_dir / BEST_MODEL)["model"]
     model = ray.train.torch.prepare_model(model)  # DDP + device
@@ -501,6 +543,7 @@ def train_loop_per_worker(config: dict) -> None:
                     if rank == 0:
                         torch.save({"model": best_state, "config": config["cfg"]},
                                    run_dir / BEST_MODEL)
+                        _share(run_dir, location, BEST_MODEL)
             if last:
                 final = _test(core, best_state, test_set, classes, cfg, device, rank, world_size)
                 metrics.update(final)
@@ -513,6 +556,7 @@ def train_loop_per_worker(config: dict) -> None:
                     (run_dir / FINAL_METRICS).write_text(json.dumps(
                         {"iteration": iteration, "selected": best_state is not None, **final},
                         indent=1))
+                    _share(run_dir, location, FINAL_METRICS)
             if metrics:
                 metrics["iteration"] = iteration
                 if tracker is not None:
@@ -581,7 +625,8 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     from splitmatch.tracking import default_tracking_uri, mark_killed
 
     cfg = resolve_paths(cfg)
-    run_dir = Path(cfg.train.storage_path) / cfg.name
+    location = run_location(cfg)
+    run_dir = run_directory(cfg)
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
         raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
@@ -590,7 +635,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         # Fetched here, before any Ray worker starts, so that an offline machine fails in seconds
         # with one line; each worker then finds the file in its node's torch hub cache.
         imagenet_weights_file(cfg.model.backbone)
-    init_ray()
+    init_ray(cfg.storage)
     # Ray Train would wait forever for workers that no node can hold: say so instead.
     check_fits("Ray Train worker", cfg.train.num_workers,
                {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0},
@@ -606,9 +651,11 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     if newest is None or updates or not (run_dir / "config.yaml").is_file():
         # Written before any worker starts: whatever the run leaves behind can be checked.
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+        _share(run_dir, location, "config.yaml")
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
-    loop_config = {"cfg": to_dict(cfg), "run_dir": str(run_dir), "tracking_uri": tracking_uri,
-                   "run_key": str(run_dir), "parent_run_id": parent_run_id,
+    run_key = location if storage.is_remote(location) else str(run_dir)
+    loop_config = {"cfg": to_dict(cfg), "run_location": location, "tracking_uri": tracking_uri,
+                   "run_key": run_key, "parent_run_id": parent_run_id,
                    "config_updates": {k: list(v) for k, v in updates.items()}}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -629,20 +676,20 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         )
 
     log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
-        f"worker(s); run directory {run_dir}; MLflow {redact(tracking_uri)}")
+        f"worker(s); run directory {location}; MLflow {redact(tracking_uri)}")
     try:
-        return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, log)
+        return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location, log)
     except KeyboardInterrupt:
         # The workers die with this driver and cannot close their MLflow run: close it here.
         ray.shutdown()
-        mark_killed(tracking_uri, cfg.tracking.experiment, str(run_dir))
-        newest = newest_checkpoint(run_dir)
+        mark_killed(tracking_uri, cfg.tracking.experiment, run_key)
+        newest = newest_checkpoint(run_directory(cfg))
         raise KeyboardInterrupt(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
             else "it had no checkpoint yet")) from None
 
 
-def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, log):
+def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, location: str, log):
     """Fit; when the worker group fails, start it again from the newest checkpoint (up to
     `max_failures` times) unless the failure is the input's (a UserError on any rank: the same
     input fails the same way). Every failure's tracebacks go to `run_dir/error.log`."""
@@ -657,6 +704,7 @@ def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, log):
             error_log = run_dir / "error.log"
             with open(error_log, "a") as handle:
                 handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker group failed\n{exc}\n")
+            _share(run_dir, location, "error.log")
             rank, first = min(errors.items(), key=lambda item: item[0]) if errors else (None, exc)
             user = next(((r, e) for r, e in sorted(errors.items()) if isinstance(e, UserError)), None)
             if user is not None:

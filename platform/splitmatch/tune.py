@@ -17,6 +17,7 @@ import yaml
 
 from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config, redact,
                                resolve_paths, to_dict)
+from splitmatch import storage
 from splitmatch.tracking import (MlflowServer, experiment_id, artifact_root, default_tracking_uri,
                                  find_or_create_run, git_commit)
 
@@ -73,7 +74,7 @@ def _mark_failed(uri: str, cfg: Config, parent_run_id: str, error) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    run_key = str(Path(cfg.train.storage_path) / cfg.name)
+    run_key = storage.join(cfg.train.storage_path, cfg.name)
     run_id, _ = find_or_create_run(client, cfg.tracking.experiment, run_key, cfg.name, parent_run_id,
                                    artifact_location=artifact_root(uri))
     client.set_tag(run_id, "splitmatch.status", "failed")
@@ -95,27 +96,26 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
         raise ConfigError(f"data.select_split is not set: a search must choose on a split other than "
                          f"the reported test split ({cfg.data.test_split!r}); set e.g. "
                          f"--set data.select_split=val")
-    storage = Path(cfg.train.storage_path)
-    search_dir = storage / cfg.name
-    if search_dir.exists() and not resume:
+    search_dir = storage.join(cfg.train.storage_path, cfg.name)  # a folder, or an s3:// prefix
+    if storage.exists(search_dir) and not resume:
         raise FileExistsError(f"search '{cfg.name}' already exists in {search_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
-    if resume and not tune.Tuner.can_restore(str(search_dir)):
+    if resume and not tune.Tuner.can_restore(search_dir):
         raise FileNotFoundError(f"no search to resume in {search_dir}")
-    init_ray()
+    init_ray(cfg.storage)
     server = None
     uri = cfg.tracking.uri
     if uri is None:  # one writer for the embedded store: a local server over its SQLite file
         # The experiment is created directly in the store first, with its file artifact root, so
         # the runs stay readable (artifacts included) through the plain sqlite:/// URI afterwards.
-        embedded = default_tracking_uri(storage)
+        embedded = default_tracking_uri(cfg.train.storage_path)
         experiment_id(MlflowClient(embedded), cfg.tracking.experiment, artifact_root(embedded))
-        server = MlflowServer(storage).start()
+        server = MlflowServer(cfg.train.storage_path).start()
         uri = server.url
     try:
         client = MlflowClient(uri)
         parent_id, existed = find_or_create_run(
-            client, cfg.tracking.experiment, str(search_dir), cfg.name,
+            client, cfg.tracking.experiment, search_dir, cfg.name,
             tags={"splitmatch.kind": "search", "git_commit": git_commit(),
                   "dataset": cfg.data.dataset}, artifact_location=artifact_root(uri))
         if not existed:
@@ -139,7 +139,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
                 reduction_factor=cfg.tune.reduction_factor)
         param_space = search_space(cfg.tune.space)
         if resume:
-            tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, param_space=param_space)
         else:
             tuner = tune.Tuner(
@@ -147,7 +147,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
                 tune_config=tune.TuneConfig(metric="select_hIoU", mode="max", scheduler=scheduler,
                                             num_samples=cfg.tune.num_samples,
                                             max_concurrent_trials=cfg.tune.max_concurrent_trials),
-                run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage),
+                run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.train.storage_path,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
             f"{parent_id} at {redact(uri)}")
@@ -166,7 +166,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
 SUMMARY_METRICS = ("select_hIoU", "hIoU", "sIoU", "uIoU", "mIoU", "iteration")
 
 
-def _summarise(results, cfg: Config, client, parent_id: str, search_dir: Path) -> dict:
+def _summarise(results, cfg: Config, client, parent_id: str, search_dir: str) -> dict:
     """Summary table + best trial's config on the parent run."""
     rows = []
     searched = list(cfg.tune.space)
@@ -181,12 +181,15 @@ def _summarise(results, cfg: Config, client, parent_id: str, search_dir: Path) -
     ok = [r for r in rows if r["status"] == "OK" and r["select_hIoU"] is not None
           and not math.isnan(r["select_hIoU"])]
     ok.sort(key=lambda r: r["select_hIoU"], reverse=True)
-    table = search_dir / "search_summary.csv"
+    table = storage.local_path(search_dir) / "search_summary.csv"
+    table.parent.mkdir(parents=True, exist_ok=True)
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: -(r["select_hIoU"] or -math.inf)))
     client.log_artifact(parent_id, str(table))
+    if storage.is_remote(search_dir):
+        storage.push(table, storage.join(search_dir, table.name))
     best = ok[0] if ok else None
     if best is not None:
         best_cfg = trial_config(to_dict(cfg) | {"tune": {}},

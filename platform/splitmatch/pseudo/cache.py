@@ -7,7 +7,9 @@ Layout of `{pseudo_masks.cache_dir}/{key}/`:
     manifest.json       written at the end of a run: shards (with size and sha256), failures,
                         statistics, quality
 The key is a hash of everything that changes the result, so a config change gives a new folder and
-never a stale cache. Shards are plain arrays (`allow_pickle=False` on read): nothing executable.
+never a stale cache. On object storage (`s3://`), each node works in a local mirror of the folder
+(`splitmatch.storage`): actors push each shard as they finish it, the manifest is pushed last.
+Shards are plain arrays (`allow_pickle=False` on read): nothing executable.
 A shard whose size or checksum differs from the manifest, or that does not load, is damaged: the
 reader refuses it by name, and `splitmatch pseudo` deletes it and recomputes its images.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitmatch import storage
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS
 from splitmatch.config import Config
 from splitmatch.data import splits
@@ -46,7 +49,10 @@ def _clip_identity(cfg: Config) -> dict:
     """What makes two CLIP models the same: name, weights file identity, model-config contents."""
     clip = cfg.clip
     identity: dict = {"model_name": clip.model_name, "force_quick_gelu": clip.force_quick_gelu}
-    if clip.pretrained and Path(clip.pretrained).is_file():
+    if clip.pretrained and storage.is_remote(clip.pretrained):
+        # The same object for every node (a local copy's mtime would differ between nodes).
+        identity["pretrained"] = {"uri": clip.pretrained, **(storage.info(clip.pretrained) or {})}
+    elif clip.pretrained and Path(clip.pretrained).is_file():
         # Size + mtime, not a content hash: hashing a 600 MB checkpoint on every start is wasteful,
         # and replacing weights in place changes the mtime.
         stat = Path(clip.pretrained).stat()
@@ -85,8 +91,29 @@ def cache_key(cfg: Config, split: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def cache_location(cfg: Config, split: str) -> str:
+    """Where the cache of (cfg, split) lives: a folder, or a prefix on object storage."""
+    return storage.join(cfg.pseudo_masks.cache_dir, cache_key(cfg, split))
+
+
 def cache_dir(cfg: Config, split: str) -> Path:
-    return Path(cfg.pseudo_masks.cache_dir).resolve() / cache_key(cfg, split)
+    """The local folder read and written: the cache itself, or this node's mirror of it."""
+    return storage.local_path(cache_location(cfg, split))
+
+
+def pull_cache(location: str, root: Path) -> None:
+    """Bring a remote cache's manifest, and the shards it lists that the mirror `root` lacks
+    intact, down to `root`."""
+    storage.pull(storage.join(location, "manifest.json"), root / "manifest.json", refresh=True)
+    try:
+        manifest = read_manifest(root)
+    except CacheDamaged:
+        return
+    shards = (manifest or {}).get("shards") or {}
+    for name, record in (shards.items() if isinstance(shards, dict) else []):
+        if check_shard(root / "shards" / name, record) is not None:
+            storage.pull(storage.join(location, "shards", name), root / "shards" / name,
+                         refresh=True)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -223,6 +250,8 @@ class PseudoMaskCache:
     def open(cls, cfg: Config, split: str, config_path: str = "CONFIG") -> "PseudoMaskCache":
         """The complete cache for (cfg, split), or an error saying which command builds it."""
         root = cache_dir(cfg, split)
+        if storage.is_remote(cfg.pseudo_masks.cache_dir):
+            pull_cache(cache_location(cfg, split), root)
         rebuild = f"build it with: splitmatch pseudo {config_path}"
         try:
             manifest = read_manifest(root)

@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitmatch import storage
 from splitmatch.cluster import check_fits, init_ray
 from splitmatch.config import Config, config_from_dict, to_dict
 from splitmatch.errors import RunFailed
 from splitmatch.data import build_dataset
-from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, read_manifest,
+from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, cache_location,
+                                     read_manifest,
                                      remove_temporaries, scan_shards, shard_file_record,
                                      write_json_atomic, write_shard)
 
@@ -31,7 +33,8 @@ from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, read
 class PseudoMaskActor:
     """Ray Data callable class: one frozen CLIP per actor, one shard per batch."""
 
-    def __init__(self, config: dict, split: str, shard_dir: str, with_quality: bool):
+    def __init__(self, config: dict, split: str, shard_dir: str, with_quality: bool,
+                 remote_shards: str | None = None):
         from splitmatch.clip import build_clip
         from splitmatch.pseudo.kernel import build_kernel
 
@@ -44,7 +47,9 @@ class PseudoMaskActor:
         self.train_set = build_dataset(cfg.data, split, train=True, augment=False)
         # The toy world knows where its unseen objects are: measure how well candidates find them.
         self.full_set = build_dataset(cfg.data, split, train=False) if with_quality else None
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = Path(shard_dir)  # on this actor's node: a mirror when remote_shards
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self.remote_shards = remote_shards
         import ray
         self.node = ray.get_runtime_context().get_node_id()  # which node made a shard
 
@@ -89,6 +94,8 @@ class PseudoMaskActor:
             arrays[name] = np.array([quality.get(i, (0, 0.0, 0, 0))[k] for i in indices],
                                     dtype=np.float64)
         shard = write_shard(self.shard_dir, arrays)
+        if self.remote_shards is not None:  # shared at once: the driver may be on another node
+            storage.push(self.shard_dir / shard, storage.join(self.remote_shards, shard))
         return {"index": arrays["indices"], "ok": arrays["ok"],
                 "num_candidates": arrays["num_candidates"], "shard": np.array([shard] * len(indices))}
 
@@ -122,17 +129,31 @@ def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
     split = split or cfg.data.train_split
     root = cache_dir(cfg, split)
     root.mkdir(parents=True, exist_ok=True)
+    # On object storage the lock only holds on this node: builders on two nodes would both
+    # compute, and write the same shards and manifest (same inputs, same bytes).
     with open(root.with_name(root.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        return _build(cfg, split, root, log)
+        remote = cache_location(cfg, split) if storage.is_remote(cfg.pseudo_masks.cache_dir) else None
+        return _build(cfg, split, root, remote, log)
 
 
-def _build(cfg: Config, split: str, root: Path, log) -> dict:
+def _pull_shards(remote: str, shard_dir: Path) -> None:
+    """Every shard under the remote cache that this node's mirror lacks (others' work)."""
+    for name in storage.listdir(storage.join(remote, "shards")):
+        if not name.startswith("."):
+            storage.pull(storage.join(remote, "shards", name), shard_dir / name)
+
+
+def _build(cfg: Config, split: str, root: Path, remote: str | None, log) -> dict:
     import ray
 
     shard_dir = root / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "key.json", cache_inputs(cfg, split))
+    if remote is not None:
+        storage.push(root / "key.json", storage.join(remote, "key.json"))
+        storage.pull(storage.join(remote, "manifest.json"), root / "manifest.json", refresh=True)
+        _pull_shards(remote, shard_dir)
     dataset = build_dataset(cfg.data, split, train=True, augment=False)
     num_images = len(dataset)
     with_quality = cfg.data.dataset == "toyworld"
@@ -147,11 +168,11 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
     retried = sum(1 for i in todo if i in done)
     log(f"pseudo masks for {cfg.data.dataset}/{split}: {num_images} images, "
         f"{num_images - len(todo)} cached, {len(todo)} to do"
-        + (f" ({retried} that failed before)" if retried else "") + f" (cache {root})"
+        + (f" ({retried} that failed before)" if retried else "") + f" (cache {remote or root})"
         + (f"; removed {removed} partial shards" if removed else ""))
     seconds = 0.0
     if todo:
-        init_ray()
+        init_ray(cfg.storage)
         p = cfg.pseudo_masks
         use_gpu = p.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
         # The actor pool would wait forever for actors that no node can hold.
@@ -163,7 +184,8 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
         ds = ds.map_batches(
             PseudoMaskActor,
             fn_constructor_kwargs={"config": to_dict(cfg), "split": split,
-                                   "shard_dir": str(shard_dir), "with_quality": with_quality},
+                                   "shard_dir": str(shard_dir), "with_quality": with_quality,
+                                   "remote_shards": remote and storage.join(remote, "shards")},
             batch_size=p.batch_size,
             # All actors from the start, but down to one: a pool that lost a node goes on with
             # the actors it has left.
@@ -176,6 +198,8 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
         seconds = time.perf_counter() - start
         log(f"processed {processed} images in {seconds:.1f} s on "
             f"{p.num_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
+    if remote is not None:
+        _pull_shards(remote, shard_dir)
     records = scan_shards(shard_dir, log=log)
     summary = _summarise(records, num_images, with_quality)
     failures = [{"index": i, "path": r["path"], "error": r["error"]}
@@ -193,6 +217,8 @@ def _build(cfg: Config, split: str, root: Path, log) -> dict:
         "images_per_second": len(todo) / seconds if seconds else None,
     }
     write_json_atomic(root / "manifest.json", manifest)
+    if remote is not None:  # last: a reader that finds the manifest finds every shard it lists
+        storage.push(root / "manifest.json", storage.join(remote, "manifest.json"))
     stats = summary["stats"]
     log(f"images {stats['images']}  failures {stats['failed']}  candidates/image "
         f"{stats['candidates_per_image_mean']:.1f} (max {stats['candidates_per_image_max']})"
