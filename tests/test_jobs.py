@@ -1,6 +1,9 @@
 """`splitmatch submit` / `splitmatch jobs` against the session's real head node (token auth on)."""
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
@@ -86,19 +89,75 @@ def test_wrong_token_is_rejected(ray_head):
     assert "[traceback: " in line
 
 
-def test_shipped_cluster_specs_keep_auth_on_and_run_the_entry_point():
-    launcher = yaml.safe_load((PROJECT_ROOT / "jobs" / "cluster.yaml").read_text())
-    head = " ".join(launcher["head_start_ray_commands"])
-    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
+def _set_flags(text: str) -> dict[str, str]:
+    return dict(re.findall(r"--set ([\w.]+)=(\S+)", text))
+
+
+# The locations a multi-node run shares (tests/test_multinode.py runs with these on S3).
+SHARED = ("train.storage_path", "pseudo_masks.cache_dir", "toy_clip.cache_dir", "tracking.uri")
+
+
+def test_cluster_specs_agree_with_each_other_the_readme_and_the_tests():
+    """jobs/cluster.yaml (Ray cluster launcher) and jobs/rayjob.yaml (KubeRay): valid as far as
+    offline tools can tell, token auth on every node, one image, the CLI as entry point, and the
+    same job on the same shared storage as the README's three steps."""
+    import jsonschema
+    import ray
+    from ray.runtime_env import RuntimeEnv
+
+    from splitmatch.config import load_config
+
+    text = (PROJECT_ROOT / "jobs" / "cluster.yaml").read_text()
+    launcher = yaml.safe_load(text)
+    schema = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    jsonschema.validate(launcher, json.loads(schema.read_text()))  # Ray's own launcher schema
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
     assert any(t["resources"].get("GPU") for t in launcher["available_node_types"].values())
+    assert all(t["node_config"].get("IamInstanceProfile")  # each node reaches the bucket
+               for t in launcher["available_node_types"].values())
+    image = launcher["docker"]["image"]
+    assert ray.__version__ in image
+
     rayjob = yaml.safe_load((PROJECT_ROOT / "jobs" / "rayjob.yaml").read_text())
     spec = rayjob["spec"]
-    assert "jobs/entrypoint.py pseudo" in spec["entrypoint"] and "jobs/entrypoint.py train" in spec["entrypoint"]
-    head_env = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head_env
-    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    gpu = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert gpu["resources"]["limits"]["nvidia.com/gpu"]
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["containers"]
+        assert container["image"] == image
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "splitmatch-ray-token"
+        assert {"secretRef": {"name": "splitmatch-s3"}} in container["envFrom"]
+        mounts = {m["name"] for m in container["volumeMounts"]}
+        assert mounts <= {v["name"] for v in pod["volumes"]}
+    assert cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+        "limits"]["nvidia.com/gpu"]
+    runtime_env = RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))  # Ray validates it
+    assert runtime_env["env_vars"]["PYTHONPATH"] == "platform"
+
+    # One job, one entry point, the same shared locations: the RayJob, the launcher's notes and
+    # the README's third step.
+    assert spec["entrypoint"].startswith("python jobs/entrypoint.py train ")
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    step = readme[readme.index("## From one machine to a cluster"):]
+    step = step[:step.index("\n## ", 5)]
+    flags = [_set_flags(spec["entrypoint"]), _set_flags(text), _set_flags(step.replace("\\\n", " "))]
+    assert all(f.keys() == flags[0].keys() for f in flags) and set(SHARED) <= flags[0].keys()
+    for f in flags:
+        assert all(f[key].startswith("s3://YOUR-BUCKET/splitmatch/") for key in SHARED[:3])
+        assert f["tracking.uri"].startswith("http://")
+        cfg = load_config(PROJECT_ROOT / "experiments" / "voc_split_matching.yaml",
+                          [f"{k}={v}" for k, v in f.items()])
+        assert cfg.train.storage_path.startswith("s3://")
+    assert "--build-pseudo-masks" in spec["entrypoint"] and "--build-pseudo-masks" in step
     # The entry point is the CLI itself.
     helped = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "entrypoint.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
