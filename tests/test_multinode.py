@@ -229,6 +229,14 @@ def test_a_run_on_object_storage_shares_nothing_but_the_bucket(tmp_path, s3):
         stored = [k for k in keys if k.startswith("mlartifacts/")]
         assert any(k.endswith("/config.yaml") for k in stored)
         assert any(k.endswith("/checkpoints/best_model.pt") for k in stored)
+        # The selected weights evaluate from the bucket, on a machine that never saw them.
+        evaluated = subprocess.run(
+            [sys.executable, "-m", "splitmatch.cli", "eval", str(config), "--checkpoint",
+             f"s3://{s3.bucket}/runs/s3run/best_model.pt"],
+            env=dict(env, SPLITMATCH_MIRROR=str(tmp_path / "mirror-elsewhere")),
+            capture_output=True, text=True, timeout=300)
+        assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
+        assert f"hIoU {mlrun.data.metrics['hIoU']:.2f}" in evaluated.stdout
         print(f"bucket after the run: {len(keys)} objects; images per node {manifest['nodes']}")
     finally:
         server.stop()

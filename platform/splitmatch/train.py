@@ -746,6 +746,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
     import csv
 
     cfg = resolve_paths(cfg)  # as the stored config is
+    if storage.is_remote(checkpoint):  # s3://.../best_model.pt, or a checkpoint_* folder there
+        checkpoint = storage.pull(str(checkpoint)) or storage.pull_tree(str(checkpoint))
     state = load_state(checkpoint)
     checked = check_checkpoint_config(checkpoint, state, cfg)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
