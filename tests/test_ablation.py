@@ -10,7 +10,7 @@ import statistics
 from mlflow.tracking import MlflowClient
 
 from splitmatch.ablation import ROWS
-from splitmatch.data.splits import draw_unseen_splits
+from splitmatch.splits import draw_unseen_splits
 from splitmatch.tracking import default_tracking_uri
 from test_train_ray import finish, splitmatch, write_config
 

@@ -94,7 +94,7 @@ def test_missing_file_named():
 
 
 def test_unseen_must_leave_a_seen_class():
-    from splitmatch.data.splits import TOYWORLD_CLASSES
+    from splitmatch.splits import TOYWORLD_CLASSES
     with pytest.raises(ConfigError, match="no seen class"):
         config_from_dict({"data": {"unseen": list(TOYWORLD_CLASSES)}})
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from splitmatch.config import Config, config_differences, describe_differences, to_dict
-from splitmatch.data.splits import TOYWORLD_CLASSES, TOYWORLD_UNSEEN, draw_unseen_splits
+from splitmatch.splits import TOYWORLD_CLASSES, TOYWORLD_UNSEEN, draw_unseen_splits
 from splitmatch.diagnose import (candidate_composition, ownership_counts, per_class_pseudo_quality,
                                  query_groups, winning_queries)
 

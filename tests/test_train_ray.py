@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from splitmatch.config import config_from_dict, dump_config
 from splitmatch.data import build_dataset
-from splitmatch.data.splits import TOYWORLD_CLASSES
+from splitmatch.splits import TOYWORLD_CLASSES
 from splitmatch.tracking import MlflowServer, default_tracking_uri
 
 TINY = {

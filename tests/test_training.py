@@ -7,7 +7,7 @@ from splitmatch.clip import TEMPLATES, build_clip
 from splitmatch.config import config_from_dict
 from splitmatch.criterion import build_criterion
 from splitmatch.data import build_dataset, collate
-from splitmatch.data.splits import TOYWORLD_CLASSES, seen_ids, unseen_ids
+from splitmatch.splits import TOYWORLD_CLASSES, seen_ids, unseen_ids
 from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor

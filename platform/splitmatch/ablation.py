@@ -25,7 +25,7 @@ import statistics
 
 from splitmatch import storage
 from splitmatch.config import Config, ConfigError, apply_overrides, config_from_dict, to_dict
-from splitmatch.data.splits import draw_unseen_splits
+from splitmatch.splits import draw_unseen_splits
 from splitmatch.tracking import (Tracker, artifact_root, default_tracking_uri, find_or_create_run,
                                  git_commit)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.errors import UserError
 
 
@@ -77,7 +77,7 @@ class DataConfig:
     # The split model selection looks at (periodic evaluation, best checkpoint, Tune); None: no
     # selection, the final checkpoint is the result.
     select_split: str | None = None
-    # Names of unseen classes; None = the standard split of the dataset (data/splits.py).
+    # Names of unseen classes; None = the standard split of the dataset (splits.py).
     unseen: list[str] | None = None
     crop_size: int = 512
     min_scale: float = 0.5

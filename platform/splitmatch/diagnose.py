@@ -130,7 +130,7 @@ def pseudo_quality_of_split(cfg, max_images: int = 512) -> dict[str, dict]:
 def class_report(cfg, per_class_by_row: dict[str, list[dict[str, float]]]) -> dict:
     """Per class of the split: CLIP zero-shot accuracy, pseudo-mask quality (unseen classes) and
     the test IoU of every row (mean over seeds)."""
-    from splitmatch.data.splits import class_names, default_unseen
+    from splitmatch.splits import class_names, default_unseen
 
     names = class_names(cfg.data.dataset)
     unseen = set(cfg.data.unseen if cfg.data.unseen is not None else default_unseen(cfg.data.dataset))
@@ -331,7 +331,7 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
     """`splitmatch diagnose`: the diagnostics of one (split, seed) of `splitmatch ablation CONFIG`."""
     from splitmatch.ablation import ROWS, row_config, split_config
     from splitmatch.config import config_from_dict, resolve_paths, to_dict
-    from splitmatch.data.splits import draw_unseen_splits
+    from splitmatch.splits import draw_unseen_splits
     from splitmatch.storage import local_path
     from splitmatch.train import check_run_config, result_checkpoint, run_directory
 

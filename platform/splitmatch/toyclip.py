@@ -60,7 +60,8 @@ from splitmatch.config import (
     PseudoMaskConfig,
     ToyClipConfig,
 )
-from splitmatch.data import splits, toyworld
+from splitmatch import splits
+from splitmatch.data import toyworld
 
 CLASS_NAMES: tuple[str, ...] = splits.TOYWORLD_CLASSES
 CHECKPOINT_NAME = "toy_clip.pt"

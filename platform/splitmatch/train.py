@@ -29,9 +29,9 @@ from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, Inferen
                                to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
-from splitmatch.data.splits import class_names as dataset_classes
-from splitmatch.data.splits import default_unseen
-from splitmatch.data.splits import seen_ids as dataset_seen_ids
+from splitmatch.splits import class_names as dataset_classes
+from splitmatch.splits import default_unseen
+from splitmatch.splits import seen_ids as dataset_seen_ids
 from splitmatch.errors import RunFailed, UserError
 from splitmatch.evaluation import ZSSEvaluator
 from splitmatch.matcher import build_matcher

@@ -4,7 +4,6 @@ A sample is `{"image": uint8 [3, H, W] RGB, "label": int64 [H, W] (class ids, 25
 "index": int, "path": str}`; `build_dataset(cfg, split, train)` is the one entry point, and
 `collate` batches samples (leaving out skipped ones).
 """
-from splitmatch.data import splits
 from splitmatch.data.coco_stuff import CocoStuff
 from splitmatch.data.dataset import (DataError, Sample, SegmentationDataset, build_dataset,
                                      collate, read_image, read_label)
@@ -13,7 +12,7 @@ from splitmatch.data.transforms import TrainAugment
 from splitmatch.data.voc import VOC
 
 __all__ = [
-    "splits", "DataError", "Sample", "SegmentationDataset", "build_dataset", "collate",
+    "DataError", "Sample", "SegmentationDataset", "build_dataset", "collate",
     "read_image", "read_label", "VOC", "CocoStuff", "ToyWorld", "export_toyworld", "generate",
     "render", "TrainAugment",
 ]

@@ -13,7 +13,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.data.dataset import DataError, SegmentationDataset, read_image, read_label
 from splitmatch.data.transforms import TrainAugment
 

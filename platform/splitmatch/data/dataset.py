@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.data.transforms import TrainAugment
 from splitmatch.errors import UserError
 
-if TYPE_CHECKING:  # config.py imports splitmatch.data.splits, so a runtime import here would cycle
+if TYPE_CHECKING:  # config.py imports splitmatch.splits, so a runtime import here would cycle
     from splitmatch.config import DataConfig
 
 Sample = dict[str, Any]

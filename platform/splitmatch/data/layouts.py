@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from splitmatch.config import ToyWorldConfig
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.data.toyworld import generate
 
 # (width, height) of a typical image of each benchmark.

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.data.dataset import DataError, SegmentationDataset
 from splitmatch.data.transforms import TrainAugment
 
-if TYPE_CHECKING:  # config.py imports splitmatch.data.splits, so a runtime import here would cycle
+if TYPE_CHECKING:  # config.py imports splitmatch.splits, so a runtime import here would cycle
     from splitmatch.config import DataConfig, ToyWorldConfig
 
 BACKGROUND = 255

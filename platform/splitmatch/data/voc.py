@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.data.dataset import SegmentationDataset, read_image, read_label, read_list_file
 from splitmatch.data.transforms import TrainAugment
 

@@ -29,7 +29,7 @@ import torch
 from splitmatch import storage
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS
 from splitmatch.config import Config
-from splitmatch.data import splits
+from splitmatch import splits
 from splitmatch.errors import UserError
 from splitmatch.pseudo.kernel import KERNEL_VERSION
 
