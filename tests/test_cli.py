@@ -46,3 +46,29 @@ def _timed(command) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, timeout=60, cwd=PROJECT_ROOT)
     return time.perf_counter() - start
+
+
+def test_every_dependency_has_a_tested_range_and_the_lock_pins_inside_it():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (PROJECT_ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    required = project["dependencies"] + [r for extra in project["optional-dependencies"].values()
+                                          for r in extra]
+    for text in required:
+        requirement = Requirement(text)
+        operators = {spec.operator for spec in requirement.specifier}
+        assert operators == {"=="} or {">=", "<"} <= operators, f"{text}: no tested range"
+        pinned = pins[requirement.name.lower().replace("_", "-")]
+        assert requirement.specifier.contains(pinned), f"{text}: constraints.txt has {pinned}"
+    # What CI runs is what the README tells a user to run.
+    ci = (PROJECT_ROOT / ".ci" / "run").read_text()
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "pip install -q -c constraints.txt -e '.[dev]'" in ci
+    assert readme.count("pip install -c constraints.txt -e '.[dev]'") == 2
