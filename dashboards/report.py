@@ -160,7 +160,7 @@ COLUMN_FORMATS = {
     "lr": ("lr", "{:.3g}"), "matching": ("matching", None), "seed": ("seed", "{:d}"),
     "run_name": ("run name", None), "run_id": ("run id", None), "status": ("status", None),
     "experiment": ("experiment", None), "dataset": ("dataset", None),
-    "unseen": ("unseen classes", None),
+    "unseen": ("unseen classes", None), "page": ("results page", None),
 }
 
 
@@ -219,6 +219,8 @@ def table_html(table: pd.DataFrame) -> str:
             value, fmt = record[column], COLUMN_FORMATS[column][1]
             if value is None or (not isinstance(value, str) and pd.isna(value)):
                 cells.append('<td class="missing">–</td>')
+            elif column == "page":  # written on this machine by `train` / the demo
+                cells.append(f'<td><a href="{html.escape(Path(value).as_uri())}">page</a></td>')
             elif fmt is None:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
             else:

@@ -28,8 +28,8 @@ KEY_PARAMS = {
     "matching": "params.matching.mode",
     "seed": "params.seed",
 }
-TABLE_COLUMNS = ["rank", *IOU_METRICS, "select_hIoU", *KEY_PARAMS, "run_name", "run_id", "status",
-                 "experiment", "dataset", "unseen"]
+TABLE_COLUMNS = ["rank", *IOU_METRICS, "select_hIoU", *KEY_PARAMS, "run_name", "page", "run_id",
+                 "status", "experiment", "dataset", "unseen"]
 
 
 @dataclass
@@ -160,6 +160,7 @@ def rank_runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     runs["seed"] = pd.to_numeric(column(KEY_PARAMS["seed"]), errors="coerce").astype("Int64")
     runs["dataset"] = column("tags.dataset").fillna(column("params.data.dataset"))
     runs["unseen"] = column("tags.unseen")
+    runs["page"] = column("tags.splitmatch.page")  # the run's own results page, if it wrote one
     runs["status"] = runs["status"].str.lower()
     # Stable: equal hIoU keeps MLflow's order; NaN (failed, still running, never evaluated) last.
     runs = runs.sort_values("hIoU", ascending=False, na_position="last", kind="mergesort")

@@ -285,3 +285,23 @@ def s3(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITMATCH_MIRROR", str(tmp_path / "mirror-driver"))
     yield server
     server.stop()
+
+
+def open_in_chromium(page: Path, out_dir: Path) -> dict:
+    """Load a local HTML page in headless Chromium (Debian's package): its DOM after load, the
+    console messages it logged, and a screenshot (numpy RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser check needs Chromium: apt-get install chromium"
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+              "--v=0", "--virtual-time-budget=5000", f"--user-data-dir={out_dir / 'chromium'}"]
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    shot = out_dir / "screenshot.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
+                   capture_output=True, text=True, timeout=120, check=True)
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    return {"dom": dom.stdout, "console": console,
+            "screenshot": np.asarray(Image.open(shot).convert("RGB"))}

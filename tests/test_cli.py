@@ -70,5 +70,39 @@ def test_every_dependency_has_a_tested_range_and_the_lock_pins_inside_it():
     # What CI runs is what the README tells a user to run.
     ci = (PROJECT_ROOT / ".ci" / "run").read_text()
     readme = (PROJECT_ROOT / "README.md").read_text()
-    assert "pip install -q -c constraints.txt -e '.[dev]'" in ci
+    assert "pip install -q -c constraints.txt -e '.[dev]' && .venv/bin/python -m pytest -q" in ci
     assert readme.count("pip install -c constraints.txt -e '.[dev]'") == 2
+
+
+def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path):
+    import os
+    import signal
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from splitmatch.tracking import free_port
+
+    store = tmp_path / "runs"
+    store.mkdir()
+    MlflowClient(f"sqlite:///{store / 'mlflow.db'}").create_experiment("shown")
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "splitmatch.cli", "ui", "--storage-path", str(store),
+                           "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        line = ui.stdout.readline()
+        assert line.startswith(f"MLflow UI for {store}: http://127.0.0.1:{port}"), line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/"
+                                    f"get-by-name?experiment_name=shown", timeout=10) as response:
+            assert response.status == 200 and b'"name": "shown"' in response.read().replace(b'":"', b'": "')
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            assert response.status == 200 and b"MLflow" in response.read()
+    finally:
+        ui.send_signal(signal.SIGINT)
+        code = ui.wait(timeout=60)
+    assert code == 130 and "interrupted" in ui.stderr.read()
+    missing = subprocess.run([sys.executable, "-m", "splitmatch.cli", "ui", "--storage-path",
+                              str(tmp_path / "none")], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ))
+    assert missing.returncode == 2 and "no MLflow store at" in missing.stderr

@@ -15,6 +15,7 @@ from splitmatch.config import config_from_dict, dump_config
 from splitmatch.data import build_dataset
 from splitmatch.splits import TOYWORLD_CLASSES
 from splitmatch.tracking import MlflowServer, default_tracking_uri
+from conftest import open_in_chromium
 
 TINY = {
     "model": {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
@@ -98,6 +99,23 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     assert checkpoints and all((c / "state.pt").exists() for c in checkpoints)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["selected"] and final["hIoU"] == pytest.approx(metrics["hIoU"])
+
+    # The run's results page: printed, next to the run, logged to MLflow, linked from compare,
+    # and it renders in a real browser with no console errors and every image decoded.
+    page = run_dir / "report.html"
+    assert f"results page: {page}" in out
+    assert "report.html" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    text = page.read_text()
+    for section in ("Per-class IoU on the test split", "Training curves", "Predictions on test images",
+                    "Pseudo masks of unseen candidates", "candidate 0: nearest class"):
+        assert section in text, section
+    assert "</td><td>unseen</td>" in text and "</td><td>seen</td>" in text
+    browser = open_in_chromium(page, tmp_path)
+    assert browser["console"] == [] and 'data-images-loaded="true"' in browser["dom"]
+    assert browser["screenshot"].std() > 10  # not a blank page
+    from splitmatch.dashboards.report import build_report
+    report = build_report(default_tracking_uri(tmp_path / "runs"), tmp_path / "compare")
+    assert f'href="{page.as_uri()}"' in Path(report["report"]).read_text()
 
     # A finished model evaluates on its own, with per-class IoU in a CSV.
     csv = tmp_path / "per_class.csv"

@@ -51,7 +51,7 @@ def cmd_config(args) -> int:
 def cmd_train(args) -> int:
     from splitmatch import storage
     from splitmatch.config import resolve_paths
-    from splitmatch.train import BEST_MODEL, launch, run_location
+    from splitmatch.train import BEST_MODEL, launch, publish_results, run_location
     cfg = _config(args)
     result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
                     config_path=args.config)
@@ -68,6 +68,7 @@ def cmd_train(args) -> int:
     best = storage.join(location, BEST_MODEL)
     if cfg.data.select_split and storage.exists(best):
         print(f"weights chosen on {cfg.data.select_split!r}, the ones tested above: {best}")
+    publish_results(cfg)
     return 0
 
 
@@ -166,6 +167,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import time
+
+    from splitmatch.tracking import MlflowServer
+
+    store = Path(args.storage_path)
+    if not (store / "mlflow.db").is_file():
+        raise FileNotFoundError(f"no MLflow store at {store / 'mlflow.db'}: train something first, "
+                                f"or point --storage-path at train.storage_path of your runs")
+    server = MlflowServer(store, port=args.port).start()
+    print(f"MLflow UI for {store.resolve()}: {server.url} (Ctrl-C stops it)", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise RuntimeError(f"the MLflow UI stopped; see {store / 'mlflow_server.log'}")
+    finally:
+        server.stop()
+
+
+def cmd_predict(args) -> int:
+    from splitmatch.predict import predict
+    predict(args.checkpoint, args.inputs, args.classes, args.out, use_ray=True if args.ray else None)
+    return 0
+
+
 def cmd_sync_mlflow(args) -> int:
     from splitmatch.tracking import replay
     replay(args.offline_file, uri=args.tracking_uri)
@@ -231,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-to-parent", action="store_true",
                    help="also log the report as artifacts of the --parent run")
 
+    p = command("ui", "the MLflow UI of the run store, on 127.0.0.1", cmd_ui)
+    p.add_argument("--storage-path", default="runs", help="train.storage_path of the runs")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1")
+
     p = command("submit", "run pseudo/train/tune/eval as a Ray Job on a cluster", cmd_submit)
     p.add_argument("kind", choices=["pseudo", "train", "tune", "eval"], help="the command to run")
     _add_config_args(p)
@@ -276,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory, its state.pt, or a model state dict (best_model.pt)")
     p.add_argument("--out", default=None, help="CSV file for the per-class IoU")
+
+    p = command("predict", "segment your own images with any vocabulary", cmd_predict)
+    p.add_argument("checkpoint", help="a run's best_model.pt, or one of its checkpoint_* folders")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--classes", required=True,
+                   help="comma-separated class names, any words CLIP knows, e.g. 'cat,dog,sky'")
+    p.add_argument("--out", required=True, help="folder for the label PNGs and colour overlays")
+    p.add_argument("--ray", action="store_true",
+                   help="spread the images over Ray Data actors (automatic for large folders)")
 
     p = command("sync-mlflow", "replay MLflow records a run could not send", cmd_sync_mlflow)
     p.add_argument("offline_file", help="the run's mlflow_offline.jsonl")

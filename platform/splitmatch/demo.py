@@ -32,7 +32,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
              overrides: list[str] | None = None, log=print) -> dict:
     from splitmatch.toyclip import with_toy_clip
     from splitmatch.tracking import default_tracking_uri
-    from splitmatch.train import launch
+    from splitmatch.train import launch, publish_results
 
     start = time.perf_counter()
     cfg = with_toy_clip(demo_config(config, quick, overrides), log=log)
@@ -53,6 +53,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
         f"(mIoU {metrics['mIoU']:.2f}) after {cfg.train.max_iters} iterations, {seconds:.0f} s")
     log(f"run directory: {run_dir}")
     log(f"prediction pictures: {run_dir / 'viz'}")
+    publish_results(cfg, log=log)
     log(f"MLflow: experiment '{cfg.tracking.experiment}', run '{cfg.name}' in {uri}")
     if uri.startswith("sqlite:"):
         log(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

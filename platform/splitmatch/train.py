@@ -389,6 +389,39 @@ def pull_run(location: str, run_dir: Path) -> None:
         storage.pull(storage.join(location, name, "state.pt"), run_dir / name / "state.pt")
 
 
+def run_key(cfg: Config) -> str:
+    """What the run's MLflow run is tagged with (tracking.RUN_KEY_TAG): the same from every
+    machine for a run on object storage, the local folder otherwise."""
+    location = run_location(cfg)
+    return location if storage.is_remote(location) else str(storage.local_path(location))
+
+
+def publish_results(cfg: Config, log=print) -> Path | None:
+    """After a finished run: its HTML results page next to it (dashboards/run_page.py) and its
+    weights as an MLflow pyfunc model (pyfunc.py), both logged to its MLflow run. Returns the
+    page's local path, or None when MLflow does not know the run (an unreachable server)."""
+    from splitmatch.dashboards.run_page import PAGE_NAME, write_run_page
+    from splitmatch.pyfunc import log_model
+    from splitmatch.tracking import default_tracking_uri, find_run
+
+    cfg = resolve_paths(cfg)
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
+    run = find_run(uri, cfg.tracking.experiment, run_key(cfg))
+    if run is None:
+        log(f"no results page: MLflow at {redact(uri)} has no run of {cfg.name}")
+        return None
+    run_dir = run_directory(cfg)
+    page = write_run_page(cfg, uri, run.info.run_id, run_dir)
+    _share(run_dir, run_location(cfg), PAGE_NAME)
+    log(f"results page: {page}")
+    clip_weights = storage.resolve_file(cfg.clip.pretrained) if cfg.clip.pretrained else None
+    model = log_model(uri, run.info.run_id, result_checkpoint(run_dir), clip_weights,
+                      list(dataset_classes(cfg.data.dataset)))
+    log(f"MLflow model: {model} (mlflow.pyfunc.load_model(...).predict(images, "
+        f"params={{'classes': [...]}}))")
+    return page
+
+
 def _share(run_dir: Path, location: str, *names: str) -> None:
     """Push files written in a remote run's local folder to the run's remote prefix."""
     if storage.is_remote(location):
@@ -653,9 +686,8 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         _share(run_dir, location, "config.yaml")
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
-    run_key = location if storage.is_remote(location) else str(run_dir)
     loop_config = {"cfg": to_dict(cfg), "run_location": location, "tracking_uri": tracking_uri,
-                   "run_key": run_key, "parent_run_id": parent_run_id,
+                   "run_key": run_key(cfg), "parent_run_id": parent_run_id,
                    "config_updates": {k: list(v) for k, v in updates.items()}}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -682,7 +714,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     except KeyboardInterrupt:
         # The workers die with this driver and cannot close their MLflow run: close it here.
         ray.shutdown()
-        mark_killed(tracking_uri, cfg.tracking.experiment, run_key)
+        mark_killed(tracking_uri, cfg.tracking.experiment, run_key(cfg))
         newest = newest_checkpoint(run_directory(cfg))
         raise KeyboardInterrupt(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest

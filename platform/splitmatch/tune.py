@@ -73,9 +73,10 @@ def _mark_failed(uri: str, cfg: Config, parent_run_id: str, error) -> None:
     """The child run of a failed trial says so (the trial's rank 0 may never have finished it)."""
     from mlflow.tracking import MlflowClient
 
+    from splitmatch.train import run_key
+
     client = MlflowClient(uri)
-    run_key = storage.join(cfg.train.storage_path, cfg.name)
-    run_id, _ = find_or_create_run(client, cfg.tracking.experiment, run_key, cfg.name, parent_run_id,
+    run_id, _ = find_or_create_run(client, cfg.tracking.experiment, run_key(cfg), cfg.name, parent_run_id,
                                    artifact_location=artifact_root(uri))
     client.set_tag(run_id, "splitmatch.status", "failed")
     client.set_tag(run_id, "error", str(error)[:5000])

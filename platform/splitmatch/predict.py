@@ -1,0 +1,175 @@
+"""A trained model on anyone's images, with any vocabulary: `splitmatch predict` and the MLflow
+pyfunc model a finished run logs.
+
+The segmentor classifies query embeddings against CLIP text embeddings, so the classes are a
+question asked at prediction time, not something the weights fix. A checkpoint carries the config
+that made it, which says which CLIP, model and inference settings to rebuild.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitmatch.config import Config, ConfigError, config_from_dict
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+NO_CLASS = 255  # label PNG value of pixels no class wins (never: every pixel gets a class)
+RAY_DATA_FROM = 64  # images: from here on a folder is spread over Ray Data actors
+
+
+def parse_classes(text: str | Sequence[str]) -> list[str]:
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError("--classes: give at least one class name, e.g. --classes 'cat,dog,sky'")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--classes: a name is given twice ({', '.join(names)})")
+    if len(names) >= NO_CLASS:
+        raise ConfigError(f"--classes: at most {NO_CLASS - 1} classes fit a label PNG")
+    return names
+
+
+class Segmenter:
+    """A checkpoint (best_model.pt, a checkpoint_* folder or its state.pt) ready to segment."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu",
+                 clip_weights: str | None = None):
+        from splitmatch.clip import TEMPLATES, build_clip
+        from splitmatch.model import build_segmentor
+        from splitmatch.splits import class_names, default_unseen
+        from splitmatch.train import load_state
+
+        state = load_state(checkpoint)
+        if "config" not in state:
+            raise ConfigError(f"{checkpoint}: this checkpoint predates stored configs; evaluate "
+                              f"it with `splitmatch eval` and its run's config.yaml")
+        data = state["config"]
+        if clip_weights is not None:  # the pyfunc model carries its own copy of the weights
+            data = {**data, "clip": {**data["clip"], "pretrained": clip_weights}}
+        self.cfg: Config = config_from_dict(data, str(checkpoint))
+        self.device = torch.device(device)
+        self.clip = build_clip(self.cfg.clip, device=self.device)
+        self.templates = TEMPLATES[self.cfg.clip.templates]
+        self.model = build_segmentor(self.cfg.model, embed_dim=self.clip.embed_dim)
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device).eval()
+        unseen = set(self.cfg.data.unseen or default_unseen(self.cfg.data.dataset))
+        # Names the model was trained on get the inductive seen-score calibration, as in `eval`.
+        self.trained_on = {n.lower() for n in class_names(self.cfg.data.dataset)} - \
+            {n.lower() for n in unseen}
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """RGB uint8 [H, W, 3] -> class index per pixel [H, W] (uint8, into `classes`)."""
+        text = self.clip.text_embeddings(list(classes), self.templates).float().to(self.device)
+        seen = [i for i, name in enumerate(classes) if name.lower() in self.trained_on]
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        label = self.model.predict(pixels.to(self.device), text, self.cfg.inference, seen)[0]
+        return label.to(torch.uint8).cpu().numpy()
+
+
+def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted); a path that is neither fails."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image or folder")
+    if not paths:
+        raise FileNotFoundError(f"no images in {', '.join(map(str, inputs))} "
+                                f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def write_outputs(image: np.ndarray, label: np.ndarray, classes: Sequence[str], out_dir: Path,
+                  stem: str) -> tuple[Path, Path]:
+    """`<stem>.png`: the class index per pixel (a label PNG); `<stem>_overlay.png`: the image
+    with each class in its colour and a legend of the classes present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from PIL import Image
+
+    from splitmatch.visualize import class_colours
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label_path = out_dir / f"{stem}.png"
+    Image.fromarray(label).save(label_path)
+    colours = class_colours(len(classes))
+    fig = Figure(figsize=(6, 6 * image.shape[0] / image.shape[1] + 0.8), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(image)
+    ax.imshow(colours[label], alpha=0.55)
+    ax.set_xticks([]), ax.set_yticks([])
+    present = [int(c) for c in np.unique(label)]
+    fig.legend(handles=[Patch(color=colours[c], label=classes[c]) for c in present],
+               loc="outside lower center", ncol=min(4, len(present)), frameon=False)
+    overlay_path = out_dir / f"{stem}_overlay.png"
+    fig.savefig(overlay_path, dpi=90)
+    return label_path, overlay_path
+
+
+class _PredictActor:
+    """Ray Data callable class: one Segmenter per actor, outputs written by the actor."""
+
+    def __init__(self, checkpoint: str, classes: list[str], out_dir: str):
+        self.segmenter = Segmenter(checkpoint)
+        self.classes, self.out_dir = classes, Path(out_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        from splitmatch.data.dataset import read_image
+
+        for path in batch["path"]:
+            image = read_image(path)
+            write_outputs(image, self.segmenter.segment(image, self.classes), self.classes,
+                          self.out_dir, Path(path).stem)
+        return {"path": batch["path"]}
+
+
+def predict(checkpoint: str | Path, inputs: Sequence[str | Path], classes: Sequence[str],
+            out_dir: str | Path, use_ray: bool | None = None, log=print) -> list[Path]:
+    """`splitmatch predict`: segment every image of `inputs` into `out_dir`; returns the label
+    PNGs. Folders of RAY_DATA_FROM images or more (or `use_ray`) go through Ray Data actors."""
+    from splitmatch.data.dataset import read_image
+
+    classes = parse_classes(classes)
+    paths = image_paths(inputs)
+    stems = [p.stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ConfigError("two input images share a file name: their outputs would overwrite "
+                          "each other; predict them into separate --out folders")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "classes.json").write_text(json.dumps(classes))  # label value i = classes[i]
+    if use_ray or (use_ray is None and len(paths) >= RAY_DATA_FROM):
+        import ray
+
+        from splitmatch.cluster import init_ray
+
+        init_ray()
+        workers = max(1, min(int(ray.cluster_resources().get("CPU", 1)), 8))
+        log(f"predicting {len(paths)} images on {workers} Ray Data actor(s)")
+        ds = ray.data.from_items([{"path": str(p)} for p in paths]).map_batches(
+            _PredictActor, batch_size=8, num_cpus=1,
+            fn_constructor_kwargs={"checkpoint": str(checkpoint), "classes": classes,
+                                   "out_dir": str(out_dir)},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers))
+        done = sum(len(batch["path"]) for batch in ds.iter_batches(batch_size=None))
+        assert done == len(paths)
+    else:
+        segmenter = Segmenter(checkpoint)
+        for path in paths:
+            image = read_image(path)
+            write_outputs(image, segmenter.segment(image, classes), classes, out_dir, path.stem)
+    log(f"{len(paths)} image(s) segmented into {', '.join(classes)}: label PNGs and overlays in "
+        f"{out_dir} (label value i = class i of {out_dir / 'classes.json'})")
+    return [out_dir / f"{stem}.png" for stem in stems]
