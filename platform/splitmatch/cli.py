@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitmatch", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Split Matching for inductive zero-shot semantic segmentation.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and Ray Train's own log lines and per-report dicts")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
@@ -347,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
     args.extra = extra
+    if args.verbose:  # read by every process of the command, Ray workers and jobs included
+        os.environ["SPLITMATCH_VERBOSE"] = "1"
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:  # what was done is kept; the message says where

@@ -15,14 +15,30 @@ def init_ray(storage: StorageConfig | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes), else start a
     local instance on this machine. Idempotent. The workers get this command's object-store
     endpoint (`storage`), so every node reads and writes `s3://` locations at the same place."""
+    import logging
+
     import ray
 
+    from splitmatch.progress import verbose
     from splitmatch.storage import use_endpoint
 
+    if not verbose():
+        # Ray's own notices on the driver: the token-auth banner, Ray Data's plan and timing
+        # lines, the core worker's C++ log.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        for name in ("ray._private.authentication", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         env = use_endpoint(storage.s3_endpoint_url if storage else None)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+        # Quiet unless --verbose: the workers' and Ray Train's own lines and Ray Data's progress
+        # blocks would bury the one progress display; what matters reaches the driver anyway
+        # (errors as exceptions, rank 0's warnings through the training progress queue).
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose(),
+                 logging_level=logging.INFO if verbose() else logging.WARNING,
                  runtime_env={"env_vars": env} if env else None)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose()
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -9,7 +9,9 @@ the CLIP weights (when they are a local file), the package's code and the pinned
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -21,22 +23,27 @@ REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "mlflow", "numpy", "p
                 "scipy", "matplotlib")
 
 
-class SplitMatchModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from splitmatch.predict import Segmenter
+# MLflow wraps `predict` when the class is defined and advises type hints: its validation
+# would then take over the input, which is a plain uint8 array here.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
 
-        self.segmenter = Segmenter(context.artifacts["checkpoint"],
-                                   clip_weights=context.artifacts.get("clip_weights"))
-        self.default_classes = json.loads(Path(context.artifacts["classes"]).read_text())
+    class SplitMatchModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            from splitmatch.predict import Segmenter
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
-        from splitmatch.predict import parse_classes
+            self.segmenter = Segmenter(context.artifacts["checkpoint"],
+                                       clip_weights=context.artifacts.get("clip_weights"))
+            self.default_classes = json.loads(Path(context.artifacts["classes"]).read_text())
 
-        classes = parse_classes((params or {}).get("classes") or self.default_classes)
-        images = np.asarray(model_input, dtype=np.uint8)
-        if images.ndim == 3:
-            images = images[None]
-        return np.stack([self.segmenter.segment(image, classes) for image in images])
+        def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+            from splitmatch.predict import parse_classes
+
+            classes = parse_classes((params or {}).get("classes") or self.default_classes)
+            images = np.asarray(model_input, dtype=np.uint8)
+            if images.ndim == 3:
+                images = images[None]
+            return np.stack([self.segmenter.segment(image, classes) for image in images])
 
 
 def log_model(tracking_uri: str, run_id: str, checkpoint: Path, clip_pretrained: str | None,
@@ -56,10 +63,13 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: Path, clip_pretrained:
         if clip_pretrained and Path(clip_pretrained).is_file():
             artifacts["clip_weights"] = clip_pretrained
         model_dir = Path(tmp) / ARTIFACT_PATH
-        mlflow.pyfunc.save_model(
-            model_dir, python_model=SplitMatchModel(), artifacts=artifacts, signature=signature,
-            code_paths=[str(Path(splitmatch.__file__).parent)],
-            pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS])
+        with warnings.catch_warnings():  # MLflow's advice on type hints and input examples
+            warnings.simplefilter("ignore")
+            logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+            mlflow.pyfunc.save_model(
+                model_dir, python_model=SplitMatchModel(), artifacts=artifacts, signature=signature,
+                code_paths=[str(Path(splitmatch.__file__).parent)],
+                pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS])
         client = mlflow.tracking.MlflowClient(tracking_uri)
         client.log_artifacts(run_id, str(model_dir), ARTIFACT_PATH)
     return f"runs:/{run_id}/{ARTIFACT_PATH}"

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splitmatch import storage
+from splitmatch.progress import Progress, verbose
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS, TEMPLATES, FrozenClip, build_clip
 from splitmatch.config import (
     ClipConfig,
@@ -434,6 +435,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
     history: list[dict] = []
     start = time.perf_counter()
     running = 0.0
+    bar = Progress(cfg.steps, "toy CLIP pretraining", "step")
     for step in range(cfg.steps):
         lr = _learning_rate(step, cfg.steps, cfg.lr, warmup)
         for group in optimizer.param_groups:
@@ -460,9 +462,14 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
                      "logit_scale": float(model.logit_scale.detach().exp()),
                      "seconds": time.perf_counter() - start}
             history.append(entry)
-            log(f"toy CLIP step {entry['step']}/{cfg.steps}  loss {entry['loss']:.4f}  "
-                f"lr {lr:.2e}  logit scale {entry['logit_scale']:.1f}  {entry['seconds']:.0f} s")
+            bar.update(step + 1, loss=entry["loss"])
+            if verbose():
+                log(f"toy CLIP step {entry['step']}/{cfg.steps}  loss {entry['loss']:.4f}  "
+                    f"lr {lr:.2e}  logit scale {entry['logit_scale']:.1f}  {entry['seconds']:.0f} s")
             running = 0.0
+        else:
+            bar.update(step + 1)
+    bar.close()
     model.eval()
     return model.cpu(), history
 

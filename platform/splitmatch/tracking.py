@@ -26,6 +26,8 @@ from splitmatch.config import ConfigError, redact
 # store (S3): give it a minute. Set before mlflow reads them; users can still override.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+# Its per-file download bars would scroll through a command's output (results page, eval).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RUN_KEY_TAG = "splitmatch.run_key"
 

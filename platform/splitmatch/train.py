@@ -439,6 +439,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     location = config["run_location"]
     run_dir = storage.local_path(location)  # this node's (a remote run: a mirror on each node)
+    tell = _teller(config.get("progress") if rank == 0 else None)
     if rank == 0 and storage.is_remote(location):  # the driver wrote it, maybe on another node
         storage.pull(storage.join(location, "config.yaml"), run_dir / "config.yaml", refresh=True)
     # ---------------------------------------------------------------- set-up
@@ -502,7 +503,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from splitmatch.tracking import Tracker, git_commit
         tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_key"],
-                          cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"))
+                          cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"),
+                          log=lambda message: tell({"note": message}))
         tracker.open(flatten(cfg), {
             "git_commit": git_commit(), "dataset": cfg.data.dataset,
             "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
@@ -577,7 +579,12 @@ def train_loop_per_worker(config: dict) -> None:
                         torch.save({"model": best_state, "config": config["cfg"]},
                                    run_dir / BEST_MODEL)
                         _share(run_dir, location, BEST_MODEL)
+            shown = {"loss": metrics["loss"]} if "loss" in metrics else {}
+            if "select_hIoU" in metrics:
+                shown[f"{cfg.data.select_split} hIoU"] = metrics["select_hIoU"]
+            tell({"iteration": iteration, **shown})
             if last:
+                tell({"note": f"evaluating {len(test_set)} images of '{cfg.data.test_split}'"})
                 final = _test(core, best_state, test_set, classes, cfg, device, rank, world_size)
                 metrics.update(final)
                 if rank == 0:
@@ -643,7 +650,7 @@ def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpac
 
 def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
            config_path: str = "CONFIG", parent_run_id: str | None = None, callbacks=None,
-           may_grow: tuple[str, ...] = RESUME_MAY_GROW, log=print):
+           may_grow: tuple[str, ...] = RESUME_MAY_GROW, log=print, progress: bool = True):
     """Run training on Ray Train (local instance, or the cluster in RAY_ADDRESS); returns the Result.
 
     The run lives in `train.storage_path/name`; starting the same name again resumes it from its
@@ -709,8 +716,11 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
 
     log(f"training {cfg.name} on {cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} "
         f"worker(s); run directory {location}; MLflow {redact(tracking_uri)}")
+    watcher = _Watcher(cfg.name, cfg.train.max_iters, newest[1] if newest else 0) if progress else None
+    loop_config["progress"] = watcher.queue if watcher else None
     try:
-        return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location, log)
+        return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location,
+                                  watcher.note if watcher else log)
     except KeyboardInterrupt:
         # The workers die with this driver and cannot close their MLflow run: close it here.
         ray.shutdown()
@@ -719,6 +729,72 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         raise KeyboardInterrupt(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
             else "it had no checkpoint yet")) from None
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+def _teller(queue):
+    """Rank 0's line to the driver's progress display (`_Watcher`); best effort: a driver that is
+    gone must not stop training."""
+    def tell(item: dict) -> None:
+        if queue is None:
+            if "note" in item:
+                print(item["note"])
+            return
+        try:
+            queue.put_nowait(item)
+        except Exception:  # noqa: BLE001 - progress is only a display
+            pass
+    return tell
+
+
+class _Watcher:
+    """The driver's side of a run's progress: rank 0 puts {"iteration", shown values...} or
+    {"note": sentence} on a Ray queue (an actor, so it works from any node); a thread here
+    shows them as one progress display."""
+
+    def __init__(self, name: str, total: int, initial: int):
+        from ray.util.queue import Queue
+
+        from splitmatch.progress import Progress
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.bar = Progress(total, f"training {name}", "it", initial=initial)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._show, name="progress", daemon=True)
+        self.thread.start()
+
+    def note(self, message: str) -> None:
+        self.bar.note(message)
+
+    def _show(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                if self.done.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue went with the cluster
+                return
+            if "note" in item:
+                self.bar.note(item["note"])
+            else:
+                self.bar.update(item.pop("iteration"), **item)
+
+    def stop(self) -> None:
+        import ray
+
+        self.done.set()
+        self.thread.join(timeout=10)
+        self.bar.close()
+        try:
+            ray.kill(self.queue.actor)
+        except Exception:  # noqa: BLE001 - already gone with the cluster
+            pass
 
 
 def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, location: str, log):

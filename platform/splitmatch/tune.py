@@ -58,8 +58,10 @@ def run_trial(config: dict, base: dict, search: str, tracking_uri: str,
     cfg = config_from_dict(cfg_dict, "trial")
     try:
         # resume=True: a restored search continues this trial's Train run where it stopped.
-        result = launch(cfg, resume=True, build_pseudo_masks=True, may_grow=(), parent_run_id=parent_run_id,
-                        callbacks=[TuneReportCallback()], log=lambda *_: None)
+        result = launch(cfg, resume=True, build_pseudo_masks=True, may_grow=(),
+                        parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                        log=lambda *_: None, progress=False)  # trials run off the driver
+
         error = result.error
     except Exception as exc:  # noqa: BLE001 - recorded below, then re-raised for Tune
         error = exc

@@ -23,6 +23,7 @@ from splitmatch import storage
 from splitmatch.cluster import check_fits, init_ray
 from splitmatch.config import Config, config_from_dict, to_dict
 from splitmatch.errors import RunFailed
+from splitmatch.progress import Progress
 from splitmatch.data import build_dataset
 from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, cache_location,
                                      read_manifest,
@@ -194,7 +195,11 @@ def _build(cfg: Config, split: str, root: Path, remote: str | None, log) -> dict
             num_cpus=p.cpus_per_actor,
             num_gpus=p.gpus_per_actor if use_gpu else 0,
         )
-        processed = sum(len(batch["index"]) for batch in ds.iter_batches(batch_size=None))
+        processed = 0
+        with Progress(len(todo), "pseudo masks", "img") as bar:
+            for batch in ds.iter_batches(batch_size=None):
+                processed += len(batch["index"])
+                bar.update(processed)
         seconds = time.perf_counter() - start
         log(f"processed {processed} images in {seconds:.1f} s on "
             f"{p.num_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")

@@ -1,0 +1,46 @@
+"""The progress display off a terminal: a line every few seconds and one at the end, notes as
+plain sentences; on a terminal, a tqdm bar."""
+import io
+
+from splitmatch import progress
+from splitmatch.progress import Progress
+
+
+def test_a_log_file_gets_lines_not_a_redrawn_bar(monkeypatch):
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    out = io.StringIO()
+    with Progress(200, "training demo", "it", initial=100, stream=out) as bar:
+        bar.update(150, loss=1.23456)
+        bar.note("warning: MLflow at http://127.0.0.1:1 is unreachable")
+        bar.update(200, loss=0.5, **{"val hIoU": 41.0})
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0].startswith("training demo: 150/200 it (75%)  elapsed 00:00  ETA ")
+    assert lines[0].endswith("loss 1.235")
+    assert lines[1] == "warning: MLflow at http://127.0.0.1:1 is unreachable"
+    assert lines[2].startswith("training demo: 200/200 it (100%)") and "val hIoU 41" in lines[2]
+    assert lines[-1] == lines[2]  # the last line is written once at close, not twice
+
+
+def test_quiet_between_lines(monkeypatch):
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
+    out = io.StringIO()
+    with Progress(1000, "pseudo masks", "img", stream=out) as bar:
+        for done in range(1, 1001):
+            bar.update(done)
+    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[-1]]
+    assert out.getvalue().startswith("pseudo masks: 1000/1000 img (100%)")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_tqdm_bar():
+    out = Terminal()
+    with Progress(10, "toy CLIP pretraining", "step", stream=out) as bar:
+        for step in range(1, 11):
+            bar.update(step, loss=0.1)
+    text = out.getvalue()
+    assert "\r" in text and "toy CLIP pretraining: 100%" in text and "10/10" in text
