@@ -15,7 +15,13 @@ def test_demo_quick_end_to_end(tmp_path, ray_cluster):
                             address=ray_cluster), timeout=400)
     scores = re.search(r"hIoU (\S+)\s+sIoU (\S+)\s+uIoU (\S+)", out)
     assert scores, out[-3000:]
-    assert "toy-world pseudo-mask quality" in out and "mlflow ui --backend-store-uri" in out
+    assert "toy-world pseudo-mask quality" in out and "splitmatch ui --storage-path" in out
+    timing = re.search(r"time per phase: toy CLIP (\d+) s, pseudo masks (\d+) s, training and test "
+                       r"(\d+) s, results page and model (\d+) s; total (\d+) s", out)
+    assert timing, out[-3000:]
+    assert sum(map(int, timing.groups()[:4])) <= int(timing.group(5)) + 4
+    assert "results page: " in out and "MLflow model: runs:/" in out
+    assert "TrainingReport(" not in out and "core_worker.cc" not in out  # Ray's lines hidden
     run_dir = re.search(r"run directory: (\S+)", out).group(1)
     pictures = list((tmp_path / "runs").glob("*/viz/*.png"))
     assert len(pictures) == 2 and str(pictures[0]).startswith(run_dir)

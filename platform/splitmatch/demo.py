@@ -30,32 +30,51 @@ def demo_config(config: str | Path = DEMO_CONFIG, quick: bool = False,
 
 def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
              overrides: list[str] | None = None, log=print) -> dict:
+    from splitmatch.cluster import init_ray
+    from splitmatch.config import resolve_paths
     from splitmatch.toyclip import with_toy_clip
     from splitmatch.tracking import default_tracking_uri
-    from splitmatch.train import launch, publish_results
+    from splitmatch.train import launch, open_pseudo_masks, publish_results
 
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = now - since
+        return now
+
     cfg = with_toy_clip(demo_config(config, quick, overrides), log=log)
+    mark = phase("toy CLIP", start)
     log(f"demo{' (quick)' if quick else ''}: {cfg.data.toyworld.num_train} train / "
         f"{cfg.data.toyworld.num_test} test toy images, unseen classes "
         f"{', '.join(cfg.data.unseen or ['leaf', 'starfish', 'donut'])}, {cfg.train.max_iters} "
         f"iterations")
-    result = launch(cfg, build_pseudo_masks=True, config_path=str(config), log=log)
+    init_ray(cfg.storage)
+    open_pseudo_masks(resolve_paths(cfg), build=True, config_path=str(config), log=log)
+    mark = phase("pseudo masks", mark)
+    result = launch(cfg, config_path=str(config), log=log)
     if result.error is not None:
         raise RuntimeError(f"demo training failed: {result.error}")
+    mark = phase("training and test", mark)
     metrics = result.metrics
     storage = Path(cfg.train.storage_path).resolve()
     run_dir = storage / cfg.name
-    seconds = time.perf_counter() - start
     uri = cfg.tracking.uri or default_tracking_uri(storage)
     log("")
     log(f"hIoU {metrics['hIoU']:.2f}  sIoU {metrics['sIoU']:.2f}  uIoU {metrics['uIoU']:.2f}  "
-        f"(mIoU {metrics['mIoU']:.2f}) after {cfg.train.max_iters} iterations, {seconds:.0f} s")
+        f"(mIoU {metrics['mIoU']:.2f}) after {cfg.train.max_iters} iterations")
     log(f"run directory: {run_dir}")
     log(f"prediction pictures: {run_dir / 'viz'}")
     publish_results(cfg, log=log)
+    phase("results page and model", mark)
+    seconds = time.perf_counter() - start
     log(f"MLflow: experiment '{cfg.tracking.experiment}', run '{cfg.name}' in {uri}")
     if uri.startswith("sqlite:"):
-        log(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    return {"metrics": metrics, "run_dir": str(run_dir), "seconds": seconds, "config": cfg}
+        log(f"open the MLflow UI: splitmatch ui --storage-path {storage}  (or: mlflow ui "
+            f"--backend-store-uri {uri} --host 127.0.0.1 --port 5000)")
+    log("time per phase: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in phases.items())
+        + f"; total {seconds:.0f} s")
+    return {"metrics": metrics, "run_dir": str(run_dir), "seconds": seconds, "config": cfg,
+            "phases": phases}
 
