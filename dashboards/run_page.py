@@ -26,6 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from splitmatch.config import Config, redact  # noqa: E402
 from splitmatch.dashboards.report import CSS  # noqa: E402
 from splitmatch.dashboards.runs import make_client  # noqa: E402
+from splitmatch.files import write_atomic  # noqa: E402
 
 PAGE_NAME = "report.html"
 PAGE_TAG = "splitmatch.page"
@@ -188,10 +189,7 @@ def write_run_page(cfg: Config, tracking_uri: str, run_id: str, out_dir: Path) -
             predictions = sorted(folder.glob("*.png"))
         page = render(cfg, run, history, predictions, pseudo_mask_examples(cfg), tracking_uri)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / PAGE_NAME
-    staging = path.with_name(f".{PAGE_NAME}.tmp")
-    staging.write_text(page, encoding="utf-8")
-    staging.replace(path)
+    path = write_atomic(out_dir / PAGE_NAME, lambda handle: handle.write(page.encode("utf-8")))
     client.log_artifact(run_id, str(path))
     client.set_tag(run_id, PAGE_TAG, str(path))
     return path

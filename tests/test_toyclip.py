@@ -23,6 +23,7 @@ from splitmatch.config import (
     ToyWorldConfig,
 )
 from splitmatch.data import render
+from splitmatch.files import remove_stale
 from splitmatch.toyclip import (
     BACKGROUND_TEMPLATES,
     CLASS_NAMES,
@@ -230,7 +231,7 @@ def test_interrupted_pretraining_leaves_nothing_that_looks_complete(toy_cfg, mon
     with pytest.raises(FileNotFoundError, match="splitmatch toy-clip"):
         toy_clip_checkpoint(cfg, build=False, recipe=RECIPE)
     # ... and is cleared by the next build.
-    assert toyclip._remove_stale_temporaries(folder.parent, folder.name) == 1
+    assert remove_stale(folder.parent, f".{folder.name}.*.tmp") == 1
     assert not stale.exists()
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splitmatch.matcher import Match
+from splitmatch.matcher import Match, point_sample
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25,
@@ -52,8 +52,7 @@ def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_rati
     n = mask_logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     coords = torch.rand(n, num_sampled, 2, device=mask_logits.device)
-    grid = (2 * coords - 1)[:, :, None]  # [N, S, 1, 2]
-    logits = F.grid_sample(mask_logits[:, None], grid, align_corners=False)[:, 0, :, 0]  # [N, S]
+    logits = point_sample(mask_logits, coords)  # [N, S]
     num_uncertain = int(importance_sample_ratio * num_points)
     idx = (-logits.abs()).topk(num_uncertain, dim=1).indices  # [N, U]
     chosen = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
@@ -61,12 +60,6 @@ def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_rati
     if num_random > 0:
         chosen = torch.cat([chosen, torch.rand(n, num_random, 2, device=mask_logits.device)], dim=1)
     return chosen
-
-
-def _point_sample_batched(masks: Tensor, coords: Tensor) -> Tensor:
-    """Per-mask points: masks [N, H, W], coords [N, P, 2] → [N, P]."""
-    grid = (2 * coords - 1)[:, :, None]
-    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0, :, 0]
 
 
 class SetCriterion(nn.Module):
@@ -130,8 +123,8 @@ class SetCriterion(nn.Module):
         with torch.no_grad():
             coords = uncertain_point_coords(src.detach().float(), self.num_points,
                                             self.oversample_ratio, self.importance_sample_ratio)
-            tgt_points = _point_sample_batched(tgt, coords)
-        src_points = _point_sample_batched(src.float(), coords)
+            tgt_points = point_sample(tgt, coords)
+        src_points = point_sample(src.float(), coords)
         return (iou_loss(src_points, tgt_points).sum() / num_masks,
                 dice_loss(src_points, tgt_points).sum() / num_masks)
 

@@ -31,9 +31,6 @@ class ZSSEvaluator:
         self.num_classes = len(self.class_names)
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
-    def reset(self) -> None:
-        self.confusion.zero_()
-
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add a batch: rows of the confusion matrix are ground truth, columns predictions."""
         if pred.shape != target.shape:
@@ -50,10 +47,6 @@ class ZSSEvaluator:
             raise ValueError(f"prediction holds class ids outside 0..{self.num_classes - 1}")
         self.confusion += torch.bincount(target * self.num_classes + pred,
                                          minlength=self.num_classes ** 2).view(self.num_classes, -1)
-
-    def merge(self, other: "ZSSEvaluator") -> None:
-        """Add another evaluator's counts (e.g. gathered from other workers)."""
-        self.confusion += other.confusion
 
     def iou_per_class(self) -> Tensor:
         conf = self.confusion.double()

@@ -18,9 +18,13 @@ Match = tuple[Tensor, Tensor]
 
 
 def point_sample(masks: Tensor, coords: Tensor) -> Tensor:
-    """Bilinear values of `masks` [N, H, W] at normalised `coords` [P, 2] (x, y in [0, 1]) → [N, P]."""
-    grid = (2.0 * coords - 1.0).view(1, 1, -1, 2).expand(masks.shape[0], 1, -1, 2)
-    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0, 0]
+    """Bilinear values of `masks` [N, H, W] at normalised points (x, y in [0, 1]) → [N, P]:
+    `coords` [P, 2] are the same points for every mask (matching), [N, P, 2] one set per mask
+    (the losses' importance-sampled points)."""
+    if coords.dim() == 2:
+        coords = coords[None].expand(masks.shape[0], -1, -1)
+    grid = (2.0 * coords - 1.0)[:, :, None]  # [N, P, 1, 2]
+    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0, :, 0]
 
 
 def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splitmatch import storage
+from splitmatch.files import content_key, remove_stale, temporary_name, write_atomic
 from splitmatch.progress import Progress, verbose
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS, TEMPLATES, FrozenClip, build_clip
 from splitmatch.config import (
@@ -368,8 +369,7 @@ def checkpoint_inputs(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE
 
 
 def checkpoint_key(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> str:
-    canonical = json.dumps(checkpoint_inputs(cfg, recipe), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return content_key(checkpoint_inputs(cfg, recipe))
 
 
 def checkpoint_location(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> str:
@@ -474,24 +474,6 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
     return model.cpu(), history
 
 
-def _remove_stale_temporaries(root: Path, key: str) -> int:
-    """Delete half-built folders of `key` whose process is gone (a crash or an interrupt)."""
-    removed = 0
-    for folder in root.glob(f".{key}.*.tmp"):
-        try:
-            pid = int(folder.name.split(".")[2])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # another live process is building the same checkpoint
-        except (ValueError, IndexError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue  # alive, owned by someone else
-        shutil.rmtree(folder, ignore_errors=True)
-        removed += 1
-    return removed
-
-
 def pretrain_toy_clip(cfg: ToyClipConfig, log: Callable[[str], None] = print,
                       recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
     """Train the toy CLIP, check it loads through `build_clip`, measure zero-shot accuracy, and
@@ -499,7 +481,7 @@ def pretrain_toy_clip(cfg: ToyClipConfig, log: Callable[[str], None] = print,
     key = checkpoint_key(cfg, recipe)
     final = checkpoint_dir(cfg, recipe)
     final.parent.mkdir(parents=True, exist_ok=True)
-    removed = _remove_stale_temporaries(final.parent, key)
+    removed = remove_stale(final.parent, f".{key}.*.tmp")
     if removed:
         log(f"toy CLIP: removed {removed} unfinished build(s) of {key}")
     log(f"toy CLIP: pretraining {cfg.model_name} for {cfg.steps} steps of {cfg.batch_size} "
@@ -508,14 +490,11 @@ def pretrain_toy_clip(cfg: ToyClipConfig, log: Callable[[str], None] = print,
     model, history = train_toy_clip(cfg, recipe, log)
     train_seconds = time.perf_counter() - start
 
-    staging = final.parent / f".{key}.{os.getpid()}.tmp"
+    staging = temporary_name(final)  # the folder is assembled here, then renamed in one step
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        with open(staging / CHECKPOINT_NAME, "wb") as handle:
-            torch.save(model.state_dict(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_atomic(staging / CHECKPOINT_NAME, lambda handle: torch.save(model.state_dict(), handle))
         # Measured through the loading path every user takes, so a checkpoint that open_clip
         # cannot load strictly never gets published.
         clip = build_clip(ClipConfig(model_name=cfg.model_name,

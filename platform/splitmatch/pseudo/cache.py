@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -31,18 +30,11 @@ from splitmatch.clip import PACKAGE_MODEL_CONFIGS
 from splitmatch.config import Config
 from splitmatch import splits
 from splitmatch.errors import UserError
+from splitmatch.files import content_key, file_sha256, remove_stale, write_atomic
 from splitmatch.pseudo.kernel import KERNEL_VERSION
 
 SHARD_FIELDS = ("indices", "ok", "errors", "paths", "map_shapes", "map_data", "num_candidates",
                 "embeds", "q_segments", "q_best_iou_sum", "q_covered", "q_unseen")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _clip_identity(cfg: Config) -> dict:
@@ -63,7 +55,7 @@ def _clip_identity(cfg: Config) -> dict:
     for folder in filter(None, [clip.model_config_dir, str(PACKAGE_MODEL_CONFIGS)]):
         candidate = Path(folder) / f"{clip.model_name}.json"
         if candidate.is_file():
-            identity["model_config_sha256"] = _file_sha256(candidate)
+            identity["model_config_sha256"] = file_sha256(candidate)
             break
     return identity
 
@@ -87,8 +79,7 @@ def cache_inputs(cfg: Config, split: str) -> dict:
 
 
 def cache_key(cfg: Config, split: str) -> str:
-    canonical = json.dumps(cache_inputs(cfg, split), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return content_key(cache_inputs(cfg, split))
 
 
 def cache_location(cfg: Config, split: str) -> str:
@@ -116,24 +107,13 @@ def pull_cache(location: str, root: Path) -> None:
                          refresh=True)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def write_shard(shard_dir: Path, arrays: dict[str, np.ndarray]) -> str:
     """Write one shard atomically; the name depends only on its image indices, so a retried batch
     replaces its own shard instead of adding a duplicate."""
     indices = arrays["indices"]
     digest = hashlib.sha1(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:10]
     name = f"shard-{int(indices.min()):08d}-{digest}.npz"
-    tmp = shard_dir / f".{name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, shard_dir / name)
+    write_atomic(shard_dir / name, lambda handle: np.savez_compressed(handle, **arrays))
     return name
 
 
@@ -144,7 +124,7 @@ class CacheDamaged(UserError, FileNotFoundError):
 
 def shard_file_record(path: Path) -> dict:
     """What the manifest records of a shard to check it later: its size and sha256."""
-    return {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def check_shard(path: Path, expected: dict | None) -> str | None:
@@ -155,7 +135,7 @@ def check_shard(path: Path, expected: dict | None) -> str | None:
     if expected is not None:
         if path.stat().st_size != expected["bytes"]:
             return f"{path.stat().st_size} bytes, the manifest recorded {expected['bytes']}"
-        if _file_sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return "its sha256 differs from the manifest's"
         return None
     try:
@@ -209,10 +189,7 @@ def scan_shards(shard_dir: Path, recorded: dict | None = None, log=print) -> dic
 
 def remove_temporaries(shard_dir: Path) -> int:
     """Delete half-written shards left by a crash (they never carry a final name)."""
-    leftovers = list(shard_dir.glob(".shard-*.tmp"))
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return len(leftovers)
+    return remove_stale(shard_dir, ".shard-*.tmp")
 
 
 class PseudoMaskCache:

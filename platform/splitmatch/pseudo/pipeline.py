@@ -25,10 +25,10 @@ from splitmatch.config import Config, config_from_dict, to_dict
 from splitmatch.errors import RunFailed
 from splitmatch.progress import Progress
 from splitmatch.data import build_dataset
+from splitmatch.files import write_json_atomic
 from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, cache_location,
-                                     read_manifest,
-                                     remove_temporaries, scan_shards, shard_file_record,
-                                     write_json_atomic, write_shard)
+                                     read_manifest, remove_temporaries, scan_shards,
+                                     shard_file_record, write_shard)
 
 
 class PseudoMaskActor:
