@@ -23,11 +23,9 @@ import json
 import math
 import statistics
 
-from splitmatch import storage
 from splitmatch.config import Config, ConfigError, apply_overrides, config_from_dict, to_dict
 from splitmatch.splits import draw_unseen_splits
-from splitmatch.tracking import (Tracker, artifact_root, default_tracking_uri, find_or_create_run,
-                                 git_commit)
+from splitmatch.tracking import Tracker, default_tracking_uri, open_parent_run
 
 METRICS = ("hIoU", "sIoU", "uIoU")
 # Rows of every table: what each row changes in the config (`--set` overrides). Table 2's +RQ
@@ -91,11 +89,8 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     client = MlflowClient(uri)
     parent_name = f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
-    parent_id, _ = find_or_create_run(
-        client, cfg.tracking.experiment, storage.join(cfg.train.storage_path, parent_name), parent_name,
-        tags={"splitmatch.kind": "ablation", "table": str(table), "git_commit": git_commit(), "dataset": cfg.data.dataset,
-              "unseen": " | ".join(",".join(u) for u in unseen_splits)},
-        artifact_location=artifact_root(uri))
+    parent_id, _ = open_parent_run(client, uri, cfg, parent_name, "ablation", {
+        "table": str(table), "unseen": " | ".join(",".join(u) for u in unseen_splits)})
     # per_run[split][row]: one entry per seed, {"hIoU", "sIoU", "uIoU", "per_class"}
     per_run: list[dict[str, list[dict]]] = []
     reports = []

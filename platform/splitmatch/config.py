@@ -502,12 +502,13 @@ def _validate_tune(cfg: Config, source: str) -> None:
             for value in values:
                 try:
                     config_from_dict(apply_overrides(to_dict(cfg) | {"tune": {}},
-                                                     [f"{key}={_yaml_value(value)}"]), source)
+                                                     [f"{key}={yaml_value(value)}"]), source)
                 except ConfigError as exc:
                     raise ConfigError(f"{source}: '{where}' value {value!r} is invalid: {exc}") from exc
 
 
-def _yaml_value(value) -> str:
+def yaml_value(value) -> str:
+    """One value as compact one-line YAML, as a `--set key=VALUE` takes it ([4, 6] not a block)."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 

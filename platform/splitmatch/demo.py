@@ -32,6 +32,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
              overrides: list[str] | None = None, log=print) -> dict:
     from splitmatch.cluster import init_ray
     from splitmatch.config import resolve_paths
+    from splitmatch.splits import default_unseen
     from splitmatch.toyclip import with_toy_clip
     from splitmatch.tracking import default_tracking_uri
     from splitmatch.train import launch, open_pseudo_masks, publish_results
@@ -48,7 +49,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
     mark = phase("toy CLIP", start)
     log(f"demo{' (quick)' if quick else ''}: {cfg.data.toyworld.num_train} train / "
         f"{cfg.data.toyworld.num_test} test toy images, unseen classes "
-        f"{', '.join(cfg.data.unseen or ['leaf', 'starfish', 'donut'])}, {cfg.train.max_iters} "
+        f"{', '.join(cfg.data.unseen or default_unseen(cfg.data.dataset))}, {cfg.train.max_iters} "
         f"iterations")
     init_ray(cfg.storage)
     open_pseudo_masks(resolve_paths(cfg), build=True, config_path=str(config), log=log)

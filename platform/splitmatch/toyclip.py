@@ -562,7 +562,7 @@ def pseudo_mask_quality(clip: FrozenClip, pseudo_cfg: PseudoMaskConfig, data_cfg
     {}." over all classes), which is what Split Matching then relies on.
     """
     from splitmatch.data import build_dataset
-    from splitmatch.pseudo.kernel import build_kernel, candidate_quality
+    from splitmatch.pseudo.kernel import build_kernel, candidate_quality, quality_summary
 
     train_set = build_dataset(data_cfg, split, train=True, augment=False)
     full_set = build_dataset(data_cfg, split, train=False)
@@ -584,9 +584,7 @@ def pseudo_mask_quality(clip: FrozenClip, pseudo_cfg: PseudoMaskConfig, data_cfg
             candidates += result.embeds.shape[0]
             predicted = (result.embeds.float() @ text.float().T).argmax(1)  # [U]
             named += sum(int(predicted[i]) == u for u, i in q["best_match"])
-    return {"images": num_images, "unseen_segments": segments,
-            "best_match_iou": best_iou_sum / segments if segments else float("nan"),
-            "coverage": covered / unseen if unseen else float("nan"),
+    return {"images": num_images, **quality_summary(segments, best_iou_sum, covered, unseen),
             "candidates_per_image": candidates / num_images if num_images else 0.0,
             "candidate_class_accuracy": named / segments if segments else float("nan")}
 

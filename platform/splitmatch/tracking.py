@@ -93,6 +93,18 @@ def find_or_create_run(client, experiment: str, run_key: str, run_name: str,
     return run.info.run_id, False
 
 
+def open_parent_run(client, uri: str, cfg, name: str, kind: str, tags: dict | None = None
+                    ) -> tuple[str, bool]:
+    """(run id, whether it existed) of the parent run `name` of a search or an ablation, keyed by
+    its folder under `train.storage_path`, so that a rerun finds it instead of adding another."""
+    from splitmatch import storage
+
+    return find_or_create_run(
+        client, cfg.tracking.experiment, storage.join(cfg.train.storage_path, name), name,
+        tags={"splitmatch.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.dataset,
+              **(tags or {})}, artifact_location=artifact_root(uri))
+
+
 def _run_with_key(client, exp_id: str, run_key: str):
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {literal(run_key)}",
                                max_results=1)

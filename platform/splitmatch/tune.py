@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config, redact,
-                               resolve_paths, to_dict)
 from splitmatch import storage
-from splitmatch.tracking import (MlflowServer, experiment_id, artifact_root, default_tracking_uri,
-                                 find_or_create_run, git_commit)
+from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config,
+                               redact, resolve_paths, to_dict, yaml_value)
+from splitmatch.tracking import (MlflowServer, artifact_root, default_tracking_uri, experiment_id,
+                                 find_or_create_run, open_parent_run)
 
 
 def search_space(space: dict) -> dict:
@@ -36,8 +36,7 @@ def search_space(space: dict) -> dict:
 def trial_config(base: dict, params: dict, name: str) -> Config:
     """The base config with one trial's sampled values applied (validated like any config)."""
     data = yaml.safe_load(yaml.safe_dump(base))
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for key, value in params.items()]
+    overrides = [f"{key}={yaml_value(value)}" for key, value in params.items()]
     data = apply_overrides(data, overrides, source="tune trial")
     data["name"] = name
     data["tune"] = {}
@@ -117,10 +116,7 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
         uri = server.url
     try:
         client = MlflowClient(uri)
-        parent_id, existed = find_or_create_run(
-            client, cfg.tracking.experiment, search_dir, cfg.name,
-            tags={"splitmatch.kind": "search", "git_commit": git_commit(),
-                  "dataset": cfg.data.dataset}, artifact_location=artifact_root(uri))
+        parent_id, existed = open_parent_run(client, uri, cfg, cfg.name, "search")
         if not existed:
             client.log_dict(parent_id, {k: v for k, v in cfg.tune.space.items()}, "search_space.yaml")
             client.log_text(parent_id, dump_config(cfg), "base_config.yaml")
@@ -212,5 +208,5 @@ def _summarise(results, cfg: Config, client, parent_id: str, search_dir: str) ->
 
 def json_value(value):
     """Lists (K-means scale sets) as compact strings so they fit one CSV cell."""
-    return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list) else value
+    return yaml_value(value) if isinstance(value, list) else value
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from splitmatch.config import load_config, to_dict, config_from_dict
+from splitmatch.config import config_from_dict, load_config, to_dict
+from splitmatch.demo import DEMO_CONFIG
 
-TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yaml"
+TOY_CONFIG = DEMO_CONFIG  # the toy world of the demo
 
 
 def run(iterations: int = 40, workers: tuple[int, ...] = (1, 2), config: Path = TOY_CONFIG,

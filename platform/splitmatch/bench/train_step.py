@@ -10,12 +10,13 @@ from splitmatch.clip import build_clip
 from splitmatch.config import load_config
 from splitmatch.criterion import build_criterion
 from splitmatch.data import build_dataset, collate
+from splitmatch.demo import DEMO_CONFIG
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.toyclip import with_toy_clip
 from splitmatch.train import TimedMatcher, build_class_space, build_optimizer, training_step
 
-TOY_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "toyworld.yaml"
+TOY_CONFIG = DEMO_CONFIG  # the toy world of the demo
 
 
 def toy_batch_with_candidates(cfg, clip) -> dict:

@@ -115,6 +115,14 @@ def build_kernel(cfg, clip: FrozenClip, ignore_index: int = 255) -> PseudoMaskKe
                             cfg.cls_input)
 
 
+def quality_summary(segments: float, best_iou_sum: float, covered: float, unseen: float) -> dict:
+    """Totals of `candidate_quality` over images -> mean best-match IoU per hidden unseen segment
+    and the fraction of unseen pixels that some candidate covers."""
+    return {"unseen_segments": int(segments),
+            "best_match_iou": best_iou_sum / segments if segments else float("nan"),
+            "coverage": covered / unseen if unseen else float("nan")}
+
+
 def candidate_quality(candidate_map: Tensor, full_label: Tensor, unseen_ids: Sequence[int]) -> dict:
     """How well candidates cover the hidden unseen objects of one image (toy world only).
 

@@ -22,13 +22,14 @@ import torch
 from splitmatch import storage
 from splitmatch.cluster import check_fits, init_ray
 from splitmatch.config import Config, config_from_dict, to_dict
-from splitmatch.errors import RunFailed
-from splitmatch.progress import Progress
 from splitmatch.data import build_dataset
+from splitmatch.errors import RunFailed
 from splitmatch.files import write_json_atomic
+from splitmatch.progress import Progress
 from splitmatch.pseudo.cache import (CacheDamaged, cache_dir, cache_inputs, cache_location,
                                      read_manifest, remove_temporaries, scan_shards,
                                      shard_file_record, write_shard)
+from splitmatch.pseudo.kernel import quality_summary
 
 
 class PseudoMaskActor:
@@ -111,10 +112,7 @@ def _summarise(records: dict[int, dict], num_images: int, with_quality: bool) ->
     quality = None
     if with_quality:
         totals = np.array([r["quality"] for r in ok]).sum(0) if ok else np.zeros(4)
-        segments, best_iou_sum, covered, unseen = totals.tolist()
-        quality = {"unseen_segments": int(segments),
-                   "best_match_iou": best_iou_sum / segments if segments else float("nan"),
-                   "coverage": covered / unseen if unseen else float("nan")}
+        quality = quality_summary(*totals.tolist())
     return {"stats": stats, "quality": quality}
 
 
