@@ -16,6 +16,17 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures that start real services: a test that uses one is an integration test.
+INTEGRATION_FIXTURES = {"ray_head", "ray_cluster", "two_nodes", "s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `integration` every test that uses a service fixture (tests that only start a
+    subprocess or a server of their own carry the mark themselves)."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 # Ray binds a local cluster to the machine's routable address unless this is off; tests keep all
 # their traffic on 127.0.0.1 (subprocesses inherit these).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -3,6 +3,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from splitmatch.jobs import PROJECT_ROOT
 
 PROBE = """
@@ -26,6 +28,7 @@ def probe(*args):
     return done, [name for name in line[len("HEAVY "):].split(",") if name]
 
 
+@pytest.mark.integration
 def test_help_and_config_load_neither_torch_nor_ray():
     done, heavy = probe("--help")
     assert done.returncode == 0 and "submit" in done.stdout and heavy == [], heavy
@@ -36,6 +39,7 @@ def test_help_and_config_load_neither_torch_nor_ray():
     assert done.returncode == 0 and "num_candidate_queries: 7" in done.stdout and heavy == [], heavy
 
 
+@pytest.mark.integration
 def test_help_answers_within_a_second():
     best = min(_timed([sys.executable, "-m", "splitmatch.cli", "--help"]) for _ in range(3))
     print(f"splitmatch --help: {best:.2f} s")
@@ -74,6 +78,7 @@ def test_every_dependency_has_a_tested_range_and_the_lock_pins_inside_it():
     assert readme.count("pip install -c constraints.txt -e '.[dev]'") == 2
 
 
+@pytest.mark.integration
 def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path):
     import os
     import signal

@@ -4,7 +4,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import cluster_processes, start_head, stop_head
+
+pytestmark = pytest.mark.integration
 
 
 def test_a_stopped_head_leaves_no_process_behind():

@@ -202,6 +202,7 @@ def test_runs_without_any_metric_give_a_table_and_no_plots(store, tmp_path):
     assert mlflow.get_tracking_uri() == global_uri  # the process-wide URI is left alone
 
 
+@pytest.mark.integration
 def test_against_a_real_mlflow_server(tmp_path):
     with MlflowServer(tmp_path / "server") as server:
         client = MlflowClient(server.url)

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from splitmatch.config import DataConfig, ToyWorldConfig
+from splitmatch import splits
 from splitmatch.data import (DataError, ToyWorld, build_dataset, collate, export_toyworld,
-                             generate, render, splits)
+                             generate, render)
 
 VOC_UNSEEN = set(splits.unseen_ids("voc"))        # {15..19}
 COCO_UNSEEN = set(splits.unseen_ids("coco_stuff"))

@@ -71,6 +71,7 @@ def test_the_vocabulary_is_asked_at_prediction_time(checkpoint, images):
     assert (one == 0).all()
 
 
+@pytest.mark.integration
 def test_bad_requests_are_one_line_each(tmp_path, checkpoint, images):
     root, _ = images
     with pytest.raises(ConfigError, match="--classes: give at least one class name"):
@@ -86,6 +87,7 @@ def test_bad_requests_are_one_line_each(tmp_path, checkpoint, images):
     assert cli.returncode == 2 and cli.stderr.startswith("config error: --classes")
 
 
+@pytest.mark.integration
 def test_pyfunc_model_predicts_without_the_command_line(tmp_path, checkpoint, images):
     from mlflow.tracking import MlflowClient
 
