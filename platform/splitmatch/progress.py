@@ -44,6 +44,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc=what, unit=unit, file=self.stream,
                             dynamic_ncols=True, leave=True)
         self.last_line = time.monotonic()
+        self.lined = initial
 
     def update(self, done: int | None = None, **fields) -> None:
         """Progress to `done` (absolute; default one more), with named values to show."""
@@ -71,6 +72,7 @@ class Progress:
               f"  elapsed {_clock(elapsed)}  ETA {eta}" + (f"  {shown}" if shown else ""),
               file=self.stream, flush=True)
         self.last_line = time.monotonic()
+        self.lined = self.done
 
     def note(self, message: str) -> None:
         """A sentence the user must see (a failed worker, a server that is down), above the bar."""
@@ -83,9 +85,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.done and self.last_line != -1:
+        elif self.done != self.lined:  # the last line shows the end, once
             self._line()
-            self.last_line = -1
 
     def __enter__(self) -> "Progress":
         return self

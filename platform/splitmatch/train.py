@@ -429,26 +429,23 @@ def _share(run_dir: Path, location: str, *names: str) -> None:
             storage.push(run_dir / name, storage.join(location, name))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The whole training of one Ray Train worker."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class _Parts:
+    """What one worker trains with, built from the config."""
 
-    cfg = config_from_dict(config["cfg"], "<train loop>")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    location = config["run_location"]
-    run_dir = storage.local_path(location)  # this node's (a remote run: a mirror on each node)
-    tell = _teller(config.get("progress") if rank == 0 else None)
-    if rank == 0 and storage.is_remote(location):  # the driver wrote it, maybe on another node
-        storage.pull(storage.join(location, "config.yaml"), run_dir / "config.yaml", refresh=True)
-    # ---------------------------------------------------------------- set-up
-    torch.manual_seed(cfg.seed + rank)  # different dropout/sampling noise per rank
-    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
-    device = ray.train.torch.get_device()
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    classes: ClassSpace
+    model: nn.Module
+    matcher: TimedMatcher
+    criterion: SetCriterion
+    candidates: object | None  # the PseudoMaskCache under Split Matching
+    train_set: object
+    test_set: object
+    select_set: object | None
+    sampler: DistributedSampler
+    loader: DataLoader
 
+
+def _build_parts(cfg: Config, rank: int, world_size: int, device) -> _Parts:
     clip = build_clip(cfg.clip, device=device)
     classes = build_class_space(cfg, clip)
     del clip  # frozen CLIP is only needed for the text embeddings here: free it
@@ -475,69 +472,135 @@ def train_loop_per_worker(config: dict) -> None:
         raise ConfigError(f"'train.batch_size' ({cfg.train.batch_size}, over {world_size} workers) is "
                           f"more than the {len(train_set)} images of split "
                           f"'{cfg.data.train_split}': lower it with --set")
+    return _Parts(classes, model, matcher, criterion, candidates, train_set, test_set, select_set,
+                  sampler, loader)
 
-    start_iteration, epoch, best_hiou = 0, 0, -1.0
-    best_state = None  # the weights selected on select_set (every rank keeps the same copy)
+
+def _restore(run_dir: Path, location: str, selecting: bool) -> tuple[dict | None, dict | None]:
+    """(the newest training state, the weights selected so far) of a restarted worker group or a
+    resumed run; (None, None) for a new one."""
+    import ray.train
+
     state = None
-    checkpoint = ray.train.get_checkpoint()  # a restarted worker group, or a resumed run
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
     on_disk = newest_checkpoint(run_dir)  # what Ray's snapshot may not name yet (see there)
     if on_disk is not None and (state is None or on_disk[1] > state["iteration"]):
         state = load_state(on_disk[0])
+    if state is None or not selecting:
+        return state, None
+    if storage.is_remote(location):
+        storage.pull(storage.join(location, BEST_MODEL), run_dir / BEST_MODEL, refresh=True)
+    best = load_state(run_dir / BEST_MODEL)["model"] if (run_dir / BEST_MODEL).is_file() else None
+    return state, best
+
+
+def _open_tracker(cfg: Config, config: dict, run_dir: Path, parts: _Parts, state: dict | None,
+                  tell):
+    """Rank 0's MLflow run: opened (or found again) with params and tags, config.yaml logged."""
+    import ray
+
+    from splitmatch.tracking import Tracker, git_commit
+
+    tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_key"],
+                      cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"),
+                      log=lambda message: tell({"note": message}))
+    tracker.open(flatten(cfg), {
+        "git_commit": git_commit(), "dataset": cfg.data.dataset,
+        "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
+        "unseen": ",".join(parts.classes.unseen), "matching": cfg.matching.mode,
+        "pseudo_cache_key": parts.candidates.root.name if parts.candidates else "none",
+        "ray_node": ray.get_runtime_context().get_node_id()})  # where rank 0 ran
     if state is not None:
-        model.load_state_dict(state["model"])
-        start_iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
-        if select_set is not None and storage.is_remote(location):
-            storage.pull(storage.join(location, BEST_MODEL), run_dir / BEST_MODEL, refresh=True)
-        if select_set is not None and (run_dir / BEST_MODEL).is_file():
-            best_state = load_state(run_dir / BEST_MODEL)["model"]
-    model = ray.train.torch.prepare_model(model)  # DDP + device
+        tracker.set_tags({"resumed_from_iteration": state["iteration"]})
+    updates = config.get("config_updates") or {}
+    if state is None or updates:
+        # launch() wrote it; MLflow params cannot change, so a grown budget is a tag.
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.set_tags({f"resumed_with.{key}": f"{old} -> {new}"
+                          for key, (old, new) in updates.items()})
+    return tracker
+
+
+class _StepTimer:
+    """Where the steps since the last report went: data loading, matching, the optimizer step."""
+
+    def __init__(self, matcher: TimedMatcher):
+        self.matcher = matcher
+        self.reset()
+
+    def reset(self) -> None:
+        self.data = self.step = self.optimizer = 0.0
+        self.steps = 0
+        self.matcher.seconds = 0.0
+
+    def add(self, start: float, fetched: float, before_step: float, done: float) -> None:
+        self.data += fetched - start
+        self.optimizer += done - before_step
+        self.step += done - start
+        self.steps += 1
+
+    def report(self) -> dict[str, float]:
+        figures = {"time/step_s": self.step / self.steps,
+                   "time/data_fraction": self.data / self.step,
+                   "time/matcher_fraction": self.matcher.seconds / self.step,
+                   "time/optimizer_fraction": self.optimizer / self.step}
+        self.reset()
+        return figures
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The whole training of one Ray Train worker: set-up, the loop (step; log; select on the
+    selection split; test once at the end; report and checkpoint), finish."""
+    import ray.train
+    import ray.train.torch
+
+    # ---------------------------------------------------------------- set-up
+    cfg = config_from_dict(config["cfg"], "<train loop>")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    location = config["run_location"]
+    run_dir = storage.local_path(location)  # this node's (a remote run: a mirror on each node)
+    tell = _teller(config.get("progress") if rank == 0 else None)
+    if rank == 0 and storage.is_remote(location):  # the driver wrote it, maybe on another node
+        storage.pull(storage.join(location, "config.yaml"), run_dir / "config.yaml", refresh=True)
+    torch.manual_seed(cfg.seed + rank)  # different dropout/sampling noise per rank
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    device = ray.train.torch.get_device()
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    parts = _build_parts(cfg, rank, world_size, device)
+    classes, select_set, test_set = parts.classes, parts.select_set, parts.test_set
+    state, best_state = _restore(run_dir, location, select_set is not None)
+    iteration, epoch, best_hiou = 0, 0, -1.0
+    if state is not None:
+        parts.model.load_state_dict(state["model"])
+        iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
+    model = ray.train.torch.prepare_model(parts.model)  # DDP + device
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.optim)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-
-    tracker = None
-    if rank == 0:
-        from splitmatch.tracking import Tracker, git_commit
-        tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_key"],
-                          cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"),
-                          log=lambda message: tell({"note": message}))
-        tracker.open(flatten(cfg), {
-            "git_commit": git_commit(), "dataset": cfg.data.dataset,
-            "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
-            "unseen": ",".join(classes.unseen), "matching": cfg.matching.mode,
-            "pseudo_cache_key": candidates.root.name if candidates else "none",
-            "ray_node": ray.get_runtime_context().get_node_id()})  # where rank 0 ran
-        if state is not None:
-            tracker.set_tags({"resumed_from_iteration": start_iteration})
-        updates = config.get("config_updates") or {}
-        if state is None or updates:
-            # launch() wrote it; MLflow params cannot change, so a grown budget is a tag.
-            tracker.log_artifact(run_dir / "config.yaml")
-            tracker.set_tags({f"resumed_with.{key}": f"{old} -> {new}"
-                              for key, (old, new) in updates.items()})
-
+    tracker = _open_tracker(cfg, config, run_dir, parts, state, tell) if rank == 0 else None
     use_amp = cfg.train.amp and device.type == "cuda"
-    timers = {"data": 0.0, "step": 0.0, "optimizer": 0.0}
-    matcher.seconds = 0.0
-    steps_timed = 0
-    iteration = start_iteration
+    split_matching = cfg.matching.mode == "split"
+    timer = _StepTimer(parts.matcher)
     last_select = max(best_hiou, -1.0)
     model.train()
     # ---------------------------------------------------------------- loop
     while iteration < cfg.train.max_iters:
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
+        parts.sampler.set_epoch(epoch)
+        parts.train_set.set_epoch(epoch)
         tick = time.perf_counter()
-        for batch in loader:
+        for batch in parts.loader:
             fetched = time.perf_counter()
             factor = lr_factor(iteration, cfg.train.max_iters, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-            losses = training_step(model, criterion, batch, classes, split_matching, device,
+            losses = training_step(model, parts.criterion, batch, classes, split_matching, device,
                                    amp=use_amp, candidate_embedding=cfg.model.candidate_embedding)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
@@ -546,27 +609,17 @@ def train_loop_per_worker(config: dict) -> None:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
-            done = time.perf_counter()
-            timers["data"] += fetched - tick
-            timers["optimizer"] += done - before_step
-            timers["step"] += done - tick
-            steps_timed += 1
+            timer.add(tick, fetched, before_step, time.perf_counter())
             iteration += 1
 
-            # ------------------------------------------------------------ report / checkpoint
+            # ------------------------------------------------------------ log
             metrics: dict[str, float] = {}
             last = iteration == cfg.train.max_iters
             if iteration % cfg.train.log_every == 0 or last:
                 metrics.update({"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
                 metrics.update({k: v.item() for k, v in losses.items() if "_aux" not in k})
-                metrics.update({
-                    "memory/peak_gb": peak_memory_gb(device),
-                    "time/step_s": timers["step"] / steps_timed,
-                    "time/data_fraction": timers["data"] / timers["step"],
-                    "time/matcher_fraction": matcher.seconds / timers["step"],
-                    "time/optimizer_fraction": timers["optimizer"] / timers["step"]})
-                timers = dict.fromkeys(timers, 0.0)
-                matcher.seconds, steps_timed = 0.0, 0
+                metrics.update({"memory/peak_gb": peak_memory_gb(device), **timer.report()})
+            # ------------------------------------------------------------ select
             wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
             if select_set is not None and (wants_checkpoint or iteration % cfg.train.eval_every == 0):
                 result = evaluate(core, select_set, classes, cfg.inference, device,
@@ -583,6 +636,7 @@ def train_loop_per_worker(config: dict) -> None:
             if "select_hIoU" in metrics:
                 shown[f"{cfg.data.select_split} hIoU"] = metrics["select_hIoU"]
             tell({"iteration": iteration, **shown})
+            # ------------------------------------------------------------ test, once
             if last:
                 tell({"note": f"evaluating {len(test_set)} images of '{cfg.data.test_split}'"})
                 final = _test(core, best_state, test_set, classes, cfg, device, rank, world_size)
@@ -597,6 +651,7 @@ def train_loop_per_worker(config: dict) -> None:
                         {"iteration": iteration, "selected": best_state is not None, **final},
                         indent=1))
                     _share(run_dir, location, FINAL_METRICS)
+            # ------------------------------------------------------------ report / checkpoint
             if metrics:
                 metrics["iteration"] = iteration
                 if tracker is not None:
