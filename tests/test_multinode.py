@@ -187,7 +187,7 @@ def test_a_run_on_object_storage_shares_nothing_but_the_bucket(tmp_path, s3):
         data = yaml.safe_load(config.read_text())
         data["train"]["storage_path"] = f"s3://{s3.bucket}/runs"
         data["pseudo_masks"].update(cache_dir=f"s3://{s3.bucket}/cache", num_actors=2,
-                                    cpus_per_actor=1.0, batch_size=2)
+                                    cpus_per_actor=1.0, batch_size=1)
         data["data"]["select_split"] = "val"
         data["tracking"]["uri"] = server.url
         data["storage"] = {"s3_endpoint_url": s3.endpoint}  # the nodes learn it from the config
@@ -209,7 +209,10 @@ def test_a_run_on_object_storage_shares_nothing_but_the_bucket(tmp_path, s3):
         (manifest_key,) = [k for k in keys if k.startswith("cache/") and k.endswith("manifest.json")]
         body = s3.client().get_object(Bucket=s3.bucket, Key=manifest_key)["Body"].read()
         manifest = json.loads(body)
-        assert manifest["complete"] and set(manifest["nodes"]) == set(nodes.node_ids())
+        # Where the actors ran is Ray's choice (both nodes, or the one that started first): the
+        # driver, with a folder of its own, saw their shards only through the bucket.
+        assert manifest["complete"] and set(manifest["nodes"]) <= set(nodes.node_ids())
+        assert sum(manifest["nodes"].values()) == manifest["stats"]["processed"] == 16
         shards = {k.rsplit("/", 1)[1] for k in keys if k.startswith("cache/") and k.endswith(".npz")}
         assert shards == set(manifest["shards"])
         # Each node kept its local copy in its own folder, of what it computed or read.
