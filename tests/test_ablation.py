@@ -7,6 +7,7 @@ import math
 import signal
 import statistics
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from splitmatch.ablation import ROWS
@@ -15,6 +16,7 @@ from splitmatch.tracking import default_tracking_uri
 from test_train_ray import finish, splitmatch, write_config
 
 
+@pytest.mark.slow
 def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     config = write_config(tmp_path, "abl", max_iters=2, num_workers=1, checkpoint_every=2,
                           eval_every=2, log_every=1, num_visualizations=0)
@@ -109,6 +111,7 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     assert 0 <= report["candidates"]["background_pixel_share"] <= 1
 
 
+@pytest.mark.slow
 def test_tables_3_and_4_train_their_rows_under_their_own_parents(tmp_path, ray_cluster):
     """Table 3 (candidate embedding) and Table 4 (MFE norm) at a tiny budget: every row is a
     trained run with its own setting, under one parent per table, and the JSON last line has

@@ -1,6 +1,7 @@
 """`splitmatch demo --quick`: the README's main job, end to end, as a new user runs it."""
 import re
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from splitmatch.clip import build_clip
@@ -9,6 +10,7 @@ from splitmatch.toyclip import zero_shot_report
 from test_train_ray import finish, splitmatch
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, ray_cluster):
     out = finish(splitmatch("demo", "--quick", "--set", f"train.storage_path={tmp_path / 'runs'}",
                             "--set", f"pseudo_masks.cache_dir={tmp_path / 'cache'}",

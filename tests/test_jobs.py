@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -33,6 +34,7 @@ def job_config(tmp_path, name, **clip):
     return path
 
 
+@pytest.mark.slow
 def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head):
     _, address = ray_head
     config = job_config(tmp_path, "jobok")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from splitmatch.config import dump_config
 from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir
@@ -32,6 +33,7 @@ def shard_nodes(shard_dir) -> set[str]:
     return nodes
 
 
+@pytest.mark.slow
 def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
     cfg = toy_config(tmp_path, data={"toyworld": {"num_train": 40, "num_val": 4, "image_size": 64}},
                      pseudo_masks={"batch_size": 2, "num_actors": 2, "cpus_per_actor": 1.0})
@@ -68,6 +70,7 @@ def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
           f"{runs} run(s); images per node {manifest['nodes']}")
 
 
+@pytest.mark.slow
 def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nodes):
     # Two CPUs in the cluster, one per node: a 2-CPU worker or actor fits nowhere.
     config = write_config(tmp_path, "wide", num_workers=1, cpus_per_worker=2)
@@ -86,6 +89,7 @@ def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nod
         "one pseudo-mask actor needs 2 CPU, more than any" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tmp_path, two_nodes):
     from mlflow.tracking import MlflowClient
 
@@ -117,6 +121,7 @@ def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tm
     print(f"killed worker node (pids {killed}) after the first checkpoint; ranks were {pids}")
 
 
+@pytest.mark.slow
 def test_search_places_trials_on_both_nodes_with_one_shared_cache(tmp_path, two_nodes):
     import yaml
     from mlflow.tracking import MlflowClient
@@ -142,6 +147,7 @@ def test_search_places_trials_on_both_nodes_with_one_shared_cache(tmp_path, two_
     assert yaml.safe_load(config.read_text())["tune"]["max_concurrent_trials"] == 2
 
 
+@pytest.mark.slow
 def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
     from mlflow.tracking import MlflowClient
 
@@ -167,6 +173,7 @@ def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
     assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
 
 
+@pytest.mark.slow
 def test_a_run_on_object_storage_shares_nothing_but_the_bucket(tmp_path, s3):
     """Caches, checkpoints and MLflow artifacts in an S3 bucket (a real S3 server on loopback),
     each node with a local folder of its own: pseudo masks from actors on both nodes, DDP over

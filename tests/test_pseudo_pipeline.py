@@ -142,6 +142,7 @@ def write_voc(root: Path, corrupt: str) -> None:
     (root / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(names))
 
 
+@pytest.mark.slow
 def test_failed_images_follow_on_error_and_are_retried(tmp_path, ray_cluster):
     root = tmp_path / "VOC2012"
     write_voc(root, corrupt="img3")

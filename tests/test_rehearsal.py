@@ -34,6 +34,7 @@ def resnet101_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dataset", list(CASES))
+@pytest.mark.slow
 def test_paper_config_runs_end_to_end_at_full_size(dataset, tmp_path, ray_cluster, resnet101_file):
     config, counts, iterations = CASES[dataset]
     root = export_layout(dataset, tmp_path / dataset, counts)

@@ -5,6 +5,7 @@ one Ray Train's snapshot does not name."""
 import signal
 import time
 
+import pytest
 import torch
 import yaml
 
@@ -32,6 +33,7 @@ def run(*args, address, timeout=300):
     return proc.returncode, out
 
 
+@pytest.mark.slow
 def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_cluster):
     config = write_config(tmp_path, "res", max_iters=4, num_workers=1, checkpoint_every=2,
                           eval_every=2, num_visualizations=0)
@@ -80,6 +82,7 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
     assert newest  # the run kept its checkpoints through all of the above
 
 
+@pytest.mark.slow
 def test_ctrl_c_kills_the_run_and_resume_starts_at_the_newest_checkpoint(tmp_path, ray_cluster):
     config = write_config(tmp_path, "int", max_iters=40, num_workers=1, checkpoint_every=2,
                           log_every=1, num_visualizations=0)

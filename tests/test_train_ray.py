@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from splitmatch.config import config_from_dict, dump_config
 from splitmatch.data import build_dataset
 from splitmatch.splits import TOYWORLD_CLASSES
-from splitmatch.tracking import MlflowServer, default_tracking_uri
 from conftest import open_in_chromium
+from splitmatch.tracking import MlflowServer, default_tracking_uri
 
 TINY = {
     "model": {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
@@ -67,6 +68,7 @@ def steps(client, run, key):
     return [m.step for m in client.get_metric_history(run.info.run_id, key)]
 
 
+@pytest.mark.slow
 def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     config = write_config(tmp_path, "two")
     data = yaml.safe_load(config.read_text())
@@ -114,6 +116,7 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     assert browser["console"] == [] and 'data-images-loaded="true"' in browser["dom"]
     assert browser["screenshot"].std() > 10  # not a blank page
     from splitmatch.dashboards.report import build_report
+
     report = build_report(default_tracking_uri(tmp_path / "runs"), tmp_path / "compare")
     assert f'href="{page.as_uri()}"' in Path(report["report"]).read_text()
 
@@ -138,6 +141,7 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     assert again.returncode == 2 and "--resume" in out
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_cluster):
     config = write_config(tmp_path, "kill", max_iters=10, checkpoint_every=4, eval_every=8,
                           max_failures=2)
@@ -160,6 +164,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_cluster):
     assert int(run.data.tags["resumed_from_iteration"]) >= 4
 
 
+@pytest.mark.slow
 def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
     server = MlflowServer(tmp_path / "server").start()
     port = server.port

@@ -88,6 +88,7 @@ def fixed_toy_batch(clip, size=128):
             "candidate_map": torch.stack(cmaps), "candidate_embeds": embeds}
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch_with_split_matching():
     torch.manual_seed(0)
     # Uniform mask points: importance sampling puts 75% of the points on mask boundaries, where a

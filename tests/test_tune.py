@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -50,6 +51,7 @@ def children(client, experiment="search"):
     return parents, kids
 
 
+@pytest.mark.slow
 def test_search_with_a_failing_trial_on_the_embedded_store(tmp_path, ray_cluster):
     config = search_config(tmp_path, {
         "model.num_candidate_queries": {"grid": [2]},
@@ -73,6 +75,7 @@ def test_search_with_a_failing_trial_on_the_embedded_store(tmp_path, ray_cluster
     assert parent.data.metrics["best_select_hIoU"] == good.data.metrics["select_hIoU"]
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cluster):
     server = MlflowServer(tmp_path / "server").start()
     try:
