@@ -23,10 +23,11 @@ REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "mlflow", "numpy", "p
                 "scipy", "matplotlib")
 
 
-# MLflow wraps `predict` when the class is defined and advises type hints: its validation
-# would then take over the input, which is a plain uint8 array here.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
+# MLflow wraps `predict` when the class is defined and advises type hints (its validation would
+# then take over the input, a plain uint8 array here). It resets the warning filters for that
+# advice itself, so only not showing it keeps it off the user's screen.
+_show, warnings.showwarning = warnings.showwarning, lambda *args, **kwargs: None
+try:
 
     class SplitMatchModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
@@ -44,6 +45,8 @@ with warnings.catch_warnings():
             if images.ndim == 3:
                 images = images[None]
             return np.stack([self.segmenter.segment(image, classes) for image in images])
+finally:
+    warnings.showwarning = _show
 
 
 def log_model(tracking_uri: str, run_id: str, checkpoint: Path, clip_pretrained: str | None,
