@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from splitmatch.ablation import ROWS
 from splitmatch.splits import draw_unseen_splits
 from splitmatch.tracking import default_tracking_uri
-from test_train_ray import finish, splitmatch, write_config
+from helpers import finish, splitmatch, write_config
 
 
 @pytest.mark.slow

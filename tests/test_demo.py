@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig
 from splitmatch.toyclip import zero_shot_report
-from test_train_ray import finish, splitmatch
+from helpers import finish, splitmatch
 
 
 @pytest.mark.slow

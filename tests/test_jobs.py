@@ -11,27 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from splitmatch.jobs import PROJECT_ROOT
 from splitmatch.tracking import default_tracking_uri
-from test_train_ray import TINY
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "splitmatch.cli", *args], capture_output=True,
-                          text=True, timeout=400)
-
-
-def job_config(tmp_path, name, **clip):
-    """A tiny toy-world config inside the project (configs travel with the working directory)."""
-    data = yaml.safe_load(yaml.safe_dump(TINY))
-    data["name"] = name
-    data["clip"].update(clip)
-    data["pseudo_masks"]["cache_dir"] = str(tmp_path / "cache")
-    data["train"] = {"max_iters": 2, "batch_size": 2, "num_workers": 1, "checkpoint_every": 2,
-                     "eval_every": 2, "log_every": 1, "loader_workers": 0, "num_visualizations": 0,
-                     "storage_path": str(tmp_path / "runs")}
-    data["tracking"] = {"experiment": "jobs"}
-    path = PROJECT_ROOT / "experiments" / f"_test_{tmp_path.name}_{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from helpers import cli, job_config
 
 
 @pytest.mark.slow

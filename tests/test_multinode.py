@@ -12,14 +12,7 @@ import pytest
 
 from splitmatch.config import dump_config
 from splitmatch.pseudo.cache import PseudoMaskCache, cache_dir
-from test_pseudo_pipeline import toy_config
-from test_train_ray import write_config
-
-
-def splitmatch(address, *args):
-    return subprocess.Popen([sys.executable, "-m", "splitmatch.cli", *args],
-                            env=dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+from helpers import splitmatch, toy_config, write_config
 
 
 def shard_nodes(shard_dir) -> set[str]:
@@ -41,7 +34,7 @@ def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
     config.write_text(dump_config(cfg))
     shard_dir = cache_dir(cfg, "train") / "shards"
     head, worker = two_nodes.node_ids()
-    proc = splitmatch(two_nodes.address, "pseudo", str(config))
+    proc = splitmatch("pseudo", str(config), address=two_nodes.address)
     deadline = time.time() + 300
     while time.time() < deadline and shard_nodes(shard_dir) != {head, worker}:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -52,7 +45,7 @@ def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
     out, _ = proc.communicate(timeout=400)
     runs = 1
     if proc.returncode != 0:  # Ray could not finish without the node: a rerun does
-        rerun = splitmatch(two_nodes.address, "pseudo", str(config))
+        rerun = splitmatch("pseudo", str(config), address=two_nodes.address)
         out, _ = rerun.communicate(timeout=400)
         assert rerun.returncode == 0, out[-3000:]
         runs = 2
@@ -74,7 +67,7 @@ def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
 def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nodes):
     # Two CPUs in the cluster, one per node: a 2-CPU worker or actor fits nowhere.
     config = write_config(tmp_path, "wide", num_workers=1, cpus_per_worker=2)
-    proc = splitmatch(two_nodes.address, "train", str(config), "--build-pseudo-masks")
+    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=two_nodes.address)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out[-3000:]
     assert ("train.num_workers / train.cpus_per_worker / train.use_gpu: one Ray Train worker needs "
@@ -83,7 +76,7 @@ def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nod
     cfg = toy_config(tmp_path, pseudo_masks={"cpus_per_actor": 2.0})
     pseudo = tmp_path / "pseudo.yaml"
     pseudo.write_text(dump_config(cfg))
-    proc = splitmatch(two_nodes.address, "pseudo", str(pseudo))
+    proc = splitmatch("pseudo", str(pseudo), address=two_nodes.address)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "pseudo_masks.num_actors / cpus_per_actor / gpus_per_actor: " \
         "one pseudo-mask actor needs 2 CPU, more than any" in out, out[-3000:]
@@ -100,7 +93,7 @@ def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tm
                           checkpoint_every=4, eval_every=100, max_failures=2,
                           num_visualizations=0)
     run_dir = tmp_path / "runs" / "ddp"
-    proc = splitmatch(two_nodes.address, "train", str(config), "--build-pseudo-masks")
+    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=two_nodes.address)
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 400
     while time.time() < deadline and not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()):
@@ -126,11 +119,11 @@ def test_search_places_trials_on_both_nodes_with_one_shared_cache(tmp_path, two_
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from test_tune import children, search_config
+    from helpers import children, search_config
 
     config = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [2, 3]}},
                            max_concurrent_trials=2)
-    proc = splitmatch(two_nodes.address, "tune", str(config))
+    proc = splitmatch("tune", str(config), address=two_nodes.address)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "2 trials, 0 failed" in out, out[-4000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -152,7 +145,7 @@ def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
     from mlflow.tracking import MlflowClient
 
     from splitmatch.tracking import default_tracking_uri
-    from test_jobs import PROJECT_ROOT, cli, job_config
+    from helpers import PROJECT_ROOT, cli, job_config
 
     # Two Train workers of 1 CPU: the job's training needs both nodes.
     config = job_config(tmp_path, "jobmulti")

@@ -15,7 +15,7 @@ from splitmatch.config import ConfigError, config_from_dict, to_dict
 from splitmatch.data.toyworld import render
 from splitmatch.model import build_segmentor
 from splitmatch.predict import Segmenter, predict
-from test_train_ray import TINY
+from helpers import TINY
 
 CLASSES = ["tomato", "zebra", "sky", "a red bicycle"]
 

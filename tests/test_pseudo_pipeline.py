@@ -19,18 +19,7 @@ from splitmatch.data import build_dataset
 from splitmatch.pseudo.cache import (CacheDamaged, PseudoMaskCache, cache_dir, cache_key,
                                      scan_shards)
 from splitmatch.pseudo.pipeline import PseudoMaskFailures, run_pseudo
-
-
-def toy_config(tmp_path, **sections):
-    data = {
-        "data": {"toyworld": {"num_train": 12, "num_val": 4, "image_size": 64}},
-        "clip": {"model_name": "splitmatch-tiny-vit", "pretrained": None},
-        "pseudo_masks": {"image_size": 64, "scales": [4, 6], "min_area": 8, "batch_size": 4,
-                         "cache_dir": str(tmp_path / "cache"), "gpus_per_actor": 0.0},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return config_from_dict(data)
+from helpers import toy_config
 
 
 def test_cache_key_tracks_what_changes_the_result(tmp_path):

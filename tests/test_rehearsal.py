@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from splitmatch.data.layouts import export_layout
 from splitmatch.tracking import default_tracking_uri
-from test_train_ray import finish, splitmatch
+from helpers import finish, splitmatch
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CASES = {

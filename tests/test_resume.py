@@ -11,7 +11,7 @@ import yaml
 
 from splitmatch.tracking import default_tracking_uri
 from splitmatch.train import newest_checkpoint
-from test_train_ray import finish, splitmatch, steps, the_run, write_config
+from helpers import finish, splitmatch, steps, the_run, write_config
 
 
 def test_newest_checkpoint_is_the_highest_complete_iteration(tmp_path):

@@ -8,7 +8,7 @@ from splitmatch import storage
 from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig, Config, ToyClipConfig, config_from_dict, to_dict
 from splitmatch.toyclip import CHECKPOINT_NAME, checkpoint_key, toy_clip_checkpoint, with_toy_clip
-from test_toyclip import RECIPE
+from helpers import RECIPE
 
 
 def test_files_go_up_and_come_down_whole(tmp_path, s3):

@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import RECIPE
 from splitmatch import toyclip
 from splitmatch.clip import TEMPLATES, build_clip
 from splitmatch.config import (
@@ -41,8 +42,6 @@ from splitmatch.toyclip import (
     visible_classes,
 )
 
-# A few steps of small batches: enough to exercise every code path, not to learn anything.
-RECIPE = ToyClipRecipe(eval_images=20, log_every=2)
 
 
 def named_classes(caption: str) -> set[int]:

@@ -12,63 +12,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from splitmatch.config import config_from_dict, dump_config
+from conftest import open_in_chromium
+from helpers import finish, splitmatch, steps, the_run, write_config
+from splitmatch.config import config_from_dict
 from splitmatch.data import build_dataset
 from splitmatch.splits import TOYWORLD_CLASSES
-from conftest import open_in_chromium
 from splitmatch.tracking import MlflowServer, default_tracking_uri
 
-TINY = {
-    "model": {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
-              "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
-              "num_seen_queries": 6, "num_candidate_queries": 4, "mfe": {"num_groups": 8}},
-    "data": {"crop_size": 64, "test_split": "test",
-             "toyworld": {"num_train": 16, "num_val": 4, "num_test": 4, "image_size": 64}},
-    "clip": {"model_name": "splitmatch-tiny-vit", "pretrained": None},
-    "pseudo_masks": {"image_size": 64, "scales": [4, 6], "min_area": 8, "batch_size": 8,
-                     "gpus_per_actor": 0.0},
-    "matching": {"num_points": 256}, "loss": {"num_points": 256},
-    "inference": {"num_random_queries": 2},
-}
 
-
-def write_config(tmp_path, name, **train):
-    data = yaml.safe_load(yaml.safe_dump(TINY))
-    data["name"] = name
-    data["pseudo_masks"]["cache_dir"] = str(tmp_path / "cache")
-    data["tracking"] = {"experiment": "tests"}
-    data["train"] = {"max_iters": 6, "batch_size": 4, "num_workers": 2, "checkpoint_every": 3,
-                     "eval_every": 3, "log_every": 1, "loader_workers": 0, "num_visualizations": 1,
-                     "storage_path": str(tmp_path / "runs"), **train}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(dump_config(config_from_dict(data)))
-    return path
-
-
-def splitmatch(*args, address, env_extra=None, **kw):
-    env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "splitmatch.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def finish(proc, timeout=400):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def the_run(uri, experiment="tests"):
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1
-    return client, runs[0]
-
-
-def steps(client, run, key):
-    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
-
-
-@pytest.mark.slow
 def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     config = write_config(tmp_path, "two")
     data = yaml.safe_load(config.read_text())

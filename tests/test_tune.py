@@ -10,23 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from splitmatch.tracking import MlflowServer
-from test_train_ray import TINY, finish, splitmatch
-
-
-def search_config(tmp_path, space, **tune):
-    data = yaml.safe_load(yaml.safe_dump(TINY))
-    data.update(name="search", seed=0)
-    data["pseudo_masks"]["cache_dir"] = str(tmp_path / "cache")
-    data["train"] = {"max_iters": 2, "batch_size": 2, "num_workers": 1, "checkpoint_every": 2,
-                     "max_failures": 0,
-                     "eval_every": 2, "log_every": 1, "loader_workers": 0, "num_visualizations": 0,
-                     "storage_path": str(tmp_path / "runs")}
-    data["tracking"] = {"experiment": "search"}
-    data["data"]["select_split"] = "val"  # searches choose on it; "test" is reported
-    data["tune"] = {"search": "grid", "max_concurrent_trials": 1, "space": space, **tune}
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from helpers import children, finish, search_config, splitmatch
 
 
 def trial_states(search_dir):
@@ -39,16 +23,6 @@ def trial_states(search_dir):
     except json.JSONDecodeError:  # caught mid-write
         return []
     return [json.loads(t[0] if isinstance(t, list) else t)["status"] for t in data["trial_data"]]
-
-
-def children(client, experiment="search"):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return [], []
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("splitmatch.kind") == "search"]
-    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, kids
 
 
 @pytest.mark.slow
