@@ -12,18 +12,14 @@ that maps raw file values to class ids, i.e. right after decoding and before any
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from splitmatch import splits
 from splitmatch.data.transforms import TrainAugment
 from splitmatch.errors import UserError
-
-if TYPE_CHECKING:  # config.py imports splitmatch.splits, so a runtime import here would cycle
-    from splitmatch.config import DataConfig
 
 Sample = dict[str, Any]
 
@@ -246,37 +242,3 @@ def collate(samples: Sequence[Sample | None]) -> dict[str, Any]:
         batch["candidate_map"] = torch.stack([s["candidate_map"] for s in kept])  # [B, H, W]
         batch["candidate_embeds"] = [s["candidate_embeds"] for s in kept]  # B × [U_b, C]
     return batch
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0,
-                  augment: bool = True, candidates=None) -> SegmentationDataset:
-    """The dataset `cfg.dataset` for `split`; `train=True` masks unseen classes and augments.
-
-    `seed` drives augmentation only (toy-world images come from `cfg.toyworld.seed`).
-    `augment=False` keeps train-mode labels (unseen → ignore) at full size: what the pseudo-mask
-    pipeline needs to know which pixels are unannotated. `candidates` (a `PseudoMaskCache` of this
-    split) adds each image's unseen-candidate map and embeddings to its samples.
-    """
-    # Imported here: each dataset module imports this one for the base class.
-    from splitmatch.data.coco_stuff import CocoStuff
-    from splitmatch.data.toyworld import ToyWorld
-    from splitmatch.data.voc import VOC
-
-    unseen = splits.unseen_ids(cfg.dataset, cfg.unseen)
-    augment = (TrainAugment(cfg.crop_size, cfg.min_scale, cfg.max_scale, cfg.ignore_index)
-               if train and augment else None)
-    common = dict(unseen_ids=unseen, train=train, augment=augment, ignore_index=cfg.ignore_index,
-                  on_error=cfg.on_error, seed=seed)
-    if cfg.dataset == "voc":
-        dataset: SegmentationDataset = VOC(cfg.root, split, **common)
-    elif cfg.dataset == "coco_stuff":
-        dataset = CocoStuff(cfg.root, split, **common)
-    elif cfg.dataset == "toyworld":
-        dataset = ToyWorld(cfg.toyworld, split, **common)
-    else:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}")
-    dataset.candidates = candidates
-    return dataset

@@ -33,17 +33,16 @@ from __future__ import annotations
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
 
 from splitmatch import splits
+from splitmatch.config import DataConfig, ToyWorldConfig
 from splitmatch.data.dataset import DataError, SegmentationDataset
 from splitmatch.data.transforms import TrainAugment
 
-if TYPE_CHECKING:  # config.py imports splitmatch.splits, so a runtime import here would cycle
-    from splitmatch.config import DataConfig, ToyWorldConfig
 
 BACKGROUND = 255
 NUM_CLASSES = len(splits.TOYWORLD_CLASSES)
