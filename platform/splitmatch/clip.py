@@ -152,13 +152,8 @@ class FrozenClip(nn.Module):
         return self._normalise(pixels, image_size)
 
     def _normalise(self, pixels: Tensor, image_size: Size | None) -> Tensor:
-        """Float 0..255 pixels -> resized, mean/std-normalised model input."""
         size = _pair(image_size) if image_size is not None else self.image_size
-        if tuple(pixels.shape[-2:]) != size:
-            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False,
-                                   antialias=True)
-        pixels = (pixels / 255.0 - self.mean) / self.std
-        return pixels.to(self.dtype)
+        return normalise(pixels, self.mean, self.std, size).to(self.dtype)
 
     # ------------------------------------------------------------------ text
 
@@ -368,10 +363,20 @@ def _value_path_block(block: nn.Module, tokens: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------- factory
 
+def normalise(pixels: Tensor, mean: Tensor, std: Tensor, size: tuple[int, int]) -> Tensor:
+    """0..255 pixels [B, 3, H, W] -> CLIP input: resized to `size` (antialiased bilinear), scaled
+    to 0..1, mean/std-normalised. What the frozen CLIP sees, and what the toy CLIP trains on."""
+    pixels = pixels.float()
+    if tuple(pixels.shape[-2:]) != size:
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False,
+                               antialias=True)
+    return (pixels / 255.0 - mean) / std
+
+
 _registered_config_dirs: set[str] = set()
 
 
-def _register_config_dir(path: Path) -> None:
+def register_config_dir(path: Path) -> None:
     """`open_clip.add_model_config` appends to a global list and rescans; do it once per dir."""
     key = str(path.resolve())
     if key not in _registered_config_dirs:
@@ -422,8 +427,8 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenCli
         config_dir = Path(cfg.model_config_dir)
         if not config_dir.is_dir():
             raise ConfigError(f"'clip.model_config_dir': no such folder: {config_dir.resolve()}")
-        _register_config_dir(config_dir)
-    _register_config_dir(PACKAGE_MODEL_CONFIGS)
+        register_config_dir(config_dir)
+    register_config_dir(PACKAGE_MODEL_CONFIGS)
 
     has_schema = cfg.model_name.startswith(("hf-hub:", "local-dir:"))
     if not has_schema and open_clip.get_model_config(cfg.model_name) is None:

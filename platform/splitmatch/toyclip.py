@@ -48,13 +48,13 @@ from typing import NamedTuple
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splitmatch import storage
 from splitmatch.files import content_key, remove_stale, temporary_name, write_atomic
 from splitmatch.progress import Progress, verbose
-from splitmatch.clip import PACKAGE_MODEL_CONFIGS, TEMPLATES, FrozenClip, build_clip
+from splitmatch.clip import (PACKAGE_MODEL_CONFIGS, TEMPLATES, FrozenClip, build_clip, normalise,
+                             register_config_dir)
 from splitmatch.config import (
     ClipConfig,
     Config,
@@ -385,18 +385,8 @@ def checkpoint_dir(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -
 def create_model(model_name: str) -> nn.Module:
     """A randomly initialised open_clip model from the package config (draws from torch's RNG)."""
     model_config_path(model_name)
-    if open_clip.get_model_config(model_name) is None:
-        open_clip.add_model_config(PACKAGE_MODEL_CONFIGS)
+    register_config_dir(PACKAGE_MODEL_CONFIGS)
     return open_clip.create_model(model_name, pretrained=None)
-
-
-def _normalise(images: Tensor, mean: Tensor, std: Tensor, size: tuple[int, int]) -> Tensor:
-    """uint8 [B, 3, H, W] -> model input, exactly as `FrozenClip.preprocess` does it."""
-    pixels = images.float()
-    if tuple(pixels.shape[-2:]) != size:
-        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False,
-                               antialias=True)
-    return (pixels / 255.0 - mean) / std
 
 
 def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -442,7 +432,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
             group["lr"] = lr
         images, captions, class_sets = training_batch(cfg.seed, step, cfg.batch_size,
                                                       cfg.image_size, recipe)
-        image_embeds = model.encode_image(_normalise(images.to(device), mean, std, input_size),
+        image_embeds = model.encode_image(normalise(images.to(device), mean, std, input_size),
                                           normalize=True)                   # [B, C]
         text_embeds = model.encode_text(tokenizer(captions).to(device), normalize=True)  # [B, C]
         class_sets = class_sets.to(device)
