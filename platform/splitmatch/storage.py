@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from splitmatch.files import write_atomic
+
 REMOTE_SCHEMES = ("s3",)
 # What Ray workers need to reach the same object store as the driver (credentials stay with the
 # nodes: an instance role, or the environment their Ray processes were started with).
@@ -101,12 +103,13 @@ def pull(uri: str, local: Path | None = None, refresh: bool = False) -> Path | N
         return local
     fs, path = _fs(uri)
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.pull")
-    with fs.open_input_stream(path) as source, open(tmp, "wb") as target:
-        while chunk := source.read(1 << 22):
-            target.write(chunk)
-    os.replace(tmp, local)  # a reader never sees half a download
-    return local
+
+    def download(target) -> None:
+        with fs.open_input_stream(path) as source:
+            while chunk := source.read(1 << 22):
+                target.write(chunk)
+
+    return write_atomic(local, download)  # a reader never sees half a download
 
 
 def pull_tree(uri: str, local: Path | None = None) -> Path:
@@ -119,8 +122,8 @@ def pull_tree(uri: str, local: Path | None = None) -> Path:
     selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
     for entry in fs.get_file_info(selector):
         if entry.type == pyarrow.fs.FileType.File:
-            pull(join(uri, entry.path[len(path):].strip("/")),
-                 local / entry.path[len(path):].strip("/"))
+            relative = entry.path[len(path):].strip("/")
+            pull(join(uri, relative), local / relative)
     return local
 
 
@@ -130,17 +133,6 @@ def push(local: Path, uri: str) -> None:
     with open(local, "rb") as source, fs.open_output_stream(path) as target:
         while chunk := source.read(1 << 22):
             target.write(chunk)
-
-
-def push_tree(local: Path, uri: str) -> None:
-    for file in sorted(Path(local).rglob("*")):
-        if file.is_file():
-            push(file, join(uri, *file.relative_to(local).parts))
-
-
-def delete(uri: str) -> None:
-    fs, path = _fs(uri)
-    fs.delete_file(path)
 
 
 def resolve_file(location: str) -> str:
@@ -154,4 +146,4 @@ def resolve_file(location: str) -> str:
 
 
 __all__ = ["is_remote", "join", "local_path", "mirror_root", "use_endpoint", "info", "exists", "listdir",
-           "pull", "pull_tree", "push", "push_tree", "delete", "resolve_file"]
+           "pull", "pull_tree", "push", "resolve_file"]
