@@ -136,13 +136,6 @@ def run_pseudo(cfg: Config, split: str | None = None, log=print) -> dict:
         return _build(cfg, split, root, remote, log)
 
 
-def _pull_shards(remote: str, shard_dir: Path) -> None:
-    """Every shard under the remote cache that this node's mirror lacks (others' work)."""
-    for name in storage.listdir(storage.join(remote, "shards")):
-        if not name.startswith("."):
-            storage.pull(storage.join(remote, "shards", name), shard_dir / name)
-
-
 def _build(cfg: Config, split: str, root: Path, remote: str | None, log) -> dict:
     import ray
 
@@ -152,7 +145,7 @@ def _build(cfg: Config, split: str, root: Path, remote: str | None, log) -> dict
     if remote is not None:
         storage.push(root / "key.json", storage.join(remote, "key.json"))
         storage.pull(storage.join(remote, "manifest.json"), root / "manifest.json", refresh=True)
-        _pull_shards(remote, shard_dir)
+        storage.pull_tree(storage.join(remote, "shards"), shard_dir)  # others' shards
     dataset = build_dataset(cfg.data, split, train=True, augment=False)
     num_images = len(dataset)
     with_quality = cfg.data.dataset == "toyworld"
@@ -202,7 +195,7 @@ def _build(cfg: Config, split: str, root: Path, remote: str | None, log) -> dict
         log(f"processed {processed} images in {seconds:.1f} s on "
             f"{p.num_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
     if remote is not None:
-        _pull_shards(remote, shard_dir)
+        storage.pull_tree(storage.join(remote, "shards"), shard_dir)  # others' shards
     records = scan_shards(shard_dir, log=log)
     summary = _summarise(records, num_images, with_quality)
     failures = [{"index": i, "path": r["path"], "error": r["error"]}
