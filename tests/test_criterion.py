@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
-from splitmatch.criterion import (SetCriterion, dice_loss, iou_loss, pseudo_label_map,
+from splitmatch.criterion import (SetCriterion, TargetCounts, dice_loss, iou_loss, pseudo_label_map,
                                   sigmoid_focal_loss, uncertain_point_coords)
 from splitmatch.matcher import HungarianMatcher, SplitMatcher
 from splitmatch.targets import (UnseenLabelError, build_targets, class_embedding_sets,
@@ -107,33 +107,43 @@ def test_split_losses_and_padding_ignored():
     assert outputs["pred_logits"].grad.abs().sum() > 0 and outputs["pred_embeds"].grad.abs().sum() > 0
 
 
-def test_candidate_queries_skip_the_seen_columns_when_asked():
-    """Brute force: the focal loss summed by hand, query by query and column by column."""
+def test_candidate_queries_skip_the_seen_columns_and_groups_normalise_when_asked():
+    """Brute force: the focal loss summed by hand, query by query and column by column, divided
+    by all targets (joint) or by each query group's own targets (per group)."""
     labels, cmaps, cand, text, outputs = make_batch()
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
     _, valid = class_embedding_sets(text, cand, 2)
     matcher = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)
     matches = matcher(outputs, targets)
     logits = outputs["pred_logits"].detach()
+    num_candidate = sum(int(t["is_candidate"].sum()) for t in targets)
+    num_all = sum(t["labels"].numel() for t in targets)
+    assert 0 < num_candidate < num_all
 
-    def by_hand(candidate_from):
+    def by_hand(candidate_from, per_group=False):
         total = 0.0
         for b in range(2):
             for q in range(6):
+                divisor = num_all
+                if per_group:
+                    divisor = num_candidate if q >= 4 else num_all - num_candidate
                 for k in range(5):
                     if not valid[b, k] or (candidate_from is not None and q >= candidate_from
                                            and k < 3):
                         continue
                     pairs = zip(matches[b][0].tolist(), matches[b][1].tolist())
                     target = float(any(qi == q and targets[b]["labels"][ti] == k for qi, ti in pairs))
-                    total += sigmoid_focal_loss(logits[b, q, k], torch.tensor(target)).item()
-        return total / sum(t["labels"].numel() for t in targets)
+                    total += sigmoid_focal_loss(logits[b, q, k], torch.tensor(target)).item() / divisor
+        return total
 
     for candidate_from in (None, 4):
         crit = criterion(matcher, candidate_queries_from=candidate_from)
         loss = crit.loss_classes(logits, targets, matches, valid,
-                                 sum(t["labels"].numel() for t in targets), num_seen_classes=3)
+                                 TargetCounts.of(targets, logits.device, None), num_seen_classes=3)
         assert loss.item() == pytest.approx(by_hand(candidate_from), rel=1e-5)
+        per_group = crit.loss_classes(logits, targets, matches, valid,
+                                      TargetCounts.of(targets, logits.device, 4), num_seen_classes=3)
+        assert per_group.item() == pytest.approx(by_hand(candidate_from, True), rel=1e-5)
     # The seen queries' rows are the same either way; only candidate rows lose columns.
     assert by_hand(4) < by_hand(None)
 
@@ -184,3 +194,20 @@ def test_deep_supervision_and_mfe_terms():
             perfect[b, k][small[b] == k] = 20.0
     ce, focal = crit.loss_mfe(perfect, yp, valid)
     assert ce.item() < 1e-4 and focal.item() < 1e-4
+
+
+def test_mask_pairs_are_divided_by_their_own_group_under_per_group_normalisation():
+    labels, cmaps, cand, text, outputs = make_batch()
+    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    matches = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)(outputs, targets)
+    is_candidate = torch.cat([targets[b]["is_candidate"][t] for b, (_, t) in enumerate(matches)])
+    num_candidate = sum(int(t["is_candidate"].sum()) for t in targets)
+    num_all = sum(t["labels"].numel() for t in targets)
+    joint = TargetCounts.of(targets, torch.device("cpu"), None)
+    assert torch.allclose(joint.pair_weights(targets, matches, torch.device("cpu")),
+                          torch.full((len(is_candidate),), 1 / num_all))
+    grouped = TargetCounts.of(targets, torch.device("cpu"), 4).pair_weights(
+        targets, matches, torch.device("cpu"))
+    assert torch.allclose(grouped[is_candidate], torch.tensor(1 / num_candidate))
+    assert torch.allclose(grouped[~is_candidate], torch.tensor(1 / (num_all - num_candidate)))
+    assert is_candidate.any() and (~is_candidate).any()

@@ -81,15 +81,36 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
             assert cmap.dtype == torch.uint8 and cmap.shape == sample["label"].shape
             assert not ((cmap > 0) & (sample["label"] != 255)).any()
             assert int(cmap.max()) <= sample["candidate_embeds"].shape[0]
+    # With background prompts (same cache: the key ignores them), training reads each image
+    # without the candidates whose Cu is nearer those prompts than to every seen class text.
+    from splitmatch.clip import build_clip
+    from splitmatch.pseudo.background import (background_candidates, background_embedding,
+                                              training_candidates)
+    from splitmatch.train import build_class_space
+    prompts = ["a photo of the background.", "an empty scene."]
+    bg_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts})
+    assert cache_key(bg_cfg, "train") == cache_key(cfg, "train")
+    clip = build_clip(bg_cfg.clip)
+    seen_text = build_class_space(bg_cfg, clip).seen_text
+    reads = training_candidates(bg_cfg, clip, seen_text)
+    dropped = 0
+    for i in range(12):
+        cmap, embeds = cache.get(i)
+        drop = background_candidates(embeds, seen_text, background_embedding(clip, prompts))
+        kept_map, kept = reads.get(i)
+        assert torch.equal(kept, embeds[~drop])
+        kept_ids = (torch.nonzero(~drop)[:, 0] + 1).tolist()
+        assert torch.equal(kept_map > 0, torch.isin(cmap.long(), torch.tensor(kept_ids)))
+        dropped += int(drop.sum())
+    assert dropped > 0
     # ... and reach the loss: a training step has a cosine term on candidate queries.
     from torch.utils.data import DataLoader
 
-    from splitmatch.clip import build_clip
     from splitmatch.criterion import build_criterion
     from splitmatch.data import collate
     from splitmatch.matcher import build_matcher
     from splitmatch.model import build_segmentor
-    from splitmatch.train import build_class_space, training_step
+    from splitmatch.train import training_step
     small = config_from_dict({**yaml.safe_load(dump_config(cfg)), "model": {
         "backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
         "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 1,

@@ -173,15 +173,22 @@ class FrozenClip(nn.Module):
         if not names:
             return self._empty()
         prompts = [template.format(name) for template in templates for name in names]
-        tokens = self.tokenizer(prompts).to(self.device)
+        embeddings = self.prompt_embeddings(prompts, chunk_size)
+        embeddings = embeddings.view(len(templates), len(names), -1).mean(dim=0)  # [N, C]
+        return F.normalize(embeddings, dim=-1)
+
+    def prompt_embeddings(self, prompts: Sequence[str], chunk_size: int = 256) -> Tensor:
+        """[P, C] L2-normalised text embeddings of whole prompts, float32."""
+        if not prompts:
+            return self._empty()
+        tokens = self.tokenizer(list(prompts)).to(self.device)
         # Prompts of similar length share a chunk, so each chunk is trimmed to its own longest.
         order = torch.argsort(tokens.argmax(dim=-1), stable=True)
         embeddings = torch.empty(len(prompts), self.embed_dim, device=self.device)
         for i in range(0, len(prompts), chunk_size):
             chunk = order[i:i + chunk_size]
             embeddings[chunk] = self._encode_text(tokens[chunk]).float()
-        embeddings = embeddings.view(len(templates), len(names), -1).mean(dim=0)  # [N, C]
-        return F.normalize(embeddings, dim=-1)
+        return embeddings
 
     def _encode_text(self, tokens: Tensor) -> Tensor:
         """`encode_text(tokens, normalize=True)`, computed on the tokens up to the longest

@@ -131,6 +131,10 @@ class PseudoMaskConfig:
     cls_input: Literal["masked", "crop", "masked_crop"] = "masked_crop"
     kmeans_iters: int = 30
     kmeans_tol: float = 1e-4
+    # Not in the paper: candidates whose Cu is nearer these prompts' mean text embedding than to
+    # every seen class text are left out of training (the cache keeps them). Empty: all are kept.
+    # Three quarters of the toy world's candidates are background (docs/method.md).
+    background_prompts: list[str] = field(default_factory=list)
     # CLIP input side for the dense features; None = the model's own (224 → 14×14 for ViT-B/16).
     image_size: int | None = None
     cache_dir: str = "runs/pseudo_cache"
@@ -172,6 +176,9 @@ class LossConfig:
     # paper's Su = sigmoid(Vu·Eᵀ)) or the candidate columns Cu only ("candidates"; measured
     # better on every toy split, see docs/method.md).
     candidate_negatives: Literal["all", "candidates"] = "candidates"
+    # "joint": every loss divided by all targets of the batch (Mask2Former); "per_group": with Split
+    # Matching, the seen and the candidate queries' losses each by their own targets' count.
+    normalization: Literal["joint", "per_group"] = "joint"
 
 
 @dataclass

@@ -70,7 +70,8 @@ class SetCriterion(nn.Module):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                  deep_supervision: bool = True, ignore_index: int = 255,
-                 candidate_queries_from: int | None = None):
+                 candidate_queries_from: int | None = None, num_seen_queries: int | None = None,
+                 normalization: str = "joint"):
         super().__init__()
         self.matcher = matcher
         self.class_weight = class_weight
@@ -91,11 +92,18 @@ class SetCriterion(nn.Module):
         # embeddings, and so from the unseen class names they must be near at test time:
         # on the toy world their pixels went to the seen queries instead (see docs/method.md).
         self.candidate_queries_from = candidate_queries_from
+        # "joint": every loss divided by all targets of the batch, as Mask2Former does.
+        # "per_group" (Split Matching only): the seen queries' losses divided by the seen
+        # targets, the candidate queries' by the candidate targets, so the many candidates of an
+        # image do not drown its few seen objects (docs/method.md, "Loss normalisation").
+        self.num_seen_queries = num_seen_queries
+        self.normalization = normalization
 
     # --------------------------------------------------------------------------- terms
 
     def loss_classes(self, logits: Tensor, targets: list[dict], matches: list[Match],
-                     class_valid: Tensor, num_masks: float, num_seen_classes: int = 0) -> Tensor:
+                     class_valid: Tensor, num_masks: "TargetCounts",
+                     num_seen_classes: int = 0) -> Tensor:
         """Focal loss over all queries × valid classes; unmatched queries are 'no object' (all 0).
 
         The first `num_seen_classes` columns are As; with `candidate_queries_from` set, the
@@ -109,10 +117,11 @@ class SetCriterion(nn.Module):
         if self.candidate_queries_from is not None and num_seen_classes > 0:
             valid = valid.clone()
             valid[:, self.candidate_queries_from:, :num_seen_classes] = 0.0
-        return (loss * valid).sum() / num_masks
+        per_query = (loss * valid).sum(-1)  # [B, Q]
+        return (per_query * num_masks.query_weights(per_query.shape[1], per_query.device)).sum()
 
     def loss_masks(self, pred_masks: Tensor, targets: list[dict], matches: list[Match],
-                   num_masks: float) -> tuple[Tensor, Tensor]:
+                   num_masks: "TargetCounts") -> tuple[Tensor, Tensor]:
         """IoU and dice losses of matched pairs on importance-sampled points."""
         src = torch.cat([pred_masks[b, q.to(pred_masks.device)] for b, (q, _) in enumerate(matches)])
         if src.shape[0] == 0:
@@ -125,8 +134,9 @@ class SetCriterion(nn.Module):
                                             self.oversample_ratio, self.importance_sample_ratio)
             tgt_points = point_sample(tgt, coords)
         src_points = point_sample(src.float(), coords)
-        return (iou_loss(src_points, tgt_points).sum() / num_masks,
-                dice_loss(src_points, tgt_points).sum() / num_masks)
+        weights = num_masks.pair_weights(targets, matches, src.device)
+        return ((iou_loss(src_points, tgt_points) * weights).sum(),
+                (dice_loss(src_points, tgt_points) * weights).sum())
 
     def loss_cosine(self, pred_embeds: Tensor, targets: list[dict], matches: list[Match],
                     candidate_embeds: list[Tensor], num_seen_classes: int) -> Tensor:
@@ -167,7 +177,9 @@ class SetCriterion(nn.Module):
                 candidate_embeds: list[Tensor] | None = None, num_seen_classes: int = 0,
                 pseudo_labels: Tensor | None = None) -> dict[str, Tensor]:
         """Weighted loss terms. `class_valid` [B, K] marks real columns of the padded class set."""
-        num_masks = self._num_masks(targets, outputs["pred_logits"].device)
+        num_masks = TargetCounts.of(targets, outputs["pred_logits"].device,
+                                    self.num_seen_queries if self.normalization == "per_group"
+                                    else None)
         losses: dict[str, Tensor] = {}
         layers = [("", outputs)]
         if self.deep_supervision:
@@ -189,14 +201,42 @@ class SetCriterion(nn.Module):
             losses["loss_mfe_focal"] = self.mfe_weight * focal
         return losses
 
-    @staticmethod
-    def _num_masks(targets: list[dict], device: torch.device) -> float:
-        """Targets in the whole (distributed) batch, as Mask2Former normalises its losses."""
-        count = torch.tensor([float(sum(t["labels"].numel() for t in targets))], device=device)
+
+class TargetCounts:
+    """The divisors of the loss terms: the targets in the whole (distributed) batch, as Mask2Former
+    normalises; with `num_seen_queries` set (per-group normalisation), the seen and the candidate
+    targets are counted apart and each query group's terms are divided by its own count."""
+
+    def __init__(self, seen: float, candidate: float, num_seen_queries: int | None):
+        self.seen, self.candidate, self.num_seen_queries = seen, candidate, num_seen_queries
+
+    @classmethod
+    def of(cls, targets: list[dict], device: torch.device,
+           num_seen_queries: int | None) -> "TargetCounts":
+        candidate = sum(int(t["is_candidate"].sum()) for t in targets)
+        counts = torch.tensor([float(sum(t["labels"].numel() for t in targets) - candidate),
+                               float(candidate)], device=device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            count = count / dist.get_world_size()
-        return max(count.item(), 1.0)
+            dist.all_reduce(counts)
+            counts = counts / dist.get_world_size()
+        seen, candidate = counts.tolist()
+        if num_seen_queries is None:
+            seen = candidate = seen + candidate
+        return cls(max(seen, 1.0), max(candidate, 1.0), num_seen_queries)
+
+    def query_weights(self, num_queries: int, device: torch.device) -> Tensor:
+        """[Q]: the divisor's inverse for each query's classification loss."""
+        weights = torch.full((num_queries,), 1.0 / self.seen, device=device)
+        if self.num_seen_queries is not None:
+            weights[self.num_seen_queries:] = 1.0 / self.candidate
+        return weights
+
+    def pair_weights(self, targets: list[dict], matches: list[Match], device: torch.device
+                     ) -> Tensor:
+        """[N]: the divisor's inverse for each matched (query, target) pair, in `matches` order."""
+        is_candidate = torch.cat([targets[b]["is_candidate"][t.to(targets[b]["is_candidate"].device)]
+                                  for b, (_, t) in enumerate(matches)]).to(device)
+        return torch.where(is_candidate, 1.0 / self.candidate, 1.0 / self.seen)
 
 
 def pseudo_label_map(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None, num_seen: int,
@@ -222,4 +262,5 @@ def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
         oversample_ratio=loss_cfg.oversample_ratio,
         importance_sample_ratio=loss_cfg.importance_sample_ratio,
         deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index,
-        candidate_queries_from=candidate_from)
+        candidate_queries_from=candidate_from, num_seen_queries=num_seen_queries,
+        normalization=loss_cfg.normalization)

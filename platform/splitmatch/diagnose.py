@@ -211,12 +211,13 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
     return out
 
 
-def candidate_report(cfg, classes, max_images: int = 512) -> dict:
-    """What the candidate targets of the training split are, and where their Cu point."""
+def candidate_report(cfg, classes, clip, max_images: int = 512) -> dict:
+    """What the candidate targets of the training split are (as training reads them), and where
+    their Cu point."""
     from splitmatch.data import build_dataset
-    from splitmatch.pseudo.cache import PseudoMaskCache
+    from splitmatch.pseudo.background import training_candidates
 
-    cache = PseudoMaskCache.open(cfg, cfg.data.train_split)
+    cache = training_candidates(cfg, clip, classes.seen_text)
     full_set = build_dataset(cfg.data, cfg.data.train_split, train=False)
     num_classes = len(classes.names)
     text = F.normalize(classes.text.float(), dim=-1)  # [N, C]
@@ -275,7 +276,7 @@ def diagnose_split(cfg, row_checkpoints: dict[str, tuple[object, Path]], log=pri
     classes = build_class_space(cfg, clip)
     report = {"unseen": list(classes.unseen), "classes": list(classes.names)}
     report["rows"] = evaluate_rows(cfg, row_checkpoints, clip, classes, log=log)
-    report["candidates"] = candidate_report(cfg, classes)
+    report["candidates"] = candidate_report(cfg, classes, clip)
     if cfg.data.dataset == "toyworld":
         from splitmatch.toyclip import zero_shot_report
         report["clip_confusion"] = zero_shot_report(clip)["confusion"]
