@@ -21,7 +21,7 @@ TINY = {
     "clip": {"model_name": "splitmatch-tiny-vit", "pretrained": None},
     "pseudo_masks": {"image_size": 64, "scales": [4, 6], "min_area": 8, "batch_size": 8,
                      "gpus_per_actor": 0.0},
-    "matching": {"num_points": 256}, "loss": {"num_points": 256},
+    "loss": {"num_points": 256},
     "inference": {"num_random_queries": 2},
 }
 

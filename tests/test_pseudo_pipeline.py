@@ -115,7 +115,7 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
         "backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
         "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 1,
         "num_seen_queries": 6, "num_candidate_queries": 6, "mfe": {"num_groups": 8}},
-        "matching": {"num_points": 128}, "loss": {"num_points": 128}})
+        "loss": {"num_points": 128}})
     torch.manual_seed(0)
     classes = build_class_space(small, build_clip(small.clip))
     model = build_segmentor(small.model, classes.text.shape[1])

@@ -45,7 +45,7 @@ def test_no_unseen_label_reaches_the_loss():
     torch.manual_seed(0)
     cfg = config_from_dict({"model": TINY_MODEL, "clip": TINY_CLIP,
                             "data": {"crop_size": 64, "toyworld": {"num_train": 24, "image_size": 64}},
-                            "matching": {"num_points": 256}, "loss": {"num_points": 256}})
+                            "loss": {"num_points": 256}})
     clip = build_clip(cfg.clip)
     classes = toy_classes(clip)
     model = build_segmentor(cfg.model, clip.embed_dim)
@@ -94,7 +94,7 @@ def test_overfits_a_fixed_batch_with_split_matching():
     # Uniform mask points: importance sampling puts 75% of the points on mask boundaries, where a
     # stride-4 mask can never be exact, so its loss floor measures resolution, not learning.
     cfg = config_from_dict({"model": TINY_MODEL, "clip": TINY_CLIP,
-                            "matching": {"mode": "split", "num_points": 512},
+                            "matching": {"mode": "split"},
                             "loss": {"num_points": 512, "importance_sample_ratio": 0.0},
                             "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "weight_decay": 0.0}})
     clip = build_clip(cfg.clip)

@@ -156,7 +156,8 @@ class MatchingConfig:
     cost_class: float = 2.0
     cost_mask: float = 5.0
     cost_dice: float = 5.0
-    num_points: int = 12544
+    # The matcher samples `loss.num_points` points, as Mask2Former uses one TRAIN_NUM_POINTS for
+    # its matcher and its mask losses.
 
 
 @dataclass
@@ -446,7 +447,6 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                           f"'inference.crop_size' ({inf.crop_size})")
     if inf.short_side is not None:
         _positive(inf.short_side, "inference.short_side", source)
-    _positive(cfg.matching.num_points, "matching.num_points", source)
     for key in ("cost_class", "cost_mask", "cost_dice"):
         _positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)
     lo = cfg.loss

@@ -160,7 +160,7 @@ def build_matcher(matching_cfg, loss_cfg, num_seen_queries: int,
                   num_candidate_queries: int) -> nn.Module:
     """`SplitMatcher` in "split" mode; in "baseline" mode the plain matcher over all queries."""
     matcher = HungarianMatcher(matching_cfg.cost_class, matching_cfg.cost_mask, matching_cfg.cost_dice,
-                               matching_cfg.num_points, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+                               loss_cfg.num_points, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
     if matching_cfg.mode == "baseline":
         return matcher
     return SplitMatcher(matcher, num_seen_queries, num_candidate_queries)
