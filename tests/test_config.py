@@ -114,3 +114,24 @@ def test_dense_candidate_embeddings_need_the_mfe():
                     ["model.candidate_embedding=dense", "model.mfe.enabled=false"])
     cfg = load_config(EXPERIMENTS / "toyworld.yaml", ["model.candidate_embedding=dense_mlp"])
     assert cfg.model.candidate_embedding == "dense_mlp"
+
+
+def test_a_stored_config_with_a_merged_key_reads_as_today_or_is_refused_by_name(tmp_path):
+    from splitmatch.config import config_differences, retire_keys, stored_config_data, to_dict
+    stored = to_dict(Config())
+    stored["matching"]["num_points"] = stored["loss"]["num_points"]
+    del stored["loss"]["normalization"]  # a run from before per-group normalisation existed
+    assert "num_points" not in retire_keys(stored, "run")["matching"]
+    assert config_differences(stored, Config()) == {}
+    assert "loss.normalization" in config_differences(
+        stored, config_from_dict({"loss": {"normalization": "per_group"}}))
+    assert stored_config_data(stored, "run")["loss"]["normalization"] == "joint"
+    # A run's own config.yaml is read the same way by every command that takes CONFIG.
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(stored))
+    assert load_config(path) == Config()
+    stored["matching"]["num_points"] = 7
+    path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match="'matching.num_points' \\(7\\) differs from "
+                                          "'loss.num_points'"):
+        load_config(path)

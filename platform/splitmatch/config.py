@@ -567,7 +567,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if overrides:
         apply_overrides(data, overrides, source=f"{path} (--set)")
         source = f"{path} with --set {' '.join(overrides)}"
-    return config_from_dict(data, source)
+    # A run's own config.yaml may predate a merge of keys; read it as today's schema does.
+    return config_from_dict(retire_keys(data, source), source)
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -667,6 +668,7 @@ def config_differences(stored: Config | dict, wanted: Config | dict,
     def flat(cfg) -> dict:
         if isinstance(cfg, Config):
             return flatten(cfg)
+        cfg = stored_config_data(cfg, "<stored config>")
         full = flatten(config_from_dict(cfg, "<stored config>"))
         present = set(_flat_keys(cfg))
         return {key: value if key in present else ABSENT for key, value in full.items()}
@@ -679,6 +681,44 @@ def config_differences(stored: Config | dict, wanted: Config | dict,
 
 # How a stored config that predates a key shows that key in `config_differences`.
 ABSENT = "(absent)"
+
+# Keys merged into another since runs were stored: {old: new}.
+RETIRED_KEYS = {"matching.num_points": "loss.num_points"}
+# Keys added since runs were stored, with the value that does what the code did before them: a
+# stored config without one is read with that value (other absent keys stay ABSENT).
+ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": []}
+
+
+def retire_keys(data: dict, source: str) -> dict:
+    """`data` without its retired keys (a copy): each is dropped when it agrees with the key it
+    was merged into, and refused when it does not, since the code can no longer compute what
+    it asked for."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy
+    for old, new in RETIRED_KEYS.items():
+        section, key = old.split(".")
+        if key not in (data.get(section) or {}):
+            continue
+        value = data[section].pop(key)
+        new_section, new_key = new.split(".")
+        current = (data.get(new_section) or {}).get(new_key)
+        if current is None:  # the new key at its default
+            current = getattr(getattr(Config(), new_section), new_key)
+        if value != current:
+            raise ConfigError(f"{source}: '{old}' ({value}) differs from '{new}' ({current}), into "
+                              f"which it has been merged; set '{new}' alone")
+    return data
+
+
+def stored_config_data(data: dict, source: str) -> dict:
+    """A stored config (a run's config.yaml, a checkpoint's) as today's schema reads it: retired
+    keys as `retire_keys`, and an added key that the run predates at the value of the code that
+    ran it (`ADDED_KEYS`)."""
+    data = retire_keys(data, source)
+    for added, value in ADDED_KEYS.items():
+        section, key = added.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(key, value)
+    return data
 
 
 def _flat_keys(node: dict, prefix: str = "") -> list[str]:

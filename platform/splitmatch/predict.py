@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitmatch.config import Config, ConfigError, config_from_dict
+from splitmatch.config import Config, ConfigError, config_from_dict, stored_config_data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NO_CLASS = 255  # label PNG value of pixels no class wins (never: every pixel gets a class)
@@ -47,7 +47,7 @@ class Segmenter:
         if "config" not in state:
             raise ConfigError(f"{checkpoint}: this checkpoint predates stored configs; evaluate "
                               f"it with `splitmatch eval` and its run's config.yaml")
-        data = state["config"]
+        data = stored_config_data(state["config"], str(checkpoint))
         if clip_weights is not None:  # the pyfunc model carries its own copy of the weights
             data = {**data, "clip": {**data["clip"], "pretrained": clip_weights}}
         self.cfg: Config = config_from_dict(data, str(checkpoint))
