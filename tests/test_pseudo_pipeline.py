@@ -84,8 +84,8 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
     # With background prompts (same cache: the key ignores them), training reads each image
     # without the candidates whose Cu is nearer those prompts than to every seen class text.
     from splitmatch.clip import build_clip
-    from splitmatch.pseudo.background import (background_candidates, background_embedding,
-                                              training_candidates)
+    from splitmatch.pseudo.background import (WithoutBackground, background_candidates,
+                                              background_embedding, training_candidates)
     from splitmatch.train import build_class_space
     prompts = ["a photo of the background.", "an empty scene."]
     bg_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts})
@@ -93,16 +93,26 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
     clip = build_clip(bg_cfg.clip)
     seen_text = build_class_space(bg_cfg, clip).seen_text
     reads = training_candidates(bg_cfg, clip, seen_text)
-    dropped = 0
+    assert isinstance(reads, WithoutBackground)
+    assert torch.equal(reads.background_text, background_embedding(clip, prompts))
+    assert isinstance(training_candidates(cfg, clip, seen_text), PseudoMaskCache)
+    # The tiny CLIP is random and its embeddings nearly parallel, so stand-ins make the split
+    # sure: image 0's first candidate as "background", the candidate least like it as "seen".
+    everything = torch.cat([cache.get(i)[1].float() for i in range(12)])
+    background = everything[0]
+    seen_like = everything[(everything @ background).argmin()][None]
+    reads = WithoutBackground(cache, seen_like, background)
+    dropped = kept_total = 0
     for i in range(12):
         cmap, embeds = cache.get(i)
-        drop = background_candidates(embeds, seen_text, background_embedding(clip, prompts))
+        drop = background_candidates(embeds, seen_like, background)
         kept_map, kept = reads.get(i)
         assert torch.equal(kept, embeds[~drop])
         kept_ids = (torch.nonzero(~drop)[:, 0] + 1).tolist()
         assert torch.equal(kept_map > 0, torch.isin(cmap.long(), torch.tensor(kept_ids)))
         dropped += int(drop.sum())
-    assert dropped > 0
+        kept_total += int((~drop).sum())
+    assert dropped > 0 and kept_total > 0
     # ... and reach the loss: a training step has a cosine term on candidate queries.
     from torch.utils.data import DataLoader
 
