@@ -48,10 +48,6 @@ class ModelConfig:
     num_candidate_queries: int = 50
     # Candidate (and random) queries project into CLIP space through their own MLP.
     candidate_head: bool = False
-    # The learned temperature's starting value: class scores are sigmoid(scale · cos(V, E) + b).
-    # It moves little in a short run, and CLIP's text embeddings are close to one another (mean
-    # cosine 0.44 on the toy CLIP), so a soft scale leaves every class near the same score.
-    logit_scale: float = 10.0
     # The class embedding of a candidate in training (paper Table 3): the CLIP CLS token Cu of
     # its masked region ("cls"), the model's own MFE features Fu averaged over the candidate mask
     # ("dense"), or those through a learned MLP ("dense_mlp"). The dense ones need the MFE.
@@ -389,8 +385,6 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                           f"made from the MFE features Fu: it needs model.mfe.enabled")
     _positive(m.num_seen_queries, "model.num_seen_queries", source)
     _positive(m.num_candidate_queries, "model.num_candidate_queries", source, allow_zero=True)
-    if not 0 < m.logit_scale <= 100:  # the classifier caps the learned scale at CLIP's 100
-        raise ConfigError(f"{source}: 'model.logit_scale' must lie in (0, 100], got {m.logit_scale}")
     if m.hidden_dim % m.num_heads:
         raise ConfigError(f"{source}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by "
                           f"'model.num_heads' ({m.num_heads})")
@@ -692,8 +686,7 @@ ABSENT = "(absent)"
 RETIRED_KEYS = {"matching.num_points": "loss.num_points"}
 # Keys added since runs were stored, with the value that does what the code did before them: a
 # stored config without one is read with that value (other absent keys stay ABSENT).
-ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": [],
-              "model.logit_scale": 10.0}
+ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": []}
 
 
 def retire_keys(data: dict, source: str) -> dict:

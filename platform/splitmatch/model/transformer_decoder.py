@@ -41,9 +41,9 @@ class EmbeddingClassifier(nn.Module):
     # CLIP's cap on its learned temperature: beyond 100 the logits explode and training diverges.
     max_log_scale = math.log(100.0)
 
-    def __init__(self, prior_prob: float = 0.01, initial_scale: float = 10.0) -> None:
+    def __init__(self, prior_prob: float = 0.01) -> None:
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         # Focal-loss prior (RetinaNet): start every class at probability ~0.01 so the many
         # negatives (each query against each class) do not swamp the loss in the first iterations.
         self.logit_bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
@@ -135,8 +135,7 @@ class MaskedTransformerDecoder(nn.Module):
 
     def __init__(self, hidden_dim: int, mask_dim: int, embed_dim: int, num_queries: int,
                  num_heads: int, dim_feedforward: int, num_layers: int,
-                 random_query_seed: int = 0, candidate_head_from: int | None = None,
-                 logit_scale: float = 10.0) -> None:
+                 random_query_seed: int = 0, candidate_head_from: int | None = None) -> None:
         super().__init__()
         self.hidden_dim, self.num_heads, self.num_queries = hidden_dim, num_heads, num_queries
         self.embed_dim = embed_dim
@@ -160,7 +159,7 @@ class MaskedTransformerDecoder(nn.Module):
         self.candidate_head_from = candidate_head_from
         self.candidate_class_embed = (MLP(hidden_dim, hidden_dim, embed_dim, 2)
                                       if candidate_head_from is not None else None)
-        self.classifier = EmbeddingClassifier(initial_scale=logit_scale)
+        self.classifier = EmbeddingClassifier()
         for layers in (self.cross_attention, self.self_attention, self.ffn):
             for p in layers.parameters():
                 if p.dim() > 1:
