@@ -135,3 +135,12 @@ def test_a_stored_config_with_a_merged_key_reads_as_today_or_is_refused_by_name(
     with pytest.raises(ConfigError, match="'matching.num_points' \\(7\\) differs from "
                                           "'loss.num_points'"):
         load_config(path)
+    # A removed option reads as today's code when it asked for what the code still does.
+    stored["matching"]["num_points"] = stored["loss"]["num_points"]
+    stored["model"]["candidate_head"] = False
+    path.write_text(yaml.safe_dump(stored))
+    assert load_config(path) == Config()
+    stored["model"]["candidate_head"] = True
+    path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match="'model.candidate_head' was removed"):
+        load_config(path)

@@ -165,29 +165,6 @@ def test_mfe_disabled_gives_no_logits():
     assert "mfe_logits" not in seg(images(), class_embeddings())
 
 
-def test_candidate_head_projects_candidate_and_random_queries_on_its_own():
-    """With model.candidate_head, the seen queries' CLIP-space embeddings depend only on the seen
-    head, and the candidate and random queries' only on the candidate head."""
-    torch.manual_seed(0)
-    seg = build_segmentor(tiny_config(candidate_head=True), EMBED_DIM).eval()
-    decoder = seg.transformer_decoder
-    assert decoder.candidate_class_embed is not None and decoder.candidate_head_from == 5
-    out = seg(images(), class_embeddings(), num_random_queries=2)
-    assert out["pred_embeds"].shape == (2, 5 + 3 + 2, EMBED_DIM)
-    out["pred_embeds"][:, :5].sum().backward(retain_graph=True)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.class_embed.parameters())
-    assert all(p.grad is None or p.grad.abs().sum() == 0
-               for p in decoder.candidate_class_embed.parameters())
-    seg.zero_grad(set_to_none=True)
-    out["pred_embeds"][:, 5:].sum().backward()
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in decoder.class_embed.parameters())
-    assert all(p.grad.abs().sum() > 0 for p in decoder.candidate_class_embed.parameters())
-    assert build_segmentor(tiny_config(), EMBED_DIM).transformer_decoder.candidate_class_embed is None
-
-
-# ----------------------------------------------------------------------------- random queries
-
-
 def test_random_queries_extend_q_and_are_deterministic(model):
     model.eval()
     with torch.no_grad():

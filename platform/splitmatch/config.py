@@ -46,8 +46,6 @@ class ModelConfig:
     # Mask2Former's 100 queries become the seen queries; candidate queries are added on top.
     num_seen_queries: int = 100
     num_candidate_queries: int = 50
-    # Candidate (and random) queries project into CLIP space through their own MLP.
-    candidate_head: bool = False
     # The class embedding of a candidate in training (paper Table 3): the CLIP CLS token Cu of
     # its masked region ("cls"), the model's own MFE features Fu averaged over the candidate mask
     # ("dense"), or those through a learned MLP ("dense_mlp"). The dense ones need the MFE.
@@ -684,15 +682,17 @@ ABSENT = "(absent)"
 
 # Keys merged into another since runs were stored: {old: new}.
 RETIRED_KEYS = {"matching.num_points": "loss.num_points"}
+# Options removed since runs were stored: {key: the value that does what the code does now}.
+REMOVED_KEYS = {"model.candidate_head": False}
 # Keys added since runs were stored, with the value that does what the code did before them: a
 # stored config without one is read with that value (other absent keys stay ABSENT).
 ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": []}
 
 
 def retire_keys(data: dict, source: str) -> dict:
-    """`data` without its retired keys (a copy): each is dropped when it agrees with the key it
-    was merged into, and refused when it does not, since the code can no longer compute what
-    it asked for."""
+    """`data` without its retired keys (a copy): a merged key is dropped when it agrees with the
+    key it was merged into, a removed option when it asks for what the code still does; either
+    is refused otherwise, since the code can no longer compute what it asked for."""
     data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy
     for old, new in RETIRED_KEYS.items():
         section, key = old.split(".")
@@ -706,6 +706,11 @@ def retire_keys(data: dict, source: str) -> dict:
         if value != current:
             raise ConfigError(f"{source}: '{old}' ({value}) differs from '{new}' ({current}), into "
                               f"which it has been merged; set '{new}' alone")
+    for old, kept in REMOVED_KEYS.items():
+        section, key = old.split(".")
+        if key in (data.get(section) or {}) and data[section].pop(key) != kept:
+            raise ConfigError(f"{source}: '{old}' was removed (only {kept!r} remains): this run "
+                              f"cannot be reproduced or reused")
     return data
 
 

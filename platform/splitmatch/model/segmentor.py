@@ -221,8 +221,7 @@ def build_segmentor(cfg: ModelConfig, embed_dim: int) -> Segmentor:
     num_queries = cfg.num_seen_queries + cfg.num_candidate_queries
     transformer_decoder = MaskedTransformerDecoder(
         cfg.hidden_dim, cfg.mask_dim, embed_dim, num_queries, cfg.num_heads,
-        cfg.dim_feedforward, cfg.dec_layers,
-        candidate_head_from=cfg.num_seen_queries if cfg.candidate_head else None)
+        cfg.dim_feedforward, cfg.dec_layers)
     mfe = None
     if cfg.mfe.enabled:
         mfe = MultiScaleFeatureEnhancement(cfg.hidden_dim, embed_dim, cfg.mfe.norm,

@@ -135,7 +135,7 @@ class MaskedTransformerDecoder(nn.Module):
 
     def __init__(self, hidden_dim: int, mask_dim: int, embed_dim: int, num_queries: int,
                  num_heads: int, dim_feedforward: int, num_layers: int,
-                 random_query_seed: int = 0, candidate_head_from: int | None = None) -> None:
+                 random_query_seed: int = 0) -> None:
         super().__init__()
         self.hidden_dim, self.num_heads, self.num_queries = hidden_dim, num_heads, num_queries
         self.embed_dim = embed_dim
@@ -153,12 +153,6 @@ class MaskedTransformerDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.class_embed = MLP(hidden_dim, hidden_dim, embed_dim, 2)
-        # Queries from `candidate_head_from` on (candidate and random queries) may project into
-        # CLIP space through an MLP of their own: the seen queries' projection then learns only
-        # from seen text targets, never from the candidates' image embeddings Cu.
-        self.candidate_head_from = candidate_head_from
-        self.candidate_class_embed = (MLP(hidden_dim, hidden_dim, embed_dim, 2)
-                                      if candidate_head_from is not None else None)
         self.classifier = EmbeddingClassifier()
         for layers in (self.cross_attention, self.self_attention, self.ffn):
             for p in layers.parameters():
@@ -184,13 +178,7 @@ class MaskedTransformerDecoder(nn.Module):
         normed = self.decoder_norm(queries)
         mask_embed = self.mask_embed(normed)  # [B, Q, mask_dim]
         masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        if self.candidate_class_embed is None:
-            embeds = self.class_embed(normed)
-        else:
-            split = self.candidate_head_from
-            embeds = torch.cat([self.class_embed(normed[:, :split]),
-                                self.candidate_class_embed(normed[:, split:])], dim=1)
-        embeds = F.normalize(embeds, dim=-1)  # [B, Q, C]
+        embeds = F.normalize(self.class_embed(normed), dim=-1)  # [B, Q, C]
         logits = self.classifier(embeds, class_embeds)  # [B, Q, K]
         return {"pred_logits": logits, "pred_masks": masks, "pred_embeds": embeds}
 
