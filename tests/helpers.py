@@ -1,6 +1,7 @@
 """What many test files share: the tiny model and toy world every Ray test trains, the config
 writers built on it, and the runners of `splitmatch` subprocesses."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,10 +85,17 @@ def toy_config(tmp_path: Path, **sections):
     return config_from_dict(data)
 
 
+def ctrl_c_reaches_it() -> None:
+    """Popen's preexec_fn: SIGINT acts in the child as from a terminal even when pytest runs as a
+    background job, which starts with SIGINT ignored and passes that on to its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def splitmatch(*args, address, env_extra=None, **kw):
     env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "splitmatch.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ctrl_c_reaches_it, **kw)
 
 
 def finish(proc, timeout=400):

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from splitmatch.jobs import PROJECT_ROOT
+from helpers import ctrl_c_reaches_it
 
 PROBE = """
 import sys
@@ -94,7 +95,7 @@ def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path):
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "splitmatch.cli", "ui", "--storage-path", str(store),
                            "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=ctrl_c_reaches_it)
     try:
         line = ui.stdout.readline()
         assert line.startswith(f"MLflow UI for {store}: http://127.0.0.1:{port}"), line
