@@ -70,8 +70,8 @@ class SetCriterion(nn.Module):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                  deep_supervision: bool = True, ignore_index: int = 255,
-                 candidate_queries_from: int | None = None, num_seen_queries: int | None = None,
-                 normalization: str = "joint"):
+                 candidate_queries_from: int | None = None,
+                 groups_normalised_from: int | None = None):
         super().__init__()
         self.matcher = matcher
         self.class_weight = class_weight
@@ -92,12 +92,11 @@ class SetCriterion(nn.Module):
         # embeddings, and so from the unseen class names they must be near at test time:
         # on the toy world their pixels went to the seen queries instead (see docs/method.md).
         self.candidate_queries_from = candidate_queries_from
-        # "joint": every loss divided by all targets of the batch, as Mask2Former does.
-        # "per_group" (Split Matching only): the seen queries' losses divided by the seen
-        # targets, the candidate queries' by the candidate targets, so the many candidates of an
-        # image do not drown its few seen objects (docs/method.md, "Loss normalisation").
-        self.num_seen_queries = num_seen_queries
-        self.normalization = normalization
+        # None: every loss divided by all targets of the batch, as Mask2Former does. Ks (per-group
+        # normalisation, Split Matching only): queries before it are divided by the seen targets,
+        # the rest by the candidate targets, so the many candidates of an image do not drown its
+        # few seen objects (docs/method.md, "Loss normalisation").
+        self.groups_normalised_from = groups_normalised_from
 
     # --------------------------------------------------------------------------- terms
 
@@ -178,8 +177,7 @@ class SetCriterion(nn.Module):
                 pseudo_labels: Tensor | None = None) -> dict[str, Tensor]:
         """Weighted loss terms. `class_valid` [B, K] marks real columns of the padded class set."""
         num_masks = TargetCounts.of(targets, outputs["pred_logits"].device,
-                                    self.num_seen_queries if self.normalization == "per_group"
-                                    else None)
+                                    self.groups_normalised_from)
         losses: dict[str, Tensor] = {}
         layers = [("", outputs)]
         if self.deep_supervision:
@@ -262,5 +260,6 @@ def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
         oversample_ratio=loss_cfg.oversample_ratio,
         importance_sample_ratio=loss_cfg.importance_sample_ratio,
         deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index,
-        candidate_queries_from=candidate_from, num_seen_queries=num_seen_queries,
-        normalization=loss_cfg.normalization)
+        candidate_queries_from=candidate_from,
+        groups_normalised_from=(num_seen_queries if loss_cfg.normalization == "per_group"
+                                else None))
