@@ -209,13 +209,18 @@ def cmd_bench(args) -> int:
         from splitmatch.bench.matching import run
         run(repeats=args.repeats)
     elif args.what == "train":
-        from splitmatch.bench.train import TOY_CONFIG, run
-        workers = tuple(int(n) for n in args.workers.split(","))
-        run(iterations=args.iterations, workers=workers, config=args.config or TOY_CONFIG,
-            overrides=args.overrides)
+        from splitmatch.bench.train import TOY_CONFIG, run, run_in_process
+        if args.in_process:
+            run_in_process(iterations=args.iterations, config=args.config or TOY_CONFIG,
+                           overrides=args.overrides, device=args.device)
+        else:
+            workers = tuple(int(n) for n in args.workers.split(","))
+            run(iterations=args.iterations, workers=workers, config=args.config or TOY_CONFIG,
+                overrides=args.overrides)
     elif args.what == "pseudo":
         from splitmatch.bench.pseudo import run
-        run(num_images=args.images, clip_name=args.clip, repeats=args.repeats, device=args.device)
+        run(num_images=args.images, clip_name=args.clip, repeats=args.repeats, device=args.device,
+            config=args.config, overrides=args.overrides)
     return 0
 
 
@@ -330,15 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", "print benchmark figures", cmd_bench)
     p.add_argument("what", choices=["matching", "pseudo", "train"], help="which benchmark")
     p.add_argument("--iterations", type=int, default=40, help="train: iterations per run")
-    p.add_argument("--config", default=None, help="train: config to time (default: the toy one)")
+    p.add_argument("--config", default=None,
+                   help="train, pseudo: config to time (default: the toy set-up)")
     p.add_argument("--workers", default="1,2", help="train: worker counts to time, e.g. 1,2")
+    p.add_argument("--in-process", action="store_true",
+                   help="train: time one worker of the config in this process, without Ray")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="train: config override (repeatable)")
+                   metavar="KEY=VALUE", help="train, pseudo: config override (repeatable)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is kept)")
     p.add_argument("--images", type=int, default=8, help="pseudo: toy images in the batch")
     p.add_argument("--clip", default="ViT-B-16",
                    help="pseudo: open_clip model (random init) or 'tiny' for the test CLIP")
-    p.add_argument("--device", default=None, help="pseudo: cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", default=None,
+                   help="pseudo, train --in-process: cpu or cuda (default: cuda if present)")
     return parser
 
 

@@ -433,7 +433,7 @@ def _share(run_dir: Path, location: str, *names: str) -> None:
 
 
 @dataclass
-class _Parts:
+class TrainingParts:
     """What one worker trains with, built from the config."""
 
     classes: ClassSpace
@@ -448,7 +448,7 @@ class _Parts:
     loader: DataLoader
 
 
-def _build_parts(cfg: Config, rank: int, world_size: int, device) -> _Parts:
+def build_parts(cfg: Config, rank: int, world_size: int, device) -> TrainingParts:
     clip = build_clip(cfg.clip, device=device)
     classes = build_class_space(cfg, clip)
     split_matching = cfg.matching.mode == "split"
@@ -475,8 +475,8 @@ def _build_parts(cfg: Config, rank: int, world_size: int, device) -> _Parts:
         raise ConfigError(f"'train.batch_size' ({cfg.train.batch_size}, over {world_size} workers) is "
                           f"more than the {len(train_set)} images of split "
                           f"'{cfg.data.train_split}': lower it with --set")
-    return _Parts(classes, model, matcher, criterion, candidates, train_set, test_set, select_set,
-                  sampler, loader)
+    return TrainingParts(classes, model, matcher, criterion, candidates, train_set, test_set,
+                         select_set, sampler, loader)
 
 
 def _restore(run_dir: Path, location: str, selecting: bool) -> tuple[dict | None, dict | None]:
@@ -500,8 +500,8 @@ def _restore(run_dir: Path, location: str, selecting: bool) -> tuple[dict | None
     return state, best
 
 
-def _open_tracker(cfg: Config, config: dict, run_dir: Path, parts: _Parts, state: dict | None,
-                  tell):
+def _open_tracker(cfg: Config, config: dict, run_dir: Path, parts: TrainingParts,
+                  state: dict | None, tell):
     """Rank 0's MLflow run: opened (or found again) with params and tags, config.yaml logged."""
     import ray
 
@@ -527,22 +527,36 @@ def _open_tracker(cfg: Config, config: dict, run_dir: Path, parts: _Parts, state
     return tracker
 
 
-class _StepTimer:
-    """Where the steps since the last report went: data loading, matching, the optimizer step."""
+class StepTimer:
+    """Where the steps since the last report went: data loading, matching, the optimizer step.
 
-    def __init__(self, matcher: TimedMatcher):
+    On a GPU it waits for the queued kernels before each reading, or their time would be charged
+    to whichever later call happens to wait for them (the matcher, which copies costs to the CPU,
+    waits anyway, so training loses little by it)."""
+
+    def __init__(self, matcher: TimedMatcher, device: torch.device):
         self.matcher = matcher
+        self.cuda = device.type == "cuda"
         self.reset()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def reset(self) -> None:
         self.data = self.step = self.optimizer = 0.0
         self.steps = 0
         self.matcher.seconds = 0.0
 
-    def add(self, start: float, fetched: float, before_step: float, done: float) -> None:
-        self.data += fetched - start
+    def fetched(self, start: float) -> None:
+        """A batch arrived; the step began at `start` (when the previous one ended)."""
+        self.start, self.arrived = start, time.perf_counter()
+
+    def add(self, before_step: float, done: float) -> None:
+        self.data += self.arrived - self.start
         self.optimizer += done - before_step
-        self.step += done - start
+        self.step += done - self.start
         self.steps += 1
 
     def report(self) -> dict[str, float]:
@@ -552,6 +566,27 @@ class _StepTimer:
                    "time/optimizer_fraction": self.optimizer / self.step}
         self.reset()
         return figures
+
+
+def optimisation_step(model: nn.Module, optimizer, parts: TrainingParts, cfg: Config, batch: dict,
+                      iteration: int, device, amp: bool, timer: StepTimer) -> tuple[Tensor, dict]:
+    """One step of the loop on a fetched batch: learning rate, forward and losses, backward,
+    gradient clipping, update. Returns the summed loss and the named losses."""
+    factor = lr_factor(iteration, cfg.train.max_iters, cfg.optim)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    losses = training_step(model, parts.criterion, batch, parts.classes,
+                           cfg.matching.mode == "split", device, amp=amp,
+                           candidate_embedding=cfg.model.candidate_embedding)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    before_step = timer.now()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    timer.add(before_step, timer.now())
+    return loss, losses
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -575,7 +610,7 @@ def train_loop_per_worker(config: dict) -> None:
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    parts = _build_parts(cfg, rank, world_size, device)
+    parts = build_parts(cfg, rank, world_size, device)
     classes, select_set, test_set = parts.classes, parts.select_set, parts.test_set
     state, best_state = _restore(run_dir, location, select_set is not None)
     iteration, epoch, best_hiou = 0, 0, -1.0
@@ -589,8 +624,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
     tracker = _open_tracker(cfg, config, run_dir, parts, state, tell) if rank == 0 else None
     use_amp = cfg.train.amp and device.type == "cuda"
-    split_matching = cfg.matching.mode == "split"
-    timer = _StepTimer(parts.matcher)
+    timer = StepTimer(parts.matcher, device)
     last_select = max(best_hiou, -1.0)
     model.train()
     # ---------------------------------------------------------------- loop
@@ -599,20 +633,9 @@ def train_loop_per_worker(config: dict) -> None:
         parts.train_set.set_epoch(epoch)
         tick = time.perf_counter()
         for batch in parts.loader:
-            fetched = time.perf_counter()
-            factor = lr_factor(iteration, cfg.train.max_iters, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            losses = training_step(model, parts.criterion, batch, classes, split_matching, device,
-                                   amp=use_amp, candidate_embedding=cfg.model.candidate_embedding)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            before_step = time.perf_counter()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            timer.add(tick, fetched, before_step, time.perf_counter())
+            timer.fetched(tick)
+            loss, losses = optimisation_step(model, optimizer, parts, cfg, batch, iteration, device,
+                                             use_amp, timer)
             iteration += 1
 
             # ------------------------------------------------------------ log

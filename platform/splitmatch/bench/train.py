@@ -1,11 +1,18 @@
 """`splitmatch bench train [--config CONFIG]`: iterations/s of a config on Ray Train (the toy
 config by default, with 1 and 2 workers), peak memory per worker, and where a step's time goes
 (data loading, matching, optimizer step). On a GPU the run uses bf16 autocast when `train.amp`
-is set, as training does; its data and pseudo masks must be where the config says."""
+is set, as training does; its data and pseudo masks must be where the config says.
+
+`--in-process` times one worker of the configured run (its batch is `train.batch_size /
+train.num_workers`) with the training loop's own step, in this process and without Ray Train:
+for a machine where Ray cannot be installed, or to time a step without Ray's start-up."""
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from splitmatch.config import config_from_dict, load_config, to_dict
 from splitmatch.demo import DEMO_CONFIG
@@ -48,3 +55,52 @@ def run(iterations: int = 40, workers: tuple[int, ...] = (1, 2), config: Path = 
     last = results[workers[-1]]["iters_per_s"]
     log(f"iters_per_s={last:.2f}")
     return results
+
+
+def run_in_process(iterations: int = 40, config: Path = TOY_CONFIG,
+                   overrides: list[str] | None = None, device: str | None = None,
+                   log=print) -> dict:
+    from splitmatch.toyclip import with_toy_clip
+    from splitmatch.train import StepTimer, build_optimizer, build_parts, optimisation_step, \
+        peak_memory_gb
+
+    cfg = with_toy_clip(load_config(config, overrides), log=log)
+    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    parts = build_parts(cfg, 0, cfg.train.num_workers, device_t)
+    model = parts.model.to(device_t)
+    optimizer = build_optimizer(model, cfg.optim)
+    amp = cfg.train.amp and device_t.type == "cuda"
+    timer = StepTimer(parts.matcher, device_t)
+    model.train()
+    iteration, epoch, figures = 0, 0, {}
+    while iteration < iterations:
+        parts.sampler.set_epoch(epoch)
+        parts.train_set.set_epoch(epoch)
+        tick = time.perf_counter()
+        for batch in parts.loader:
+            timer.fetched(tick)
+            optimisation_step(model, optimizer, parts, cfg, batch, iteration, device_t, amp, timer)
+            iteration += 1
+            if iteration == iterations // 2:  # the first half is warm-up
+                timer.reset()
+                if device_t.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device_t)
+            if iteration == iterations:
+                figures = timer.report()
+                break
+            tick = time.perf_counter()
+        epoch += 1
+    batch_size = cfg.train.batch_size // cfg.train.num_workers
+    result = {"iters_per_s": 1.0 / figures["time/step_s"], "peak_gb": peak_memory_gb(device_t),
+              "data": figures["time/data_fraction"], "matcher": figures["time/matcher_fraction"],
+              "optimizer": figures["time/optimizer_fraction"], "batch": batch_size}
+    log(f"in-process, one of {cfg.train.num_workers} worker(s): device={device_t} "
+        f"batch={batch_size} amp={'bf16' if amp else 'off'} crop={cfg.data.crop_size} "
+        f"iters_per_s={result['iters_per_s']:.2f} "
+        f"images_per_s={result['iters_per_s'] * batch_size:.1f} "
+        f"peak_memory_gb={result['peak_gb']:.2f}{' (GPU)' if device_t.type == 'cuda' else ' (RSS)'} "
+        f"data_fraction={result['data']:.3f} matcher_fraction={result['matcher']:.3f} "
+        f"optimizer_fraction={result['optimizer']:.3f}")
+    return result

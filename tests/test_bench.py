@@ -1,0 +1,68 @@
+"""The benchmark scripts' config modes, on the tiny model: what they time is the real work (the
+pseudo-mask kernel on the config's own images, the training loop's own step), and their figures
+are consistent. The figures themselves are for people, not asserted."""
+import pytest
+import torch
+
+from splitmatch.bench.pseudo import run as bench_pseudo
+from splitmatch.bench.train import run_in_process
+from splitmatch.clip import build_clip
+from splitmatch.config import load_config
+from splitmatch.data import build_dataset
+from splitmatch.errors import UserError
+from splitmatch.pseudo.kernel import build_kernel
+from splitmatch.pseudo.pipeline import run_pseudo
+from helpers import write_config
+
+
+def test_pseudo_bench_times_the_configs_kernel_on_its_images(tmp_path, capsys):
+    path = write_config(tmp_path, "bench")
+    result = bench_pseudo(num_images=5, repeats=1, device="cpu", config=path)
+    out = capsys.readouterr().out
+    assert "clip=splitmatch-tiny-vit" in out and "images=5 batch=5" in out
+    assert "scales=[4, 6]" in out and "dense_grid=(8, 8)" in out  # the config's, not the toy default's
+
+    # The same candidates as the kernel built from the config finds on the same images.
+    cfg = load_config(path)
+    torch.manual_seed(0)
+    kernel = build_kernel(cfg.pseudo_masks, build_clip(cfg.clip), cfg.data.ignore_index)
+    data = build_dataset(cfg.data, cfg.data.train_split, train=True, augment=False)
+    samples = [data.load(i) for i in range(5)]
+    found = kernel([s["image"] for s in samples], [s["label"] for s in samples])
+    assert result["candidates"] == sum(int(c.candidate_map.max()) for c in found) > 0
+    assert result["images_per_s"] == pytest.approx(5 / result["kernel_s"])
+    assert 0 < result["clip_s"] and result["inertia_rel_diff"] < 0.05
+
+
+def test_pseudo_bench_names_a_split_too_small(tmp_path):
+    with pytest.raises(UserError, match="--images 999: split 'train'"):
+        bench_pseudo(num_images=999, repeats=1, device="cpu", config=write_config(tmp_path, "small"))
+
+
+def check_one_workers_loop(path, overrides):
+    lines = []
+    result = run_in_process(iterations=6, config=path, overrides=overrides, device="cpu",
+                            log=lines.append)
+    assert result["batch"] == 2 and "one of 2 worker(s)" in lines[-1] and "batch=2" in lines[-1]
+    assert result["iters_per_s"] > 0 and result["peak_gb"] > 0
+    shares = [result[k] for k in ("data", "matcher", "optimizer")]
+    assert all(0 < s < 1 for s in shares) and sum(shares) < 1
+
+
+def test_in_process_train_bench_runs_one_workers_loop(tmp_path):
+    # 4 images over the config's 2 workers: batches of 2, as one Ray Train worker would get.
+    check_one_workers_loop(write_config(tmp_path, "bench", batch_size=4, num_workers=2),
+                           ["matching.mode=baseline"])
+
+
+def test_in_process_train_bench_reads_the_cached_pseudo_masks(tmp_path, ray_cluster):
+    path = write_config(tmp_path, "bench-split", batch_size=4, num_workers=2)
+    run_pseudo(load_config(path), log=lambda *_: None)  # built on Ray Data, read in process
+    check_one_workers_loop(path, ["matching.mode=split"])
+
+
+def test_in_process_train_bench_needs_the_pseudo_masks(tmp_path):
+    path = write_config(tmp_path, "bench-missing")
+    with pytest.raises(FileNotFoundError, match="splitmatch pseudo"):
+        run_in_process(iterations=2, config=path, overrides=["matching.mode=split"], device="cpu",
+                       log=lambda *_: None)
