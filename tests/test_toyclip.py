@@ -187,7 +187,7 @@ def test_second_call_is_a_cache_hit(built, toy_cfg, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached checkpoint must not be retrained")
 
-    monkeypatch.setattr(toyclip, "train_toy_clip", no_training)
+    monkeypatch.setattr(toyclip.checkpoint, "train_toy_clip", no_training)
     lines: list[str] = []
     assert toy_clip_checkpoint(toy_cfg, log=lines.append, recipe=RECIPE) == path
     assert toy_clip_checkpoint(toy_cfg, build=False, log=lines.append, recipe=RECIPE) == path
@@ -207,7 +207,7 @@ def test_key_follows_every_training_input_but_not_the_cache_folder(toy_cfg):
     # The library versions and the training code are inputs too (as the README says).
     inputs = checkpoint_inputs(toy_cfg, RECIPE)
     assert inputs["torch"] == torch.__version__ and inputs["open_clip"] == open_clip.__version__
-    source = Path(toyclip.__file__).read_bytes()
+    source = b"".join(Path(m.__file__).read_bytes() for m in (toyclip.captions, toyclip.training))
     assert inputs["training_code_sha256"] == hashlib.sha256(source).hexdigest()
 
 
@@ -218,7 +218,7 @@ def test_interrupted_pretraining_leaves_nothing_that_looks_complete(toy_cfg, mon
     def interrupted(*args, **kwargs):  # after the weights are written, before publishing
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(toyclip, "zero_shot_report", interrupted)
+    monkeypatch.setattr(toyclip.checkpoint, "zero_shot_report", interrupted)
     with pytest.raises(KeyboardInterrupt):
         toy_clip_checkpoint(cfg, log=lambda _: None, recipe=RECIPE)
     assert not folder.exists()

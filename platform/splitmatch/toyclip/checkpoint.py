@@ -1,0 +1,164 @@
+"""The toy CLIP's checkpoint cache: keyed by everything that changes the weights, built once,
+published in one rename, and resolved for configs that say `clip.pretrained: toy`."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+
+from splitmatch import storage
+from splitmatch.clip import build_clip
+from splitmatch.config import ClipConfig, Config, ToyClipConfig
+from splitmatch.data import toyworld
+from splitmatch.files import content_key, remove_stale, temporary_name, write_atomic
+from splitmatch.toyclip import captions, training
+from splitmatch.toyclip.captions import (BACKGROUND_TEMPLATES, DEFAULT_RECIPE, SCENE_TEMPLATES,
+                                         SINGLE_TEMPLATES, TEST_TEMPLATE, TEST_TEMPLATE_PROB,
+                                         ToyClipRecipe)
+from splitmatch.toyclip.quality import zero_shot_report
+from splitmatch.toyclip.training import model_config_path, train_toy_clip
+
+CHECKPOINT_NAME = "toy_clip.pt"
+INFO_NAME = "toy_clip.json"
+
+
+def training_code_sha256() -> str:
+    """One hash of the sources that make the weights: the training data and the training loop."""
+    digest = hashlib.sha256()
+    for module in (captions, training):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_inputs(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> dict:
+    """Everything the weights depend on: config (not where it is cached), architecture, data."""
+    toy = dataclasses.asdict(cfg)
+    del toy["cache_dir"]
+    return {
+        "toy_clip": toy,
+        "model_config": json.loads(model_config_path(cfg.model_name).read_text()),
+        "recipe": dataclasses.asdict(recipe),
+        "templates": {"single": SINGLE_TEMPLATES, "scene": SCENE_TEMPLATES,
+                      "background": BACKGROUND_TEMPLATES,
+                      "test": TEST_TEMPLATE, "test_prob": TEST_TEMPLATE_PROB},
+        # The toy world and the training code have no versions: their sources stand in for
+        # them, so a change to how images are drawn or how the model is fitted retrains rather
+        # than reusing weights made another way. The libraries count too (kernels, init, RNG).
+        "toyworld_sha256": hashlib.sha256(Path(toyworld.__file__).read_bytes()).hexdigest(),
+        "training_code_sha256": training_code_sha256(),
+        "torch": torch.__version__, "open_clip": open_clip.__version__,
+    }
+
+
+def checkpoint_key(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> str:
+    return content_key(checkpoint_inputs(cfg, recipe))
+
+
+def checkpoint_location(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> str:
+    """The cache folder of `cfg`'s checkpoint: a local path, or a prefix on object storage."""
+    return storage.join(cfg.cache_dir, checkpoint_key(cfg, recipe))
+
+
+def checkpoint_dir(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
+    """The local folder: the cache itself, or this node's mirror of the remote one."""
+    return storage.local_path(checkpoint_location(cfg, recipe))
+
+
+def pretrain_toy_clip(cfg: ToyClipConfig, log: Callable[[str], None] = print,
+                      recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
+    """Train the toy CLIP, check it loads through `build_clip`, measure zero-shot accuracy, and
+    publish `{cache_dir}/{key}/` in one rename; returns the checkpoint path."""
+    key = checkpoint_key(cfg, recipe)
+    final = checkpoint_dir(cfg, recipe)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale(final.parent, f".{key}.*.tmp")
+    if removed:
+        log(f"toy CLIP: removed {removed} unfinished build(s) of {key}")
+    log(f"toy CLIP: pretraining {cfg.model_name} for {cfg.steps} steps of {cfg.batch_size} "
+        f"(key {key})")
+    start = time.perf_counter()
+    model, history = train_toy_clip(cfg, recipe, log)
+    train_seconds = time.perf_counter() - start
+
+    staging = temporary_name(final)  # the folder is assembled here, then renamed in one step
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_atomic(staging / CHECKPOINT_NAME, lambda handle: torch.save(model.state_dict(), handle))
+        # Measured through the loading path every user takes, so a checkpoint that open_clip
+        # cannot load strictly never gets published.
+        clip = build_clip(ClipConfig(model_name=cfg.model_name,
+                                     pretrained=str(staging / CHECKPOINT_NAME)))
+        report = zero_shot_report(clip, recipe.eval_images, cfg.seed, cfg.image_size)
+        info = {"key": key, "inputs": checkpoint_inputs(cfg, recipe), "zero_shot": report,
+                "train_seconds": train_seconds, "history": history,
+                "torch": torch.__version__, "open_clip": open_clip.__version__,
+                "threads": torch.get_num_threads()}
+        (staging / INFO_NAME).write_text(json.dumps(info, indent=2))
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / INFO_NAME).is_file():
+                raise
+            # Someone published the same key meanwhile: same inputs, same weights; keep theirs.
+            log(f"toy CLIP: {final} appeared while training; keeping it")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    location = checkpoint_location(cfg, recipe)
+    if storage.is_remote(location):  # the weights last: a reader that finds them finds the info
+        storage.push(final / INFO_NAME, storage.join(location, INFO_NAME))
+        storage.push(final / CHECKPOINT_NAME, storage.join(location, CHECKPOINT_NAME))
+    log(f"toy CLIP: trained in {train_seconds:.0f} s, zero-shot accuracy "
+        f"{report['accuracy']:.3f}; saved {final / CHECKPOINT_NAME}")
+    return final / CHECKPOINT_NAME
+
+
+def toy_clip_checkpoint(cfg: ToyClipConfig, build: bool = True,
+                        log: Callable[[str], None] = print,
+                        recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
+    """The cached checkpoint for `cfg`, pretraining it first (once) if absent and `build`."""
+    folder = checkpoint_dir(cfg, recipe)
+    location = checkpoint_location(cfg, recipe)
+    if storage.is_remote(location) and storage.info(storage.join(location, CHECKPOINT_NAME)):
+        for name in (INFO_NAME, CHECKPOINT_NAME):
+            storage.pull(storage.join(location, name), folder / name)
+    if (folder / CHECKPOINT_NAME).is_file() and (folder / INFO_NAME).is_file():
+        accuracy = json.loads((folder / INFO_NAME).read_text())["zero_shot"]["accuracy"]
+        log(f"toy CLIP: using cached checkpoint {folder / CHECKPOINT_NAME} (zero-shot accuracy "
+            f"{accuracy:.3f})")
+        return folder / CHECKPOINT_NAME
+    if not build:
+        raise FileNotFoundError(f"no toy CLIP checkpoint at {folder} (key "
+                                f"{folder.name}); build it with: splitmatch toy-clip CONFIG")
+    return pretrain_toy_clip(cfg, log, recipe)
+
+
+def checkpoint_info(checkpoint: Path) -> dict:
+    """The JSON written next to a checkpoint: inputs, zero-shot report, training log."""
+    return json.loads((Path(checkpoint).parent / INFO_NAME).read_text())
+
+
+def with_toy_clip(cfg: Config, log: Callable[[str], None] = print) -> Config:
+    """`clip.pretrained: toy` means "the toy CLIP of the `toy_clip` section": resolve it to the
+    cached checkpoint (pretraining it once if needed), so every later step — pseudo masks,
+    training, evaluation, on any worker — loads it like any other local checkpoint."""
+    if cfg.clip.pretrained != "toy":
+        return cfg
+    from splitmatch.config import config_from_dict, to_dict
+
+    checkpoint = str(toy_clip_checkpoint(cfg.toy_clip, build=True, log=log))
+    if storage.is_remote(cfg.toy_clip.cache_dir):  # each node fetches it from there
+        checkpoint = storage.join(checkpoint_location(cfg.toy_clip), CHECKPOINT_NAME)
+    data = to_dict(cfg)
+    data["clip"].update(model_name=cfg.toy_clip.model_name, pretrained=checkpoint)
+    return config_from_dict(data, "toy CLIP")
+
+
