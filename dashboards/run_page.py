@@ -124,7 +124,7 @@ def pseudo_mask_examples(cfg: Config, count: int = 3) -> list[tuple[str, list[st
     return examples
 
 
-def render(cfg: Config, run, history: dict, predictions: list[Path],
+def render(name: str, run, history: dict, predictions: list[Path],
            pseudo: list[tuple[str, list[str]]], tracking_uri: str) -> str:
     metrics, tags = run.data.metrics, run.data.tags
     unseen = set(filter(None, tags.get("unseen", "").split(",")))
@@ -168,7 +168,7 @@ def render(cfg: Config, run, history: dict, predictions: list[Path],
 <title>splitmatch run {html.escape(run.info.run_name or run.info.run_id)}</title>
 <style>{CSS}</style>{CHECK_IMAGES}</head>
 <body>
-<h1>splitmatch run {html.escape(cfg.name)}</h1>
+<h1>splitmatch run {html.escape(name)}</h1>
 <dl class="scope">{scope_html}</dl>
 <h2>Test split</h2><dl class="scope">{headline}</dl>
 {"".join(sections)}
@@ -187,7 +187,7 @@ def write_run_page(cfg: Config, tracking_uri: str, run_id: str, out_dir: Path) -
         if any(a.path == "predictions" for a in client.list_artifacts(run_id)):
             folder = Path(client.download_artifacts(run_id, "predictions", tmp))
             predictions = sorted(folder.glob("*.png"))
-        page = render(cfg, run, history, predictions, pseudo_mask_examples(cfg), tracking_uri)
+        page = render(cfg.name, run, history, predictions, pseudo_mask_examples(cfg), tracking_uri)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = write_atomic(out_dir / PAGE_NAME, lambda handle: handle.write(page.encode("utf-8")))
     client.log_artifact(run_id, str(path))

@@ -589,6 +589,33 @@ def optimisation_step(model: nn.Module, optimizer, parts: TrainingParts, cfg: Co
     return loss, losses
 
 
+@dataclass
+class _Worker:
+    """One Ray Train worker of a run: who it is, where it computes, where the run's files are."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path  # this node's folder (a remote run: a mirror on each node)
+    location: str  # the run's folder or remote prefix
+    stored_config: dict  # the config as saved with every checkpoint
+
+    def publish(self, name: str, write) -> None:
+        """Rank 0 writes the run file `name` with `write(path)` and shares it."""
+        if self.rank == 0:
+            write(self.run_dir / name)
+            _share(self.run_dir, self.location, name)
+
+
+@dataclass
+class _Selection:
+    """What evaluation on the selection split has chosen so far."""
+
+    best_hiou: float = -1.0
+    best_state: dict | None = None
+    latest_hiou: float = -1.0  # carried by every report: Tune's schedulers read it
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The whole training of one Ray Train worker: set-up, the loop (step; log; select on the
     selection split; test once at the end; report and checkpoint), finish."""
@@ -598,34 +625,33 @@ def train_loop_per_worker(config: dict) -> None:
     # ---------------------------------------------------------------- set-up
     cfg = config_from_dict(config["cfg"], "<train loop>")
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    location = config["run_location"]
-    run_dir = storage.local_path(location)  # this node's (a remote run: a mirror on each node)
+    rank, location = context.get_world_rank(), config["run_location"]
+    worker = _Worker(rank, context.get_world_size(), ray.train.torch.get_device(),
+                     storage.local_path(location), location, config["cfg"])
     tell = _teller(config.get("progress") if rank == 0 else None)
     if rank == 0 and storage.is_remote(location):  # the driver wrote it, maybe on another node
-        storage.pull(storage.join(location, "config.yaml"), run_dir / "config.yaml", refresh=True)
+        storage.pull(storage.join(location, "config.yaml"), worker.run_dir / "config.yaml",
+                     refresh=True)
     torch.manual_seed(cfg.seed + rank)  # different dropout/sampling noise per rank
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
-    device = ray.train.torch.get_device()
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    (worker.run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (worker.run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    parts = build_parts(cfg, rank, world_size, device)
-    classes, select_set, test_set = parts.classes, parts.select_set, parts.test_set
-    state, best_state = _restore(run_dir, location, select_set is not None)
-    iteration, epoch, best_hiou = 0, 0, -1.0
+    parts = build_parts(cfg, rank, worker.world_size, worker.device)
+    state, best_state = _restore(worker.run_dir, location, parts.select_set is not None)
+    iteration, epoch, selection = 0, 0, _Selection(best_state=best_state)
     if state is not None:
         parts.model.load_state_dict(state["model"])
-        iteration, epoch, best_hiou = state["iteration"], state["epoch"], state["best_hiou"]
+        iteration, epoch = state["iteration"], state["epoch"]
+        selection.best_hiou = selection.latest_hiou = max(state["best_hiou"], -1.0)
     model = ray.train.torch.prepare_model(parts.model)  # DDP + device
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.optim)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    tracker = _open_tracker(cfg, config, run_dir, parts, state, tell) if rank == 0 else None
-    use_amp = cfg.train.amp and device.type == "cuda"
-    timer = StepTimer(parts.matcher, device)
-    last_select = max(best_hiou, -1.0)
+    tracker = _open_tracker(cfg, config, worker.run_dir, parts, state, tell) if rank == 0 else None
+    use_amp = cfg.train.amp and worker.device.type == "cuda"
+    timer = StepTimer(parts.matcher, worker.device)
     model.train()
     # ---------------------------------------------------------------- loop
     while iteration < cfg.train.max_iters:
@@ -634,81 +660,109 @@ def train_loop_per_worker(config: dict) -> None:
         tick = time.perf_counter()
         for batch in parts.loader:
             timer.fetched(tick)
-            loss, losses = optimisation_step(model, optimizer, parts, cfg, batch, iteration, device,
-                                             use_amp, timer)
+            loss, losses = optimisation_step(model, optimizer, parts, cfg, batch, iteration,
+                                             worker.device, use_amp, timer)
             iteration += 1
-
-            # ------------------------------------------------------------ log
-            metrics: dict[str, float] = {}
             last = iteration == cfg.train.max_iters
-            if iteration % cfg.train.log_every == 0 or last:
-                metrics.update({"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
-                metrics.update({k: v.item() for k, v in losses.items() if "_aux" not in k})
-                metrics.update({"memory/peak_gb": peak_memory_gb(device), **timer.report()})
-            # ------------------------------------------------------------ select
             wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
-            if select_set is not None and (wants_checkpoint or iteration % cfg.train.eval_every == 0):
-                result = evaluate(core, select_set, classes, cfg.inference, device,
-                                  cfg.eval.batch_size, rank, world_size)
-                metrics.update({f"select_{k}": result[k] for k in METRIC_KEYS})
-                if not math.isnan(result["hIoU"]) and result["hIoU"] > best_hiou:
-                    best_hiou = result["hIoU"]
-                    best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-                    if rank == 0:
-                        torch.save({"model": best_state, "config": config["cfg"]},
-                                   run_dir / BEST_MODEL)
-                        _share(run_dir, location, BEST_MODEL)
-            shown = {"loss": metrics["loss"]} if "loss" in metrics else {}
-            if "select_hIoU" in metrics:
-                shown[f"{cfg.data.select_split} hIoU"] = metrics["select_hIoU"]
-            tell({"iteration": iteration, **shown})
-            # ------------------------------------------------------------ test, once
+            metrics: dict[str, float] = {}
+            if iteration % cfg.train.log_every == 0 or last:
+                metrics.update(_step_metrics(loss, losses, optimizer, worker.device, timer))
+            if parts.select_set is not None and (wants_checkpoint
+                                                 or iteration % cfg.train.eval_every == 0):
+                metrics.update(_select(core, parts, cfg, worker, selection))
+            _tell_progress(tell, iteration, metrics, cfg.data.select_split)
             if last:
-                tell({"note": f"evaluating {len(test_set)} images of '{cfg.data.test_split}'"})
-                final = _test(core, best_state, test_set, classes, cfg, device, rank, world_size)
-                metrics.update(final)
-                if rank == 0:
-                    for path in _visualize(core, test_set, classes, cfg, device, run_dir / "viz",
-                                           iteration):
-                        tracker.log_artifact(path, "predictions")
-                    # The finished run's figures next to its checkpoints, so callers that come
-                    # back later (a rerun ablation) read what was measured.
-                    (run_dir / FINAL_METRICS).write_text(json.dumps(
-                        {"iteration": iteration, "selected": best_state is not None, **final},
-                        indent=1))
-                    _share(run_dir, location, FINAL_METRICS)
-            # ------------------------------------------------------------ report / checkpoint
+                tell({"note": f"evaluating {len(parts.test_set)} images of "
+                              f"'{cfg.data.test_split}'"})
+                metrics.update(_test_once(core, parts, cfg, worker, selection, tracker, iteration))
             if metrics:
-                metrics["iteration"] = iteration
-                if tracker is not None:
-                    tracker.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)},
-                                        step=iteration)
-                # ray.train.report is a barrier: every rank reports at the same iterations, and
-                # only rank 0 hands over a checkpoint. With a selection split every report
-                # carries select_hIoU (the latest evaluation's): Tune schedulers require it.
-                if "select_hIoU" in metrics:
-                    last_select = -1.0 if math.isnan(metrics["select_hIoU"]) else metrics["select_hIoU"]
-                reported = {**metrics, "select_hIoU": last_select} if select_set is not None else metrics
-                if wants_checkpoint:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        ckpt = None
-                        if rank == 0:
-                            ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
-                                Path(tmp), core, optimizer, iteration, epoch, best_hiou,
-                                config["cfg"]))
-                        ray.train.report(reported, checkpoint=ckpt)
-                else:
-                    ray.train.report(reported)
+                _report(metrics, iteration, tracker, selection,
+                        parts.select_set is not None, worker,
+                        (core, optimizer, epoch) if wants_checkpoint else None)
             if last:
                 break
             tick = time.perf_counter()
         epoch += 1
     # ---------------------------------------------------------------- finish
     if tracker is not None:
-        if (run_dir / BEST_MODEL).exists():
-            tracker.log_artifact(run_dir / BEST_MODEL, "checkpoints")
-            tracker.set_tags({"best_select_hIoU": f"{best_hiou:.4f}"})
+        if (worker.run_dir / BEST_MODEL).exists():
+            tracker.log_artifact(worker.run_dir / BEST_MODEL, "checkpoints")
+            tracker.set_tags({"best_select_hIoU": f"{selection.best_hiou:.4f}"})
         tracker.finish("FINISHED")
+
+
+def _step_metrics(loss: Tensor, losses: dict[str, Tensor], optimizer, device,
+                  timer: StepTimer) -> dict[str, float]:
+    """The logged figures of a step: losses (not the auxiliary layers'), lr, memory, timing."""
+    return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+            **{k: v.item() for k, v in losses.items() if "_aux" not in k},
+            "memory/peak_gb": peak_memory_gb(device), **timer.report()}
+
+
+def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
+            selection: _Selection) -> dict[str, float]:
+    """Evaluate on the selection split; weights that beat the best so far become best_model.pt."""
+    result = evaluate(core, parts.select_set, parts.classes, cfg.inference, worker.device,
+                      cfg.eval.batch_size, worker.rank, worker.world_size)
+    hiou = result["hIoU"]
+    if not math.isnan(hiou) and hiou > selection.best_hiou:
+        selection.best_hiou = hiou
+        selection.best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        worker.publish(BEST_MODEL, lambda path: torch.save(
+            {"model": selection.best_state, "config": worker.stored_config}, path))
+    selection.latest_hiou = -1.0 if math.isnan(hiou) else hiou
+    return {f"select_{k}": result[k] for k in METRIC_KEYS}
+
+
+def _tell_progress(tell, iteration: int, metrics: dict, select_split: str | None) -> None:
+    shown = {"loss": metrics["loss"]} if "loss" in metrics else {}
+    if "select_hIoU" in metrics:
+        shown[f"{select_split} hIoU"] = metrics["select_hIoU"]
+    tell({"iteration": iteration, **shown})
+
+
+def _test_once(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
+               selection: _Selection, tracker, iteration: int) -> dict[str, float]:
+    """The end of training: the test split's figures, the prediction pictures, final_metrics.json."""
+    final = _test(core, selection.best_state, parts.test_set, parts.classes, cfg, worker.device,
+                  worker.rank, worker.world_size)
+    if worker.rank == 0:
+        for path in _visualize(core, parts.test_set, parts.classes, cfg, worker.device,
+                               worker.run_dir / "viz", iteration):
+            tracker.log_artifact(path, "predictions")
+        # The finished run's figures next to its checkpoints, so callers that come back later
+        # (a rerun ablation) read what was measured.
+        figures = {"iteration": iteration, "selected": selection.best_state is not None, **final}
+        worker.publish(FINAL_METRICS, lambda path: path.write_text(json.dumps(figures, indent=1)))
+    return final
+
+
+def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Selection,
+            selecting: bool, worker: _Worker, checkpoint: tuple | None) -> None:
+    """Log to MLflow (rank 0) and report to Ray Train, with a checkpoint when `checkpoint` is
+    (model, optimizer, epoch)."""
+    import ray.train
+
+    metrics["iteration"] = iteration
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)},
+                            step=iteration)
+    # ray.train.report is a barrier: every rank reports at the same iterations, and only rank 0
+    # hands over a checkpoint. With a selection split every report carries select_hIoU (the
+    # latest evaluation's): Tune schedulers require it.
+    reported = {**metrics, "select_hIoU": selection.latest_hiou} if selecting else metrics
+    if checkpoint is None:
+        ray.train.report(reported)
+        return
+    core, optimizer, epoch = checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if worker.rank == 0:
+            ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
+                Path(tmp), core, optimizer, iteration, epoch, selection.best_hiou,
+                worker.stored_config))
+        ray.train.report(reported, checkpoint=ckpt)
 
 
 def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpace, cfg: Config,

@@ -27,7 +27,7 @@ import torch
 
 from splitmatch import storage
 from splitmatch.clip import PACKAGE_MODEL_CONFIGS
-from splitmatch.config import Config
+from splitmatch.config import ClipConfig, Config
 from splitmatch import splits
 from splitmatch.errors import UserError
 from splitmatch.files import content_key, file_sha256, remove_stale, write_atomic
@@ -37,9 +37,8 @@ SHARD_FIELDS = ("indices", "ok", "errors", "paths", "map_shapes", "map_data", "n
                 "embeds", "q_segments", "q_best_iou_sum", "q_covered", "q_unseen")
 
 
-def _clip_identity(cfg: Config) -> dict:
+def _clip_identity(clip: ClipConfig) -> dict:
     """What makes two CLIP models the same: name, weights file identity, model-config contents."""
-    clip = cfg.clip
     identity: dict = {"model_name": clip.model_name, "force_quick_gelu": clip.force_quick_gelu}
     if clip.pretrained and storage.is_remote(clip.pretrained):
         # The same object for every node (a local copy's mtime would differ between nodes).
@@ -74,7 +73,7 @@ def cache_inputs(cfg: Config, split: str) -> dict:
     pseudo = {"scales": list(p.scales), "merge_threshold": p.merge_threshold, "min_area": p.min_area,
               "min_area_per": p.min_area_per, "cls_input": p.cls_input,
               "kmeans_iters": p.kmeans_iters, "kmeans_tol": p.kmeans_tol, "image_size": p.image_size}
-    return {"kernel_version": KERNEL_VERSION, "dataset": dataset, "clip": _clip_identity(cfg),
+    return {"kernel_version": KERNEL_VERSION, "dataset": dataset, "clip": _clip_identity(cfg.clip),
             "pseudo_masks": pseudo}
 
 
