@@ -19,7 +19,8 @@ from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig, Config, ToyClipConfig
 from splitmatch.data import toyworld
 from splitmatch.files import content_key, remove_stale, temporary_name, write_atomic
-from splitmatch.toyclip import captions, training
+import splitmatch.toyclip.captions as captions_module
+import splitmatch.toyclip.training as training_module
 from splitmatch.toyclip.captions import (BACKGROUND_TEMPLATES, DEFAULT_RECIPE, SCENE_TEMPLATES,
                                          SINGLE_TEMPLATES, TEST_TEMPLATE, TEST_TEMPLATE_PROB,
                                          ToyClipRecipe)
@@ -33,7 +34,7 @@ INFO_NAME = "toy_clip.json"
 def training_code_sha256() -> str:
     """One hash of the sources that make the weights: the training data and the training loop."""
     digest = hashlib.sha256()
-    for module in (captions, training):
+    for module in (captions_module, training_module):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 
