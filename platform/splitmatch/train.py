@@ -568,6 +568,25 @@ class StepTimer:
         return figures
 
 
+def training_batches(parts: TrainingParts, epoch: int, steps: int, timer: StepTimer):
+    """The next `steps` batches of the training split from `epoch` on, as (epoch, batch): each
+    epoch reshuffled; the timer learns when each batch arrived and when its step began (when the
+    caller came back for it)."""
+    done = 0
+    while done < steps:
+        parts.sampler.set_epoch(epoch)
+        parts.train_set.set_epoch(epoch)
+        tick = time.perf_counter()
+        for batch in parts.loader:
+            timer.fetched(tick)
+            yield epoch, batch
+            done += 1
+            if done == steps:
+                return
+            tick = time.perf_counter()
+        epoch += 1
+
+
 def optimisation_step(model: nn.Module, optimizer, parts: TrainingParts, cfg: Config, batch: dict,
                       iteration: int, device, amp: bool, timer: StepTimer) -> tuple[Tensor, dict]:
     """One step of the loop on a fetched batch: learning rate, forward and losses, backward,
@@ -654,36 +673,25 @@ def train_loop_per_worker(config: dict) -> None:
     timer = StepTimer(parts.matcher, worker.device)
     model.train()
     # ---------------------------------------------------------------- loop
-    while iteration < cfg.train.max_iters:
-        parts.sampler.set_epoch(epoch)
-        parts.train_set.set_epoch(epoch)
-        tick = time.perf_counter()
-        for batch in parts.loader:
-            timer.fetched(tick)
-            loss, losses = optimisation_step(model, optimizer, parts, cfg, batch, iteration,
-                                             worker.device, use_amp, timer)
-            iteration += 1
-            last = iteration == cfg.train.max_iters
-            wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
-            metrics: dict[str, float] = {}
-            if iteration % cfg.train.log_every == 0 or last:
-                metrics.update(_step_metrics(loss, losses, optimizer, worker.device, timer))
-            if parts.select_set is not None and (wants_checkpoint
-                                                 or iteration % cfg.train.eval_every == 0):
-                metrics.update(_select(core, parts, cfg, worker, selection))
-            _tell_progress(tell, iteration, metrics, cfg.data.select_split)
-            if last:
-                tell({"note": f"evaluating {len(parts.test_set)} images of "
-                              f"'{cfg.data.test_split}'"})
-                metrics.update(_test_once(core, parts, cfg, worker, selection, tracker, iteration))
-            if metrics:
-                _report(metrics, iteration, tracker, selection,
-                        parts.select_set is not None, worker,
-                        (core, optimizer, epoch) if wants_checkpoint else None)
-            if last:
-                break
-            tick = time.perf_counter()
-        epoch += 1
+    for epoch, batch in training_batches(parts, epoch, cfg.train.max_iters - iteration, timer):
+        loss, losses = optimisation_step(model, optimizer, parts, cfg, batch, iteration,
+                                         worker.device, use_amp, timer)
+        iteration += 1
+        last = iteration == cfg.train.max_iters
+        wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
+        metrics: dict[str, float] = {}
+        if iteration % cfg.train.log_every == 0 or last:
+            metrics.update(_step_metrics(loss, losses, optimizer, worker.device, timer))
+        if parts.select_set is not None and (wants_checkpoint
+                                             or iteration % cfg.train.eval_every == 0):
+            metrics.update(_select(core, parts, cfg, worker, selection))
+        _tell_progress(tell, iteration, metrics, cfg.data.select_split)
+        if last:
+            tell({"note": f"evaluating {len(parts.test_set)} images of '{cfg.data.test_split}'"})
+            metrics.update(_test_once(core, parts, cfg, worker, selection, tracker, iteration))
+        if metrics:
+            _report(metrics, iteration, tracker, selection, parts.select_set is not None, worker,
+                    (core, optimizer, epoch) if wants_checkpoint else None)
     # ---------------------------------------------------------------- finish
     if tracker is not None:
         if (worker.run_dir / BEST_MODEL).exists():

@@ -60,8 +60,8 @@ def kmeans_vs_sklearn(dense: torch.Tensor, scales: list[int], iters: int, tol: f
 
 
 def _inputs(num_images: int, clip_name: str, device: torch.device, config, overrides):
-    """(clip, pseudo-mask settings, ignore index, images, labels, what) of the toy set-up, or of
-    the first `num_images` training images of a config, read as the pseudo-mask actors read them."""
+    """(clip, pseudo-mask settings, ignore index, samples, what) of the toy set-up, or of the
+    first `num_images` training images of a config, read as the pseudo-mask actors read them."""
     if config is not None:
         from splitmatch.toyclip import with_toy_clip
         cfg = with_toy_clip(load_config(config, overrides), log=lambda *_: None)

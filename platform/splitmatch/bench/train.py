@@ -9,7 +9,6 @@ for a machine where Ray cannot be installed, or to time a step without Ray's sta
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -61,8 +60,8 @@ def run_in_process(iterations: int = 40, config: Path = TOY_CONFIG,
                    overrides: list[str] | None = None, device: str | None = None,
                    log=print) -> dict:
     from splitmatch.toyclip import with_toy_clip
-    from splitmatch.train import StepTimer, build_optimizer, build_parts, optimisation_step, \
-        peak_memory_gb
+    from splitmatch.train import (StepTimer, build_optimizer, build_parts, optimisation_step,
+                                  peak_memory_gb, training_batches)
 
     cfg = with_toy_clip(load_config(config, overrides), log=log)
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,24 +73,13 @@ def run_in_process(iterations: int = 40, config: Path = TOY_CONFIG,
     amp = cfg.train.amp and device_t.type == "cuda"
     timer = StepTimer(parts.matcher, device_t)
     model.train()
-    iteration, epoch, figures = 0, 0, {}
-    while iteration < iterations:
-        parts.sampler.set_epoch(epoch)
-        parts.train_set.set_epoch(epoch)
-        tick = time.perf_counter()
-        for batch in parts.loader:
-            timer.fetched(tick)
-            optimisation_step(model, optimizer, parts, cfg, batch, iteration, device_t, amp, timer)
-            iteration += 1
-            if iteration == iterations // 2:  # the first half is warm-up
-                timer.reset()
-                if device_t.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device_t)
-            if iteration == iterations:
-                figures = timer.report()
-                break
-            tick = time.perf_counter()
-        epoch += 1
+    for iteration, (_, batch) in enumerate(training_batches(parts, 0, iterations, timer), 1):
+        optimisation_step(model, optimizer, parts, cfg, batch, iteration - 1, device_t, amp, timer)
+        if iteration == iterations // 2:  # the first half is warm-up
+            timer.reset()
+            if device_t.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device_t)
+    figures = timer.report()
     batch_size = cfg.train.batch_size // cfg.train.num_workers
     result = {"iters_per_s": 1.0 / figures["time/step_s"], "peak_gb": peak_memory_gb(device_t),
               "data": figures["time/data_fraction"], "matcher": figures["time/matcher_fraction"],
