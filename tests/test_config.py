@@ -121,11 +121,15 @@ def test_a_stored_config_with_a_merged_key_reads_as_today_or_is_refused_by_name(
     stored = to_dict(Config())
     stored["matching"]["num_points"] = stored["loss"]["num_points"]
     del stored["loss"]["normalization"]  # a run from before per-group normalisation existed
+    del stored["model"]["center_embeddings"]  # ... and before centred classes
     assert "num_points" not in retire_keys(stored, "run")["matching"]
     assert config_differences(stored, Config()) == {}
     assert "loss.normalization" in config_differences(
         stored, config_from_dict({"loss": {"normalization": "per_group"}}))
     assert stored_config_data(stored, "run")["loss"]["normalization"] == "joint"
+    assert stored_config_data(stored, "run")["model"]["center_embeddings"] is False
+    assert "model.center_embeddings" in config_differences(
+        stored, config_from_dict({"model": {"center_embeddings": True}}))
     # A run's own config.yaml is read the same way by every command that takes CONFIG.
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(stored))

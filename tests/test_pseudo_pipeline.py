@@ -84,24 +84,40 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
     # With background prompts (same cache: the key ignores them), training reads each image
     # without the candidates whose Cu is nearer those prompts than to every seen class text.
     from splitmatch.clip import build_clip
-    from splitmatch.pseudo.background import (WithoutBackground, background_candidates,
-                                              background_embedding, training_candidates)
+    from splitmatch.pseudo.background import background_candidates, background_embedding
+    from splitmatch.pseudo.training_candidates import TrainingCandidates, training_candidates
     from splitmatch.train import build_class_space
     prompts = ["a photo of the background.", "an empty scene."]
     bg_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts})
     assert cache_key(bg_cfg, "train") == cache_key(cfg, "train")
     clip = build_clip(bg_cfg.clip)
     seen_text = build_class_space(bg_cfg, clip).seen_text
-    reads = training_candidates(bg_cfg, clip, seen_text)
-    assert isinstance(reads, WithoutBackground)
-    assert torch.equal(reads.background_text, background_embedding(clip, prompts))
-    assert isinstance(training_candidates(cfg, clip, seen_text), PseudoMaskCache)
+    bg_reads = training_candidates(bg_cfg, clip, seen_text)
+    assert torch.equal(bg_reads.background_text, background_embedding(clip, prompts))
+    assert bg_reads.center is None
+    plain_reads = training_candidates(cfg, clip, seen_text)
+    assert plain_reads.background_text is None and plain_reads.center is None
+    assert all(torch.equal(plain_reads.get(i)[1], cache.get(i)[1]) for i in range(12))
+    # With model.center_embeddings the same candidates are read less the mean of every kept Cu
+    # (the cache and its key are unchanged: centring happens on read).
+    centre_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts},
+                            model={"center_embeddings": True})
+    assert cache_key(centre_cfg, "train") == cache_key(cfg, "train")
+    centred_reads = training_candidates(centre_cfg, clip, seen_text)
+    kept = [bg_reads.get(i) for i in cache.indices()]
+    mean = torch.nn.functional.normalize(torch.cat([e for _, e in kept]).float(), dim=-1).mean(0)
+    assert torch.allclose(centred_reads.center, mean, atol=1e-6)
+    for i in cache.indices():
+        cmap_c, embeds_c = centred_reads.get(i)
+        assert torch.equal(cmap_c, kept[i][0])
+        expected = torch.nn.functional.normalize(kept[i][1].float() - mean, dim=-1)
+        assert torch.allclose(embeds_c, expected, atol=1e-6)
     # The tiny CLIP is random and its embeddings nearly parallel, so stand-ins make the split
     # sure: image 0's first candidate as "background", the candidate least like it as "seen".
     everything = torch.cat([cache.get(i)[1].float() for i in range(12)])
     background = everything[0]
     seen_like = everything[(everything @ background).argmin()][None]
-    reads = WithoutBackground(cache, seen_like, background)
+    reads = TrainingCandidates(cache, seen_like, background)
     dropped = kept_total = 0
     for i in range(12):
         cmap, embeds = cache.get(i)

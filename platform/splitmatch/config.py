@@ -50,6 +50,12 @@ class ModelConfig:
     # its masked region ("cls"), the model's own MFE features Fu averaged over the candidate mask
     # ("dense"), or those through a learned MLP ("dense_mlp"). The dense ones need the MFE.
     candidate_embedding: Literal["cls", "dense", "dense_mlp"] = "cls"
+    # Classify in a centred space (not in the paper): the text embeddings less the mean of the
+    # seen classes' texts, the candidates' Cu less the mean of the training candidates' Cu, each
+    # L2-normalised again. CLIP's text embeddings share one large common component and its
+    # image embeddings another (the modality gap), so uncentred, a query's cosines to the class
+    # texts differ by a few hundredths and one "hub" text wins (docs/method.md).
+    center_embeddings: bool = False
     mfe: MFEConfig = field(default_factory=MFEConfig)
 
 
@@ -686,7 +692,8 @@ RETIRED_KEYS = {"matching.num_points": "loss.num_points"}
 REMOVED_KEYS = {"model.candidate_head": False}
 # Keys added since runs were stored, with the value that does what the code did before them: a
 # stored config without one is read with that value (other absent keys stay ABSENT).
-ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": []}
+ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": [],
+              "model.center_embeddings": False}
 
 
 def retire_keys(data: dict, source: str) -> dict:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from splitmatch.targets import centred, embedding_center
+
 GROUPS = ("seen", "candidate", "random")
 
 
@@ -196,7 +198,7 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
         evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
         owned = torch.zeros(len(classes.names), len(GROUPS), dtype=torch.long)
         for batch in DataLoader(val_set, batch_size=8, collate_fn=collate):
-            output = model(batch["image"], text, num_random_queries=num_random)
+            output = model(batch["image"], model.class_space(text), num_random_queries=num_random)
             pred, owner = winning_queries(output["pred_logits"], output["pred_masks"],
                                           batch["image"].shape[-2:])
             evaluator.update(pred, batch["label"])
@@ -213,14 +215,16 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
 
 def candidate_report(cfg, classes, clip, max_images: int = 512) -> dict:
     """What the candidate targets of the training split are (as training reads them), and where
-    their Cu point."""
+    their Cu point: cosines in the classifier's space (centred with model.center_embeddings)."""
     from splitmatch.data import build_dataset
-    from splitmatch.pseudo.background import training_candidates
+    from splitmatch.pseudo.training_candidates import training_candidates
 
     cache = training_candidates(cfg, clip, classes.seen_text)
     full_set = build_dataset(cfg.data, cfg.data.train_split, train=False)
     num_classes = len(classes.names)
     text = F.normalize(classes.text.float(), dim=-1)  # [N, C]
+    if cfg.model.center_embeddings:
+        text = centred(text, embedding_center(classes.seen_text))
     seen = torch.as_tensor(classes.seen_ids)
     compositions, cosines = [], []
     for i in range(min(len(full_set), max_images)):

@@ -8,6 +8,7 @@ columns are real.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -69,3 +70,14 @@ def class_embedding_sets(seen_text: Tensor, candidate_embeds: list[Tensor] | Non
         embeds[b, num_seen:num_seen + len(cu)] = cu.to(embeds)
         valid[b, num_seen:num_seen + len(cu)] = True
     return embeds, valid
+
+
+def centred(embeds: Tensor, center: Tensor) -> Tensor:
+    """L2-normalised `embeds` [..., C] less `center` [C] (model.center_embeddings); a zero
+    center leaves normalised embeddings as they are."""
+    return F.normalize(embeds.float() - center.to(embeds.device, torch.float32), dim=-1)
+
+
+def embedding_center(embeds: Tensor) -> Tensor:
+    """[C]: the mean of the L2-normalised rows of `embeds` [N, C] (not normalised itself)."""
+    return F.normalize(embeds.float(), dim=-1).mean(0)

@@ -37,7 +37,7 @@ from splitmatch.evaluation import ZSSEvaluator
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
-from splitmatch.targets import build_targets, class_embedding_sets, seen_lookup
+from splitmatch.targets import build_targets, class_embedding_sets, embedding_center, seen_lookup
 
 
 @dataclass
@@ -119,17 +119,17 @@ def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classe
         candidate_maps = batch["candidate_map"].to(device)  # [B, H, W], 0 = no candidate
         candidate_embeds = [c.to(device).float() for c in batch["candidate_embeds"]]  # B × [U_b, C]
     targets = build_targets(labels, classes.seen_lut, candidate_maps, classes.num_seen)
-    class_embeds, class_valid = class_embedding_sets(classes.seen_text.to(device), candidate_embeds,
-                                                     images.shape[0])
+    core = model.module if hasattr(model, "module") else model
+    seen_text = core.class_space(classes.seen_text.to(device))
+    class_embeds, class_valid = class_embedding_sets(seen_text, candidate_embeds, images.shape[0])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(images, class_embeds)
         if candidate_maps is not None and candidate_embedding != "cls":
             # Table 3's alternatives: candidates named by the model's own features Fu instead
             # of CLIP's Cu; the predictions are scored again against those.
-            core = model.module if hasattr(model, "module") else model
             candidate_embeds = core.dense_candidate_embeds(outputs, candidate_maps)
-            class_embeds, class_valid = class_embedding_sets(
-                classes.seen_text.to(device), candidate_embeds, images.shape[0])
+            class_embeds, class_valid = class_embedding_sets(seen_text, candidate_embeds,
+                                                             images.shape[0])
             outputs = core.rescore(outputs, class_embeds)
     pseudo_labels = pseudo_label_map(labels, classes.seen_lut, candidate_maps, classes.num_seen,
                                      classes.ignore_index)
@@ -208,7 +208,7 @@ def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir
         for i in range(min(cfg.train.num_visualizations, len(dataset))):
             sample = dataset[i]
             image = sample["image"][None].to(device)
-            out = model(image, classes.text.to(device),
+            out = model(image, model.class_space(classes.text.to(device)),
                         num_random_queries=cfg.inference.num_random_queries)
             masks = torch.nn.functional.interpolate(out["pred_masks"].float(), size=image.shape[-2:],
                                                     mode="bilinear", align_corners=False)[0]
@@ -454,10 +454,12 @@ def build_parts(cfg: Config, rank: int, world_size: int, device) -> TrainingPart
     split_matching = cfg.matching.mode == "split"
     candidates = None
     if split_matching:
-        from splitmatch.pseudo.background import training_candidates
+        from splitmatch.pseudo.training_candidates import training_candidates
         candidates = training_candidates(cfg, clip, classes.seen_text)
     del clip  # frozen CLIP is only needed for text embeddings here: free it
     model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
+    if cfg.model.center_embeddings:
+        model.text_center.copy_(embedding_center(classes.seen_text))  # seen names only
     matcher = TimedMatcher(build_matcher(cfg.matching, cfg.loss, cfg.model.num_seen_queries,
                                          cfg.model.num_candidate_queries))
     criterion = build_criterion(cfg.loss, matcher, cfg.data.ignore_index,

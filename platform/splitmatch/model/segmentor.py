@@ -17,6 +17,7 @@ from splitmatch.model.backbone import ResNetBackbone
 from splitmatch.model.mfe import MultiScaleFeatureEnhancement
 from splitmatch.model.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
 from splitmatch.model.transformer_decoder import MaskedTransformerDecoder
+from splitmatch.targets import centred
 
 # torchvision's ImageNet statistics, on the 0..255 scale of the uint8 input.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -69,6 +70,10 @@ class Segmentor(nn.Module):
         # Not persistent: they are constants of the input convention, not learned state.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
+        # The seen texts' mean with model.center_embeddings, zeros without: persistent, because
+        # any vocabulary given at inference must be centred the way training was.
+        self.register_buffer("text_center", torch.zeros(self.embed_dim))
+        self.register_load_state_dict_pre_hook(_without_text_center)
 
     @property
     def embed_dim(self) -> int:
@@ -83,8 +88,14 @@ class Segmentor(nn.Module):
             raise ValueError(f"Segmentor expects images [B, 3, H, W], got {tuple(images.shape)}")
         return (images.float() - self.pixel_mean) / self.pixel_std
 
+    def class_space(self, text: Tensor) -> Tensor:
+        """CLIP text embeddings [..., C] as the classifier compares them (centred with
+        model.center_embeddings, else only L2-normalised)."""
+        return centred(text, self.text_center)
+
     def forward(self, images: Tensor, class_embeds: Tensor, num_random_queries: int = 0) -> dict:
-        """images uint8 [B, 3, H, W]; class_embeds [K, C] or [B, K, C], L2-normalised ->
+        """images uint8 [B, 3, H, W]; class_embeds [K, C] or [B, K, C], L2-normalised, in the
+        classifier's space (texts through `class_space`, candidates centred likewise) ->
         {"pred_logits" [B, Q, K], "pred_masks" [B, Q, H/4, W/4], "pred_embeds" [B, Q, C],
         "aux_outputs": [...], "mfe_logits" [B, K, H/8, W/8] (training with MFE only)}"""
         if class_embeds.dim() not in (2, 3) or class_embeds.shape[-1] != self.embed_dim:
@@ -134,14 +145,16 @@ class Segmentor(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig | None = None,
+    def predict(self, images: Tensor, text: Tensor, inference: InferenceConfig | None = None,
                 seen_class_ids: Sequence[int] | Tensor | None = None) -> Tensor:
         """Class index per pixel -> LongTensor [B, H, W] (eval mode; training flag restored).
 
-        `inference` says how (whole image or sliding windows, resizing, random queries,
-        calibration); the prediction always has the input's size.
+        `text` [K, C] are the classes' CLIP text embeddings. `inference` says how (whole image
+        or sliding windows, resizing, random queries, calibration); the prediction always has
+        the input's size.
         """
         inference = inference or InferenceConfig()
+        class_embeds = self.class_space(text)
         was_training = self.training
         self.eval()
         try:
@@ -177,6 +190,12 @@ class Segmentor(nn.Module):
             scores[..., y1:y2, x1:x2] += window
             count[..., y1:y2, x1:x2] += 1
         return scores / count
+
+
+def _without_text_center(module: Segmentor, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints from before model.center_embeddings have no text_center: they were trained
+    uncentred, which a zero centre reproduces."""
+    state_dict.setdefault(prefix + "text_center", torch.zeros_like(module.text_center))
 
 
 def slide_windows(height: int, width: int, crop: int, stride: int

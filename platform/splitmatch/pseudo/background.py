@@ -5,7 +5,8 @@ world three quarters of the candidates are background, and their Cu pull the can
 embeddings towards one background direction that sits near some class texts (docs/method.md,
 "Background candidates"). A candidate is left out of the targets when its Cu is nearer the
 background prompts' embedding than to every *seen* class text: no unseen name is involved.
-The cache keeps every candidate; the choice is made when training reads them.
+The cache keeps every candidate; the choice is made when training reads them
+(`pseudo.training_candidates`).
 """
 from __future__ import annotations
 
@@ -32,34 +33,6 @@ def drop_candidates(candidate_map: Tensor, embeds: Tensor, drop: Tensor) -> tupl
     return new_ids[candidate_map.long()], embeds[keep]
 
 
-class WithoutBackground:
-    """A pseudo-mask cache as training reads it: `get` leaves out the background candidates."""
-
-    def __init__(self, cache, seen_text: Tensor, background_text: Tensor) -> None:
-        self.cache, self.seen_text, self.background_text = cache, seen_text, background_text
-        self.root = cache.root
-
-    def __contains__(self, index: int) -> bool:
-        return index in self.cache
-
-    def get(self, index: int) -> tuple[Tensor, Tensor]:
-        candidate_map, embeds = self.cache.get(index)
-        drop = background_candidates(embeds, self.seen_text, self.background_text)
-        return drop_candidates(candidate_map, embeds, drop)
-
-
 def background_embedding(clip, prompts) -> Tensor:
     """[C]: the mean of the prompts' L2-normalised CLIP text embeddings, normalised."""
     return F.normalize(clip.prompt_embeddings(list(prompts)).mean(0), dim=0).cpu()
-
-
-def training_candidates(cfg, clip, seen_text: Tensor):
-    """The train split's pseudo-mask cache as training reads it: without the background
-    candidates when `pseudo_masks.background_prompts` names any prompt."""
-    from splitmatch.pseudo.cache import PseudoMaskCache
-
-    cache = PseudoMaskCache.open(cfg, cfg.data.train_split)
-    prompts = cfg.pseudo_masks.background_prompts
-    if not prompts:
-        return cache
-    return WithoutBackground(cache, seen_text, background_embedding(clip, prompts))

@@ -241,6 +241,10 @@ class PseudoMaskCache:
     def __contains__(self, index: int) -> bool:
         return index in self._where
 
+    def indices(self) -> list[int]:
+        """The image indices that have pseudo masks, in order."""
+        return sorted(self._where)
+
     def _shard(self, name: str) -> dict[str, np.ndarray]:
         if name in self._open:
             self._open.move_to_end(name)
