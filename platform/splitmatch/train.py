@@ -863,12 +863,20 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         f"worker(s); run directory {location}; MLflow {redact(tracking_uri)}")
     watcher = _Watcher(cfg.name, cfg.train.max_iters, newest[1] if newest else 0) if progress else None
     loop_config["progress"] = watcher.queue if watcher else None
+    if watcher is not None:
+        callbacks = [*(callbacks or []), _controller_to_driver(watcher.queue)]
     try:
         return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location,
-                                  watcher.note if watcher else log)
+                                  watcher.note if watcher else log,
+                                  abort=watcher.abort if watcher else lambda: None)
     except KeyboardInterrupt:
-        # The workers die with this driver and cannot close their MLflow run: close it here.
+        # The run was aborted (its workers are gone) and nothing of Ray's is in use any more:
+        # shutting Ray down while another thread waits in a Ray call can crash the process.
+        if watcher is not None:
+            watcher.stop()
+            watcher = None
         ray.shutdown()
+        # The workers could not close their MLflow run: close it here.
         mark_killed(tracking_uri, cfg.tracking.experiment, run_key(cfg))
         newest = newest_checkpoint(run_directory(cfg))
         raise KeyboardInterrupt(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
@@ -894,10 +902,30 @@ def _teller(queue):
     return tell
 
 
+def _controller_to_driver(queue):
+    """A Ray Train controller callback that, when the controller starts, puts the controller's
+    own actor handle on the driver's queue ({"controller": handle}): Ctrl-C can then abort the
+    run as Ray Train's own SIGINT handler would (it installs one only when `fit` runs in the
+    main thread, see `_fit_in_thread`)."""
+    # Ray Train V2 runs RunConfig callbacks that are not UserCallbacks as controller callbacks
+    # ("custom workarounds built on top of internal callbacks", in its own words); the class is
+    # internal, one more reason why ray is pinned below its next minor.
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ControllerToDriver(ControllerCallback):
+        def after_controller_start(self, train_run_context) -> None:
+            import ray
+
+            queue.put_nowait({"controller": ray.get_runtime_context().current_actor})
+
+    return ControllerToDriver()
+
+
 class _Watcher:
-    """The driver's side of a run's progress: rank 0 puts {"iteration", shown values...} or
-    {"note": sentence} on a Ray queue (an actor, so it works from any node); a thread here
-    shows them as one progress display."""
+    """The driver's side of a run: rank 0 puts {"iteration", shown values...} or {"note":
+    sentence} on a Ray queue (an actor, so it works from any node), and the controller its
+    handle ({"controller": handle}); a thread here shows the first two as one progress display
+    and keeps the newest controller for `abort`."""
 
     def __init__(self, name: str, total: int, initial: int):
         from ray.util.queue import Queue
@@ -906,12 +934,25 @@ class _Watcher:
 
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.bar = Progress(total, f"training {name}", "it", initial=initial)
+        self.controller = None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._show, name="progress", daemon=True)
         self.thread.start()
 
     def note(self, message: str) -> None:
         self.bar.note(message)
+
+    def abort(self) -> None:
+        """Abort the running fit the way Ray Train's SIGINT handler does: the controller
+        stops the worker group and exits, so `trainer.fit()` returns with an error."""
+        import ray
+
+        if self.controller is None:  # Ctrl-C before the controller started
+            return
+        try:
+            ray.get(self.controller.abort.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # the controller exits inside `abort`, as it is meant to
 
     def _show(self) -> None:
         from ray.util.queue import Empty
@@ -925,7 +966,9 @@ class _Watcher:
                 continue
             except Exception:  # noqa: BLE001 - the queue went with the cluster
                 return
-            if "note" in item:
+            if "controller" in item:
+                self.controller = item["controller"]
+            elif "note" in item:
                 self.bar.note(item["note"])
             else:
                 self.bar.update(item.pop("iteration"), **item)
@@ -942,16 +985,18 @@ class _Watcher:
             pass
 
 
-def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, location: str, log):
+def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, location: str, log,
+                       abort=lambda: None):
     """Fit; when the worker group fails, start it again from the newest checkpoint (up to
     `max_failures` times) unless the failure is the input's (a UserError on any rank: the same
-    input fails the same way). Every failure's tracebacks go to `run_dir/error.log`."""
+    input fails the same way). Every failure's tracebacks go to `run_dir/error.log`. On Ctrl-C,
+    `abort()` stops the running fit before KeyboardInterrupt goes on."""
     from ray.train import WorkerGroupError
 
     failures = 0
     while True:
         try:
-            return _fit_in_thread(make_trainer())
+            return _fit_in_thread(make_trainer(), abort)
         except WorkerGroupError as exc:
             errors = exc.worker_failures  # {rank: the exception raised there}
             error_log = run_dir / "error.log"
@@ -971,10 +1016,12 @@ def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, location:
                 f"the newest checkpoint ({failures} of train.max_failures={max_failures})")
 
 
-def _fit_in_thread(trainer):
+def _fit_in_thread(trainer, abort=lambda: None):
     """`trainer.fit()`, with Ctrl-C left to us: in the main thread Ray Train installs its own SIGINT
     handler, which aborts the run and exits the process (status 1) before the caller can close
-    the MLflow run or say where to resume. Off the main thread it installs none (as under Tune)."""
+    the MLflow run or say where to resume. Off the main thread it installs none (as under Tune),
+    so on Ctrl-C we `abort()` the run as that handler would and wait for `fit` to return: the
+    caller then shuts Ray down with no thread inside a Ray call."""
     outcome: dict = {}
 
     def fit():
@@ -985,8 +1032,13 @@ def _fit_in_thread(trainer):
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # short waits: the main thread must stay able to take the interrupt
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # short waits: the main thread must stay able to take the interrupt
+    except KeyboardInterrupt:
+        abort()
+        thread.join(60)
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
