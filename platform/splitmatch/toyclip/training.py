@@ -92,7 +92,7 @@ class _Batches(torch.utils.data.Dataset):
         return images, self.tokenizer(captions), class_sets
 
 
-def training_batches(cfg: ToyClipConfig, recipe: ToyClipRecipe) -> torch.utils.data.DataLoader:
+def _batch_loader(cfg: ToyClipConfig, recipe: ToyClipRecipe) -> torch.utils.data.DataLoader:
     """The training batches in step order, drawn by one loader process ahead of the model.
 
     Drawing a batch (numpy rendering on one core) took a third of a step on 2 cores; beside
@@ -138,7 +138,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
     start = time.perf_counter()
     running = 0.0
     bar = Progress(cfg.steps, "toy CLIP pretraining", "step")
-    for step, (images, tokens, class_sets) in enumerate(training_batches(cfg, recipe)):
+    for step, (images, tokens, class_sets) in enumerate(_batch_loader(cfg, recipe)):
         lr = _learning_rate(step, cfg.steps, cfg.lr, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
