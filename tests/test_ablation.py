@@ -10,10 +10,11 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from splitmatch.ablation import ROWS
+from splitmatch.ablation import ROWS, TABLES, row_config
+from splitmatch.config import config_from_dict, to_dict
 from splitmatch.splits import draw_unseen_splits
 from splitmatch.tracking import default_tracking_uri
-from helpers import finish, splitmatch, write_config
+from helpers import finish, splitmatch, tiny_config, write_config
 
 
 @pytest.mark.slow
@@ -23,7 +24,10 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     # Interrupted after two rows of the first split (driver killed), then run again: the two
     # finished rows are kept, the rest is trained.
     first = splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster)
+    measured = []  # "[split 0 (...), seed 0] baseline: hIoU ..." as the first run printed them
     for line in first.stdout:
+        if ": hIoU" in line:
+            measured.append(line.strip())
         if "] +SM: hIoU" in line:
             first.kill()
             break
@@ -32,6 +36,8 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     out = finish(splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster),
                  timeout=600)
     assert out.count("already trained") == 2 and "training +SM+MFE (abl-ablation-u0-s0" in out
+    # The kept rows' figures are the ones they were measured with, read back from their runs.
+    assert len(measured) == 2 and all(line in out for line in measured), (measured, out[-3000:])
     lines = out.strip().splitlines()
     table = json.loads(lines[-1])  # the last line is the JSON summary
     assert list(table) == list(ROWS)
@@ -77,15 +83,7 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     assert math.isclose(parent.data.metrics["SM_MFE/hIoU"], table["+SM+MFE"]["hIoU"],
                         abs_tol=0.006)
 
-    # Run again: every row is already trained under the same config, so nothing retrains and no
-    # run is added; the trained rows' figures come back from their saved final metrics.
-    again = finish(splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster),
-                   timeout=300)
-    assert again.count("already trained") == 6 and "training baseline" not in again
-    rerun = json.loads(again.strip().splitlines()[-1])
-    for row in ROWS[:3]:
-        assert rerun[row] == table[row], row
-    assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)
+    assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)  # none twice
 
     # Another budget and split under the same name: the trained rows were made under another
     # config, so the command refuses by key instead of mixing two configs in one table.
@@ -112,27 +110,50 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_tables_3_and_4_train_their_rows_under_their_own_parents(tmp_path, ray_cluster):
-    """Table 3 (candidate embedding) and Table 4 (MFE norm) at a tiny budget: every row is a
-    trained run with its own setting, under one parent per table, and the JSON last line has
-    one entry per row."""
+def test_table_3_trains_its_rows_under_its_own_parent(tmp_path, ray_cluster):
+    """Table 3 (candidate embedding) at a tiny budget: every row is a trained run with its own
+    setting, under the table's own parent, and the JSON last line has one entry per row. Table 4
+    goes through the same code with other overrides (test_tables_rows_set_only_their_key; the
+    MFE norms themselves train in test_model.py)."""
     config = write_config(tmp_path, "tab", max_iters=1, num_workers=1, checkpoint_every=1,
                           log_every=1, num_visualizations=0)
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
-    expected = {"3": ({"Fu", "Fu+MLP", "Cu"}, "model.candidate_embedding",
-                      {"dense", "dense_mlp", "cls"}),
-                "4": ({"no norm", "BN", "GN"}, "model.mfe.norm", {"none", "bn", "gn"})}
-    for table, (rows, key, values) in expected.items():
-        out = finish(splitmatch("ablation", str(config), "--table", table, address=ray_cluster),
-                     timeout=600)
-        summary = json.loads(out.strip().splitlines()[-1])
-        assert set(summary) == rows
-        experiment = client.get_experiment_by_name("tests").experiment_id
-        (parent,) = client.search_runs([experiment], f"tags.mlflow.runName = 'tab-table{table}'")
-        assert parent.data.tags["table"] == table
-        kids = client.search_runs([experiment],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        assert {k.data.params[key] for k in kids} == values
-        # Every row is the full model, tested with the config's random queries.
-        assert {k.data.params["inference.num_random_queries"] for k in kids} == {"2"}
-        assert {k.data.params["model.mfe.enabled"] for k in kids} == {"True"}
+    out = finish(splitmatch("ablation", str(config), "--table", "3", address=ray_cluster),
+                 timeout=600)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) == {"Fu", "Fu+MLP", "Cu"}
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.mlflow.runName = 'tab-table3'")
+    assert parent.data.tags["table"] == "3"
+    kids = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {k.data.params["model.candidate_embedding"] for k in kids} == {
+        "dense", "dense_mlp", "cls"}
+    # Every row is the full model, tested with the config's random queries.
+    assert {k.data.params["inference.num_random_queries"] for k in kids} == {"2"}
+    assert {k.data.params["model.mfe.enabled"] for k in kids} == {"True"}
+
+
+@pytest.mark.parametrize("table, key, values", [
+    (3, "model.candidate_embedding", {"Fu": "dense", "Fu+MLP": "dense_mlp", "Cu": "cls"}),
+    (4, "model.mfe.norm", {"no norm": "none", "BN": "bn", "GN": "gn"})])
+def test_tables_rows_set_only_their_key(tmp_path, table, key, values):
+    """Each row of Tables 3 and 4 is the full model (split matching, MFE, the config's random
+    queries) with its own setting of the table's key and nothing else changed."""
+    base = config_from_dict(tiny_config(tmp_path, "tab"))
+    full = to_dict(base)  # tiny_config is already split matching with MFE
+    assert full["matching"]["mode"] == "split" and full["model"]["mfe"]["enabled"]
+
+    def flat(tree, prefix=""):
+        return {k: v for key, value in tree.items() for k, v in (
+            flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+            else [(f"{prefix}{key}", value)])}
+
+    settings = {}
+    for row in TABLES[table]:
+        cfg = flat(to_dict(row_config(base, row, seed=0, parent=f"tab-table{table}")))
+        changed = {k for k, v in cfg.items() if flat(full).get(k) != v}
+        assert changed <= {key, "name", "tune.space"}, (row, changed)
+        assert cfg["name"] == f"tab-table{table}-u0-s0-" + row.replace("+", "plus_").replace(
+            " ", "_")
+        settings[row] = cfg[key]
+    assert settings == values
