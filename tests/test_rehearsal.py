@@ -18,7 +18,7 @@ from helpers import finish, splitmatch
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CASES = {
-    "voc": ("voc_split_matching.yaml", {"train_aug": 4, "val": 2}, 2),
+    "voc": ("voc_split_matching.yaml", {"train_aug": 2, "val": 1}, 2),
     "coco_stuff": ("coco_stuff_split_matching.yaml", {"train2017": 2, "val2017": 1}, 1),
 }
 
@@ -41,7 +41,7 @@ def test_paper_config_runs_end_to_end_at_full_size(dataset, tmp_path, ray_cluste
     train_split, test_split = counts
     overrides = {
         "data.root": root, "clip.pretrained": "null", "model.backbone_weights": resnet101_file,
-        "train.max_iters": iterations, "train.batch_size": 2, "train.num_workers": 1,
+        "train.max_iters": iterations, "train.batch_size": 1, "train.num_workers": 1,
         "train.cpus_per_worker": 2, "train.use_gpu": "false", "train.amp": "false",
         "train.checkpoint_every": iterations, "train.eval_every": iterations,
         "train.log_every": 1, "train.num_visualizations": 1,
