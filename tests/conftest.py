@@ -106,11 +106,12 @@ def cluster_processes(markers) -> list[str]:
     return [line for line in out.splitlines() if any(m in line for m in markers)]
 
 
-def _stop_processes_under(markers, grace_s: float = 8.0) -> None:
+def _stop_processes_under(markers, grace_s: float = 3.0) -> None:
     """Stop the Ray processes whose command line names one of `markers` (this cluster's temp dir
     and GCS address) and all their descendants (workers rename themselves). Not `ray stop`: that
     kills every Ray process on the machine, including clusters of other sessions or a user's
-    running job."""
+    running job. What has not exited `grace_s` after SIGTERM gets SIGKILL: a test cluster has
+    nothing to save."""
     def table():  # (pid, parent pid, command line) of every process
         out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
                              text=True).stdout
