@@ -6,7 +6,10 @@ naming the config keys to change.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 
 from splitmatch.config import ConfigError, StorageConfig
 
@@ -18,13 +21,14 @@ def init_ray(storage: StorageConfig | None = None) -> None:
     import logging
 
     import ray
+    import ray.data  # first: importing it sets its logger's level, which must stay ours
 
     from splitmatch.progress import verbose
     from splitmatch.storage import use_endpoint
 
     if not verbose():
         # Ray's own notices on the driver: the token-auth banner, Ray Data's plan and timing
-        # lines, the core worker's C++ log.
+        # lines, the core worker's C++ log (actor-restart warnings when Ray Data starts actors).
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         for name in ("ray._private.authentication", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -33,12 +37,41 @@ def init_ray(storage: StorageConfig | None = None) -> None:
         # Quiet unless --verbose: the workers' and Ray Train's own lines and Ray Data's progress
         # blocks would bury the one progress display; what matters reaches the driver anyway
         # (errors as exceptions, rank 0's warnings through the training progress queue).
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose(),
-                 logging_level=logging.INFO if verbose() else logging.WARNING,
-                 runtime_env={"env_vars": env} if env else None)
-    import ray.data
-
+        with _c_notices_held(not verbose()):
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose(),
+                     logging_level=logging.INFO if verbose() else logging.WARNING,
+                     runtime_env={"env_vars": env} if env else None)
     ray.data.DataContext.get_current().enable_progress_bars = verbose()
+
+
+# What the core worker writes to standard error when it starts, whatever RAY_BACKEND_LOG_LEVEL
+# says (it is the line that reports that setting).
+_START_NOTICE = "Set ray log level from environment variable"
+
+
+@contextlib.contextmanager
+def _c_notices_held(hold: bool):
+    """Hold file descriptor 2 in a file while `ray.init` runs and then write on what it got,
+    less the core worker's start notice: that C++ line bypasses Python's streams. Ray's daemons
+    write to their own log files, so only this process's writes pass through here."""
+    if not hold:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(True)
+                    if _START_NOTICE not in line]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def node_resources() -> list[dict[str, float]]:
