@@ -122,6 +122,9 @@ def test_table_3_trains_its_rows_under_its_own_parent(tmp_path, ray_cluster):
                  timeout=600)
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"Fu", "Fu+MLP", "Cu"}
+    # What a user reads is the table: MLflow's and Ray's own INFO lines wait for --verbose.
+    for notice in ("mlflow.store.db.utils", "logging.cc", "TrainingReport("):
+        assert notice not in out, (notice, out[-3000:])
     experiment = client.get_experiment_by_name("tests").experiment_id
     (parent,) = client.search_runs([experiment], "tags.mlflow.runName = 'tab-table3'")
     assert parent.data.tags["table"] == "3"

@@ -10,6 +10,7 @@ the run already has, so no step is logged twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from splitmatch.config import ConfigError, redact
+from splitmatch.progress import verbose
 
 # Fail fast against a dead server instead of MLflow's default of minutes of retries: training must
 # not stall on tracking. A server that is down refuses at once; the timeout only bounds a request
@@ -28,6 +30,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 # Its per-file download bars would scroll through a command's output (results page, eval).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+if not verbose():
+    # "Creating initial MLflow database tables... / Updating database tables" whenever a
+    # command first opens an embedded store: MLflow's INFO lines, like Ray's, wait for --verbose.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 RUN_KEY_TAG = "splitmatch.run_key"
 
