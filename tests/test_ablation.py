@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from splitmatch.ablation import ROWS, TABLES, row_config
-from splitmatch.config import config_from_dict, to_dict
+from splitmatch.config import config_from_dict, flatten
 from splitmatch.splits import draw_unseen_splits
 from splitmatch.tracking import default_tracking_uri
 from helpers import finish, splitmatch, tiny_config, write_config
@@ -143,18 +143,12 @@ def test_tables_rows_set_only_their_key(tmp_path, table, key, values):
     """Each row of Tables 3 and 4 is the full model (split matching, MFE, the config's random
     queries) with its own setting of the table's key and nothing else changed."""
     base = config_from_dict(tiny_config(tmp_path, "tab"))
-    full = to_dict(base)  # tiny_config is already split matching with MFE
-    assert full["matching"]["mode"] == "split" and full["model"]["mfe"]["enabled"]
-
-    def flat(tree, prefix=""):
-        return {k: v for key, value in tree.items() for k, v in (
-            flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
-            else [(f"{prefix}{key}", value)])}
-
+    full = flatten(base)  # tiny_config is already split matching with MFE
+    assert full["matching.mode"] == "split" and full["model.mfe.enabled"]
     settings = {}
     for row in TABLES[table]:
-        cfg = flat(to_dict(row_config(base, row, seed=0, parent=f"tab-table{table}")))
-        changed = {k for k, v in cfg.items() if flat(full).get(k) != v}
+        cfg = flatten(row_config(base, row, seed=0, parent=f"tab-table{table}"))
+        changed = {k for k, v in cfg.items() if full.get(k) != v}
         assert changed <= {key, "name", "tune.space"}, (row, changed)
         assert cfg["name"] == f"tab-table{table}-u0-s0-" + row.replace("+", "plus_").replace(
             " ", "_")

@@ -37,7 +37,7 @@ def init_ray(storage: StorageConfig | None = None) -> None:
         # Quiet unless --verbose: the workers' and Ray Train's own lines and Ray Data's progress
         # blocks would bury the one progress display; what matters reaches the driver anyway
         # (errors as exceptions, rank 0's warnings through the training progress queue).
-        with _c_notices_held(not verbose()):
+        with contextlib.nullcontext() if verbose() else _start_notice_held():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose(),
                      logging_level=logging.INFO if verbose() else logging.WARNING,
                      runtime_env={"env_vars": env} if env else None)
@@ -50,13 +50,10 @@ _START_NOTICE = "Set ray log level from environment variable"
 
 
 @contextlib.contextmanager
-def _c_notices_held(hold: bool):
+def _start_notice_held():
     """Hold file descriptor 2 in a file while `ray.init` runs and then write on what it got,
     less the core worker's start notice: that C++ line bypasses Python's streams. Ray's daemons
     write to their own log files, so only this process's writes pass through here."""
-    if not hold:
-        yield
-        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
