@@ -1,7 +1,8 @@
 """`splitmatch ablation`: the four rows of the paper's Table 2 on two unseen splits on a real local
 Ray cluster, every row an MLflow run under one parent, the printed means equal to the runs'
-metrics, an interrupted run that goes on where it stopped, a rerun that keeps finished rows, a rerun under another config refused by key, and
-`splitmatch diagnose` on the trained rows."""
+metrics, an interrupted run that goes on where it stopped, a rerun that keeps finished rows, a
+rerun under another config refused by key, and `splitmatch diagnose` on the trained rows; Tables
+3 and 4, the row they share trained once."""
 import json
 import math
 import signal
@@ -110,11 +111,11 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_table_3_trains_its_rows_under_its_own_parent(tmp_path, ray_cluster):
-    """Table 3 (candidate embedding) at a tiny budget: every row is a trained run with its own
-    setting, under the table's own parent, and the JSON last line has one entry per row. Table 4
-    goes through the same code with other overrides (test_tables_rows_set_only_their_key; the
-    MFE norms themselves train in test_model.py)."""
+def test_tables_3_and_4_train_their_rows_under_their_own_parents(tmp_path, ray_cluster):
+    """Tables 3 (candidate embedding) and 4 (MFE norm) at a tiny budget: every row is a run
+    with its own setting under its table's own parent, and the JSON last line has one entry per
+    row. Table 4's GN row is Table 3's Cu model (both the full model): it is not trained again
+    but takes Cu's figures, in a run of its own that names where they come from."""
     config = write_config(tmp_path, "tab", max_iters=1, num_workers=1, checkpoint_every=1,
                           log_every=1, num_visualizations=0)
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
@@ -126,14 +127,35 @@ def test_table_3_trains_its_rows_under_its_own_parent(tmp_path, ray_cluster):
     for notice in ("mlflow.store.db.utils", "logging.cc", "TrainingReport("):
         assert notice not in out, (notice, out[-3000:])
     experiment = client.get_experiment_by_name("tests").experiment_id
-    (parent,) = client.search_runs([experiment], "tags.mlflow.runName = 'tab-table3'")
-    assert parent.data.tags["table"] == "3"
-    kids = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {k.data.params["model.candidate_embedding"] for k in kids} == {
-        "dense", "dense_mlp", "cls"}
-    # Every row is the full model, tested with the config's random queries.
-    assert {k.data.params["inference.num_random_queries"] for k in kids} == {"2"}
-    assert {k.data.params["model.mfe.enabled"] for k in kids} == {"True"}
+
+    def rows_of(table: int) -> dict:
+        (parent,) = client.search_runs([experiment], f"tags.mlflow.runName = 'tab-table{table}'")
+        assert parent.data.tags["table"] == str(table) and parent.info.status == "FINISHED"
+        kids = client.search_runs([experiment],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        # Every row is the full model, tested with the config's random queries.
+        assert {k.data.params["inference.num_random_queries"] for k in kids} == {"2"}
+        assert {k.data.params["model.mfe.enabled"] for k in kids} == {"True"}
+        return {k.info.run_name.rsplit("-", 1)[1]: k for k in kids}
+
+    table3 = rows_of(3)
+    assert {name: k.data.params["model.candidate_embedding"] for name, k in table3.items()} == {
+        "Fu": "dense", "Fuplus_MLP": "dense_mlp", "Cu": "cls"}
+
+    out = finish(splitmatch("ablation", str(config), "--table", "4", address=ray_cluster),
+                 timeout=600)
+    assert "training no norm" in out and "training BN" in out and "training GN" not in out
+    assert "GN: the same model as tab-table3-u0-s0-Cu" in out
+    summary4 = json.loads(out.strip().splitlines()[-1])
+    assert summary4["GN"] == summary["Cu"] and set(summary4) == {"no norm", "BN", "GN"}
+    table4 = rows_of(4)
+    assert {name: k.data.params["model.mfe.norm"] for name, k in table4.items()} == {
+        "no_norm": "none", "BN": "bn", "GN": "gn"}
+    assert table4["GN"].data.tags["reuses"] == "tab-table3-u0-s0-Cu"
+    assert "reuses" not in table4["BN"].data.tags
+    for metric in ("hIoU", "sIoU", "uIoU", "mIoU"):
+        assert table4["GN"].data.metrics[metric] == table3["Cu"].data.metrics[metric]
+    assert not (tmp_path / "runs" / "tab-table4-u0-s0-GN" / "final_metrics.json").exists()
 
 
 @pytest.mark.parametrize("table, key, values", [

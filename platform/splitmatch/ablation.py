@@ -15,7 +15,9 @@ Random queries only exist at inference, so the +RQ row evaluates the +SM+MFE mod
 
 The whole protocol is resumable: a row is kept when its run directory holds a finished run whose
 stored config matches the row's config (`train.check_run_config`), a half-trained row resumes
-from its latest checkpoint, and a row made under another config is refused by name.
+from its latest checkpoint, and a row made under another config is refused by name. A row whose
+config equals, but for its name, a finished row of another table (Table 3's Cu and Table 4's GN
+are both the full model) takes that row's figures instead of training the same model again.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import json
 import math
 import statistics
 
-from splitmatch.config import Config, ConfigError, apply_overrides, config_from_dict, to_dict
+from splitmatch.config import (Config, ConfigError, apply_overrides, config_differences,
+                               config_from_dict, flatten, to_dict)
 from splitmatch.splits import draw_unseen_splits
 from splitmatch.tracking import Tracker, default_tracking_uri, open_parent_run
 
@@ -51,6 +54,23 @@ EVALUATES = {"+SM+MFE+RQ": "+SM+MFE"}
 def split_config(cfg: Config, unseen: tuple[str, ...]) -> Config:
     return config_from_dict({**to_dict(cfg), "data": {**to_dict(cfg)["data"],
                                                       "unseen": list(unseen)}}, "ablation split")
+
+
+def parent_name(cfg: Config, table: int) -> str:
+    return f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
+
+
+def twin_rows(base: Config, table: int, row: str, seed: int, split_index: int) -> list[Config]:
+    """The trained rows of the other tables whose config equals this row's in everything that
+    can change a result (only their names differ): the same model, trained once."""
+    wanted = row_config(base, row, seed, parent_name(base, table), split_index)
+    twins = []
+    for other, rows in TABLES.items():
+        for name in (r for r in rows if other != table and r not in EVALUATES):
+            candidate = row_config(base, name, seed, parent_name(base, other), split_index)
+            if not config_differences(candidate, wanted):
+                twins.append(candidate)
+    return twins
 
 
 def row_config(cfg: Config, row: str, seed: int, parent: str, split_index: int = 0) -> Config:
@@ -88,8 +108,8 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     unseen_splits = draw_unseen_splits(cfg.data.dataset, splits, split_seed, first=cfg.data.unseen)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     client = MlflowClient(uri)
-    parent_name = f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
-    parent_id, _ = open_parent_run(client, uri, cfg, parent_name, "ablation", {
+    parent = parent_name(cfg, table)
+    parent_id, _ = open_parent_run(client, uri, cfg, parent, "ablation", {
         "table": str(table), "unseen": " | ".join(",".join(u) for u in unseen_splits)})
     # per_run[split][row]: one entry per seed, {"hIoU", "sIoU", "uIoU", "per_class"}
     per_run: list[dict[str, list[dict]]] = []
@@ -102,7 +122,7 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
             seed = cfg.seed + offset
             tag = f"[{where}, seed {seed}]"
             for row in (r for r in rows if r not in EVALUATES):
-                row_cfg = row_config(base, row, seed, parent_name, split_index)
+                row_cfg = row_config(base, row, seed, parent, split_index)
                 run_dir = run_directory(row_cfg)
                 done = run_dir / FINAL_METRICS
                 if done.is_file():
@@ -111,6 +131,16 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                     # what it measured (a resumed Train run with nothing left would report nothing).
                     log(f"{tag} {row}: already trained, figures from {done}")
                     metrics = json.loads(done.read_text())
+                elif (twin := next((t for t in twin_rows(base, table, row, seed, split_index)
+                                    if (run_directory(t) / FINAL_METRICS).is_file()), None)):
+                    twin_dir = run_directory(twin)
+                    check_run_config(twin_dir, row_cfg)
+                    log(f"{tag} {row}: the same model as {twin.name}, figures from "
+                        f"{twin_dir / FINAL_METRICS}")
+                    metrics = json.loads((twin_dir / FINAL_METRICS).read_text())
+                    _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(row_cfg),
+                             run_dir / "mlflow_offline.jsonl", flatten(row_cfg),
+                             {"row": row, "reuses": twin.name}, metrics, log)
                 else:
                     log(f"{tag} training {row} ({row_cfg.name})")
                     result = launch(row_cfg, resume=True, build_pseudo_masks=True, may_grow=(),
@@ -124,24 +154,19 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                 log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
             for row in (r for r in rows if r in EVALUATES):
                 # +RQ: the +SM+MFE model, evaluated with the extra random queries.
-                trained = row_config(base, EVALUATES[row], seed, parent_name, split_index)
+                trained = row_config(base, EVALUATES[row], seed, parent, split_index)
                 rq_cfg = config_from_dict({**to_dict(trained), "inference": {
                     **to_dict(trained)["inference"],
                     "num_random_queries": cfg.inference.num_random_queries}})
                 run_dir = run_directory(trained)
                 metrics = evaluate_checkpoint(rq_cfg, result_checkpoint(run_dir),
                                               log=lambda *_: None)
-                rq_name = f"{parent_name}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}"
-                tracker = Tracker(uri, cfg.tracking.experiment, run_location(trained) + "+RQ", rq_name,
-                                  run_dir / "mlflow_offline_rq.jsonl", parent_id, log=log)
-                tracker.open({"seed": seed, "data.unseen": list(unseen),
-                              "inference.num_random_queries": cfg.inference.num_random_queries,
-                              "evaluates": trained.name}, {"row": row})
-                tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
-                                     if not math.isnan(metrics[k])}, step=cfg.train.max_iters)
-                tracker.log_metrics({f"IoU/{name}": v for name, v in metrics["per_class"].items()
-                                     if not math.isnan(v)}, step=cfg.train.max_iters)
-                tracker.finish()
+                _log_row(uri, rq_cfg, parent_id,
+                         f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}",
+                         run_location(trained) + "+RQ", run_dir / "mlflow_offline_rq.jsonl",
+                         {"seed": seed, "data.unseen": list(unseen),
+                          "inference.num_random_queries": cfg.inference.num_random_queries,
+                          "evaluates": trained.name}, {"row": row}, metrics, log)
                 results[row].append(_row_result(metrics))
                 log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
         per_run.append(results)
@@ -180,6 +205,20 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
     log(json.dumps({row: {k: round(summary[row][k], 2) for k in METRICS} for row in rows}))
     return {"mean": summary, "std": spread, "per_split": per_split, "class_reports": reports,
             "splits": unseen_splits, "parent_run_id": parent_id}
+
+
+def _log_row(uri: str, cfg: Config, parent_id: str, run_name: str, run_key: str, offline_path,
+             params: dict, tags: dict, metrics: dict, log) -> None:
+    """The MLflow child run of a row that trained nothing itself (+RQ, or a twin's figures)."""
+    result = _row_result(metrics)
+    tracker = Tracker(uri, cfg.tracking.experiment, run_key, run_name, offline_path, parent_id,
+                      log=log)
+    tracker.open(params, tags)
+    tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
+                         if k in metrics and not math.isnan(metrics[k])}, step=cfg.train.max_iters)
+    tracker.log_metrics({f"IoU/{name}": v for name, v in result["per_class"].items()
+                         if not math.isnan(v)}, step=cfg.train.max_iters)
+    tracker.finish()
 
 
 def _row_result(metrics: dict) -> dict:
