@@ -60,17 +60,30 @@ def parent_name(cfg: Config, table: int) -> str:
     return f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
 
 
-def twin_rows(base: Config, table: int, row: str, seed: int, split_index: int) -> list[Config]:
-    """The trained rows of the other tables whose config equals this row's in everything that
-    can change a result (only their names differ): the same model, trained once."""
-    wanted = row_config(base, row, seed, parent_name(base, table), split_index)
+def twin_rows(base: Config, table: int, wanted: Config, seed: int,
+              split_index: int) -> list[Config]:
+    """The trained rows of the other tables whose config equals `wanted` (this row's) in
+    everything that can change a result (only their names differ): the same model, trained once."""
     twins = []
     for other, rows in TABLES.items():
-        for name in (r for r in rows if other != table and r not in EVALUATES):
+        if other == table:
+            continue
+        for name in (r for r in rows if r not in EVALUATES):
             candidate = row_config(base, name, seed, parent_name(base, other), split_index)
             if not config_differences(candidate, wanted):
                 twins.append(candidate)
     return twins
+
+
+def _finished_twin(base: Config, table: int, wanted: Config, seed: int, split_index: int):
+    """(config, run folder) of a twin row (`twin_rows`) that has finished, or None."""
+    from splitmatch.train import FINAL_METRICS, run_directory
+
+    for twin in twin_rows(base, table, wanted, seed, split_index):
+        run_dir = run_directory(twin)
+        if (run_dir / FINAL_METRICS).is_file():
+            return twin, run_dir
+    return None
 
 
 def row_config(cfg: Config, row: str, seed: int, parent: str, split_index: int = 0) -> Config:
@@ -131,9 +144,8 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int =
                     # what it measured (a resumed Train run with nothing left would report nothing).
                     log(f"{tag} {row}: already trained, figures from {done}")
                     metrics = json.loads(done.read_text())
-                elif (twin := next((t for t in twin_rows(base, table, row, seed, split_index)
-                                    if (run_directory(t) / FINAL_METRICS).is_file()), None)):
-                    twin_dir = run_directory(twin)
+                elif found := _finished_twin(base, table, row_cfg, seed, split_index):
+                    twin, twin_dir = found
                     check_run_config(twin_dir, row_cfg)
                     log(f"{tag} {row}: the same model as {twin.name}, figures from "
                         f"{twin_dir / FINAL_METRICS}")
@@ -215,7 +227,7 @@ def _log_row(uri: str, cfg: Config, parent_id: str, run_name: str, run_key: str,
                       log=log)
     tracker.open(params, tags)
     tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
-                         if k in metrics and not math.isnan(metrics[k])}, step=cfg.train.max_iters)
+                         if not math.isnan(metrics[k])}, step=cfg.train.max_iters)
     tracker.log_metrics({f"IoU/{name}": v for name, v in result["per_class"].items()
                          if not math.isnan(v)}, step=cfg.train.max_iters)
     tracker.finish()
