@@ -4,6 +4,7 @@ The cluster is a real head node (`ray start --head`) with its dashboard / Job AP
 loopback, with token authentication on, as Ray 2.60 ships it. Tests connect to it as drivers, or
 through its Job API.
 """
+import contextlib
 import os
 import secrets
 import shutil
@@ -179,6 +180,9 @@ class TwoNodeCluster:
         # record ours in our temp dir, where this cluster's job supervisor looks for it.
         shared = Path(get_ray_address_file(None))
         before = shared.read_text() if shared.is_file() else None
+        # On a fresh machine that default temp dir does not exist yet and the helper fails on it.
+        self._made_dir = not shared.parent.exists()
+        shared.parent.mkdir(parents=True, exist_ok=True)
         self._shared, self._before = shared, before
         for attempt in (1, 2):
             try:
@@ -233,6 +237,9 @@ class TwoNodeCluster:
     def _restore_current_cluster(self) -> None:
         if self._before is None:
             self._shared.unlink(missing_ok=True)
+            if self._made_dir:
+                with contextlib.suppress(OSError):  # gone already, or another Ray uses it now
+                    self._shared.parent.rmdir()
         else:
             self._shared.write_text(self._before)
 

@@ -14,7 +14,8 @@ from helpers import finish, splitmatch
 def test_demo_quick_end_to_end(tmp_path, ray_cluster):
     out = finish(splitmatch("demo", "--quick", "--set", f"train.storage_path={tmp_path / 'runs'}",
                             "--set", f"pseudo_masks.cache_dir={tmp_path / 'cache'}",
-                            address=ray_cluster), timeout=400)
+                            "--set", f"toy_clip.cache_dir={tmp_path / 'toy_clip'}",
+                            address=ray_cluster), timeout=900)
     scores = re.search(r"hIoU (\S+)\s+sIoU (\S+)\s+uIoU (\S+)", out)
     assert scores, out[-3000:]
     assert "toy-world pseudo-mask quality" in out and "splitmatch ui --storage-path" in out
