@@ -12,7 +12,8 @@ from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.targets import seen_lookup
-from splitmatch.train import ClassSpace, build_optimizer, lr_factor, training_step
+from splitmatch.train import (ClassSpace, build_optimizer, lr_factor, set_learning_rate,
+                              training_step)
 
 TINY_MODEL = {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
               "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
@@ -108,8 +109,7 @@ def test_overfits_a_fixed_batch_with_split_matching():
     for step in range(300):
         # The training loop's schedule and clipping: at a constant rate the loss of the last
         # steps jumped by 2x between runs that differed only in float rounding (thread count).
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor(step, 300, cfg.optim)
+        set_learning_rate(optimizer, step, 300, cfg.optim)
         losses = training_step(model, criterion, batch, classes, True, torch.device("cpu"))
         assert "loss_cos" in losses and "loss_mfe_ce" in losses  # split matching + MFE are on
         loss = sum(losses.values())

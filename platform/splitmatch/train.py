@@ -100,6 +100,13 @@ def lr_factor(iteration: int, max_iters: int, optim_cfg: OptimConfig) -> float:
     return (1 - progress) ** optim_cfg.poly_power
 
 
+def set_learning_rate(optimizer, iteration: int, max_iters: int, optim_cfg: OptimConfig) -> None:
+    """Every parameter group at its initial rate times the schedule's factor for `iteration`."""
+    factor = lr_factor(iteration, max_iters, optim_cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
 def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classes: ClassSpace,
                   split_matching: bool, device: torch.device, amp: bool = False,
                   candidate_embedding: str = "cls") -> dict[str, Tensor]:
@@ -596,9 +603,7 @@ def optimisation_step(model: nn.Module, optimizer, parts: TrainingParts, cfg: Co
                       iteration: int, device, amp: bool, timer: StepTimer) -> tuple[Tensor, dict]:
     """One step of the loop on a fetched batch: learning rate, forward and losses, backward,
     gradient clipping, update. Returns the summed loss and the named losses."""
-    factor = lr_factor(iteration, cfg.train.max_iters, cfg.optim)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
+    set_learning_rate(optimizer, iteration, cfg.train.max_iters, cfg.optim)
     losses = training_step(model, parts.criterion, batch, parts.classes,
                            cfg.matching.mode == "split", device, amp=amp,
                            candidate_embedding=cfg.model.candidate_embedding)
