@@ -111,6 +111,14 @@ def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tm
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
     assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_iteration"]) >= 4
+    # The progress queue lives where the driver and Ray Train's controllers do: on a node that
+    # went, it took the next controller's start (and the run) with it.
+    from ray.util.state import list_actors
+
+    nodes = {cls: {a.node_id for a in list_actors(address=two_nodes.dashboard, detail=True,
+                                                 filters=[("class_name", "=", cls)])}
+             for cls in ("_QueueActor", "TrainController")}
+    assert len(nodes["TrainController"]) == 1 and nodes["_QueueActor"] == nodes["TrainController"], nodes
     print(f"killed worker node (pids {killed}) after the first checkpoint; ranks were {pids}")
 
 

@@ -929,7 +929,10 @@ def _controller_to_driver(queue):
         def after_controller_start(self, train_run_context) -> None:
             import ray
 
-            queue.put_nowait({"controller": ray.get_runtime_context().current_actor})
+            try:
+                queue.put_nowait({"controller": ray.get_runtime_context().current_actor})
+            except Exception:  # noqa: BLE001 - without it Ctrl-C cannot abort; no reason to fail
+                pass
 
     return ControllerToDriver()
 
@@ -941,11 +944,16 @@ class _Watcher:
     and keeps the newest controller for `abort`."""
 
     def __init__(self, name: str, total: int, initial: int):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from splitmatch.progress import Progress
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, as Ray Train puts its controller: a queue on another node goes
+        # with that node, and the next controller, putting its handle here, fails the run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.bar = Progress(total, f"training {name}", "it", initial=initial)
         self.controller = None
         self.done = threading.Event()
