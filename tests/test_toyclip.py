@@ -270,3 +270,61 @@ def test_main_toy_clip_reports_path_and_accuracy(built, toy_cfg):
     assert "zero-shot accuracy" in text and all(name in text for name in CLASS_NAMES)
     assert summary["pseudo_mask_quality"]["images"] == 4
     assert os.path.isfile(summary["checkpoint"])
+
+
+def test_a_resolved_toy_clip_is_pinned_by_its_weights_not_its_key(tmp_path):
+    """Two kinds of CPU build different weights under one key: the resolved config carries the
+    weights' sha256, so a run or pseudo-mask cache made with the other weights is not reused and
+    a replaced file is refused when it is loaded."""
+    import yaml
+
+    from splitmatch.config import ConfigError, config_from_dict, dump_config, to_dict
+    from splitmatch.files import file_sha256
+    from splitmatch.pseudo.cache import cache_key
+    from splitmatch.toyclip import with_toy_clip
+    from splitmatch.train import check_run_config
+
+    data = to_dict(Config())
+    data["clip"]["pretrained"] = "toy"
+    data["toy_clip"].update(steps=2, batch_size=8, cache_dir=str(tmp_path / "toy"))
+    cfg = config_from_dict(data)
+    first = with_toy_clip(cfg, log=lambda _: None)
+    path = Path(first.clip.pretrained)
+    assert first.clip.sha256 == file_sha256(path)
+    build_clip(first.clip)  # the hash is checked on loading, and holds
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(first))
+    assert check_run_config(run_dir, first) == {}
+
+    # The same key, other weights: what another machine's build of this toy CLIP looks like.
+    state = torch.load(path)
+    state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="these are other weights") as info:
+        build_clip(first.clip)
+    assert str(path) in str(info.value) and first.clip.sha256 in str(info.value)
+    second = with_toy_clip(cfg, log=lambda _: None)
+    assert second.clip.pretrained == first.clip.pretrained
+    assert second.clip.sha256 == file_sha256(path) != first.clip.sha256
+    with pytest.raises(ConfigError, match=r"another config \(clip\.sha256"):
+        check_run_config(run_dir, second)
+    assert cache_key(second, "train") != cache_key(first, "train")
+
+    # The contents name the pseudo-mask cache: the same weights elsewhere share it.
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(path.read_bytes())
+    moved = config_from_dict({**to_dict(second), "clip": {**to_dict(second)["clip"],
+                                                          "pretrained": str(copy)}})
+    assert cache_key(moved, "train") == cache_key(second, "train")
+
+    # A run stored before the key existed reads as unpinned: a file-path run still resumes.
+    unpinned = to_dict(second)
+    del unpinned["clip"]["sha256"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(unpinned))
+    assert check_run_config(run_dir, config_from_dict(unpinned)) == {}
+    with pytest.raises(ConfigError, match="clip.sha256"):
+        check_run_config(run_dir, second)
+    with pytest.raises(ConfigError, match="'clip.sha256' is set but 'clip.pretrained'"):
+        build_clip(ClipConfig(model_name="splitmatch-tiny-vit", pretrained=None, sha256="0" * 64))
+

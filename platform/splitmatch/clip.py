@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from splitmatch import storage
 from splitmatch.config import ClipConfig, ConfigError
+from splitmatch.files import file_sha256
 
 # ZegCLIP's prompt sets (docs/method.md, "Setting"). VOC habitually uses the single template; COCO-Stuff
 # averages these 15.
@@ -414,6 +415,16 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
         f"open_clip pretrained tag of '{model_name}' (known tags: {tags or 'none'})")
 
 
+def _check_sha256(pretrained: str | None, expected: str) -> None:
+    if pretrained is None or not os.path.isfile(pretrained):
+        raise ConfigError(f"'clip.sha256' is set but 'clip.pretrained' ({pretrained!r}) is not a "
+                          f"weights file: set 'clip.sha256: null' for a tag or random init")
+    actual = file_sha256(pretrained)
+    if actual != expected:
+        raise ConfigError(f"'clip.pretrained': {pretrained} has sha256 {actual}, not the "
+                          f"{expected} of 'clip.sha256': these are other weights")
+
+
 RANDOM_INIT_SEED = 0  # the weights of a CLIP built without `clip.pretrained` (tests)
 
 
@@ -446,6 +457,8 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> FrozenCli
             f"'clip.model_name' = {cfg.model_name!r}: no open_clip model config of that name "
             f"(looked in: {', '.join(searched)}; a config is <name>.json there)")
     pretrained = None if has_schema else _resolve_pretrained(cfg.model_name, cfg.pretrained)
+    if cfg.sha256 is not None:
+        _check_sha256(pretrained, cfg.sha256)
 
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was

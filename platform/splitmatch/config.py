@@ -103,6 +103,11 @@ class ClipConfig:
     # "single": "a photo of a {}." (VOC habit); "coco15": the 15 COCO-Stuff templates.
     templates: Literal["single", "coco15"] = "single"
     force_quick_gelu: bool = False
+    # The weights file's sha256, checked when it is loaded: a run or cache made with other
+    # weights under the same path (a file replaced, or the toy CLIP built on another kind of CPU,
+    # which gives other weights under the same key) then differs in this key and is not reused.
+    # Set for the toy CLIP when it is resolved; None leaves a file unchecked.
+    sha256: str | None = None
 
 
 @dataclass
@@ -693,7 +698,7 @@ REMOVED_KEYS = {"model.candidate_head": False}
 # Keys added since runs were stored, with the value that does what the code did before them: a
 # stored config without one is read with that value (other absent keys stay ABSENT).
 ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": [],
-              "model.center_embeddings": False}
+              "model.center_embeddings": False, "clip.sha256": None}
 
 
 def retire_keys(data: dict, source: str) -> dict:

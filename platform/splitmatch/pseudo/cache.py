@@ -40,7 +40,9 @@ SHARD_FIELDS = ("indices", "ok", "errors", "paths", "map_shapes", "map_data", "n
 def _clip_identity(clip: ClipConfig) -> dict:
     """What makes two CLIP models the same: name, weights file identity, model-config contents."""
     identity: dict = {"model_name": clip.model_name, "force_quick_gelu": clip.force_quick_gelu}
-    if clip.pretrained and storage.is_remote(clip.pretrained):
+    if clip.sha256 is not None:  # the contents themselves (checked when the CLIP is built)
+        identity["pretrained"] = {"sha256": clip.sha256}
+    elif clip.pretrained and storage.is_remote(clip.pretrained):
         # The same object for every node (a local copy's mtime would differ between nodes).
         identity["pretrained"] = {"uri": clip.pretrained, **(storage.info(clip.pretrained) or {})}
     elif clip.pretrained and Path(clip.pretrained).is_file():

@@ -18,7 +18,8 @@ from splitmatch import storage
 from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig, Config, ToyClipConfig
 from splitmatch.data import toyworld
-from splitmatch.files import content_key, remove_stale, temporary_name, write_atomic
+from splitmatch.files import (content_key, file_sha256, remove_stale, temporary_name,
+                              write_atomic)
 import splitmatch.toyclip.captions as captions_module
 import splitmatch.toyclip.training as training_module
 from splitmatch.toyclip.captions import (BACKGROUND_TEMPLATES, DEFAULT_RECIPE, SCENE_TEMPLATES,
@@ -155,11 +156,15 @@ def with_toy_clip(cfg: Config, log: Callable[[str], None] = print) -> Config:
         return cfg
     from splitmatch.config import config_from_dict, to_dict
 
-    checkpoint = str(toy_clip_checkpoint(cfg.toy_clip, build=True, log=log))
+    local = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log)
+    checkpoint = str(local)
     if storage.is_remote(cfg.toy_clip.cache_dir):  # each node fetches it from there
         checkpoint = storage.join(checkpoint_location(cfg.toy_clip), CHECKPOINT_NAME)
     data = to_dict(cfg)
-    data["clip"].update(model_name=cfg.toy_clip.model_name, pretrained=checkpoint)
+    # The key names the inputs, not the weights: another kind of CPU builds other weights under
+    # it, so the weights' own hash goes into the config that runs and caches are checked against.
+    data["clip"].update(model_name=cfg.toy_clip.model_name, pretrained=checkpoint,
+                        sha256=file_sha256(local))
     return config_from_dict(data, "toy CLIP")
 
 
