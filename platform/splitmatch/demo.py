@@ -12,6 +12,14 @@ from splitmatch.config import Config, config_from_dict, load_config, to_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = PROJECT_ROOT / "experiments" / "toyworld.yaml"
+# The demo's budget on the toy config, applied before --quick and --set: twice the learning rate
+# for 600 iterations instead of 1000 (measured from a warm cache on a quiet 2-core AMD EPYC,
+# seed 0: hIoU 60.37 against 62.72, training and test 183 s against 356 s). Fewer iterations
+# at that rate (400 at 1e-3: hIoU 24.6), a smaller batch (4: 34.8 after 1000) or 96-px crops
+# (48.2 after 600) lost the unseen classes. The toy config itself keeps its budget: the
+# README's tables were measured on it.
+BUDGET = ["train.max_iters=600", "optim.lr=6.0e-4", "train.checkpoint_every=600",
+          "train.eval_every=600"]
 # --quick: the same pipeline on a smaller budget (the smoke test CI runs, ≤ 3 minutes). Its toy
 # CLIP still clears the 90% zero-shot bar (400 steps: 0.918 on 500 held-out images, ~1.5 min).
 QUICK = ["data.toyworld.num_train=64", "data.toyworld.num_test=24", "train.max_iters=30",
@@ -21,7 +29,7 @@ QUICK = ["data.toyworld.num_train=64", "data.toyworld.num_test=24", "train.max_i
 
 def demo_config(config: str | Path = DEMO_CONFIG, quick: bool = False,
                 overrides: list[str] | None = None) -> Config:
-    cfg = load_config(config, (QUICK if quick else []) + list(overrides or []))
+    cfg = load_config(config, BUDGET + (QUICK if quick else []) + list(overrides or []))
     data = to_dict(cfg)
     # A fresh run name each time (the caches are what get reused).
     data["name"] = f"{cfg.name}-{'quick-' if quick else ''}{time.strftime('%Y%m%d-%H%M%S')}"
