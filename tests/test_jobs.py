@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from splitmatch.jobs import PROJECT_ROOT
 from splitmatch.tracking import default_tracking_uri
+from splitmatch.train import newest_checkpoint
 from helpers import cli, job_config
 
 
@@ -35,6 +37,40 @@ def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head):
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "hIoU" in runs[0].data.metrics
+
+
+@pytest.mark.slow
+def test_a_stopped_job_marks_its_run_killed_and_keeps_its_checkpoint(tmp_path, ray_head):
+    """`jobs stop` sends SIGTERM: the command stops its fit as on Ctrl-C, so the MLflow run ends
+    KILLED (not RUNNING for ever) and the run can go on with --resume."""
+    _, address = ray_head
+    config = job_config(tmp_path, "jobstop", train={"max_iters": 400, "checkpoint_every": 2,
+                                                    "eval_every": 400, "log_every": 1})
+    try:
+        submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)), "--address",
+                        address, "--", "--build-pseudo-masks")
+    finally:
+        config.unlink()
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    run_dir = tmp_path / "runs" / "jobstop"
+    deadline = time.time() + 300
+    while not (newest_checkpoint(run_dir) or (None, 0))[1] >= 4:
+        status = cli("jobs", "status", job_id, "--address", address).stdout.strip()
+        assert status in ("PENDING", "RUNNING") and time.time() < deadline, (
+            status, cli("jobs", "logs", job_id, "--address", address).stdout[-3000:])
+        time.sleep(0.5)
+    assert cli("jobs", "stop", job_id, "--address", address).stdout.strip() == "stopped"
+    followed = cli("jobs", "logs", job_id, "--address", address, "--follow")
+    assert f"job {job_id}: STOPPED" in followed.stdout, followed.stdout[-3000:]
+    logs = cli("jobs", "logs", job_id, "--address", address).stdout
+    assert "interrupted: the MLflow run of jobstop is marked KILLED" in logs, logs[-3000:]
+    assert "--resume" in logs
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    (run,) = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+    assert run.info.status == "KILLED"
+    newest = newest_checkpoint(run_dir)
+    assert newest is not None and 4 <= newest[1] < 400
 
 
 def test_broken_config_fails_with_the_error_in_the_logs(tmp_path, ray_head):

@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt as exc:  # what was done is kept; the message says where
         print(str(exc) or "interrupted", file=sys.stderr)
-        return 130
+        from splitmatch.cluster import Terminated
+        return 143 if isinstance(exc, Terminated) else 130  # 128 + SIGTERM / SIGINT
     # The one place where user-facing failures become one line and an exit code.
     except (UserError, FileNotFoundError, FileExistsError) as exc:
         return _fail(args, exc, 2)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 from splitmatch.config import ConfigError, StorageConfig
 
@@ -42,6 +44,24 @@ def init_ray(storage: StorageConfig | None = None) -> None:
                      logging_level=logging.INFO if verbose() else logging.WARNING,
                      runtime_env={"env_vars": env} if env else None)
     ray.data.DataContext.get_current().enable_progress_bars = verbose()
+    _stop_on_sigterm()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is (the CLI exits 143 instead of 130)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("terminated (SIGTERM)")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `splitmatch jobs stop`) takes the Ctrl-C path: the running fit is stopped,
+    its MLflow run marked KILLED, and the message says where to resume. `ray.init` makes SIGTERM a
+    bare `sys.exit` in the driver, which took the workers down with the driver and left the run
+    RUNNING. Signal handlers live in the main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 # What the core worker writes to standard error when it starts, whatever RAY_BACKEND_LOG_LEVEL

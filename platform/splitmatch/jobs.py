@@ -73,7 +73,11 @@ def submit(kind: str, config: str, address: str, overrides: list[str] | None = N
     if not config_path.is_file():
         raise FileNotFoundError(f"config file {config} not found")
     runtime_env: dict = {"working_dir": str(PROJECT_ROOT), "py_modules": [str(PACKAGE_DIR)],
-                         "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+                         "excludes": EXCLUDES,
+                         # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's
+                         # default: 3): time for the command to stop its fit and mark the MLflow
+                         # run KILLED (cluster._stop_on_sigterm).
+                         "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
     if pip:
         runtime_env["pip"] = pip
     return client(address, token).submit_job(

@@ -882,7 +882,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location,
                                   watcher.note if watcher else log,
                                   abort=watcher.abort if watcher else lambda: None)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (cluster.Terminated)
         # The run was aborted (its workers are gone) and nothing of Ray's is in use any more:
         # shutting Ray down while another thread waits in a Ray call can crash the process.
         if watcher is not None:
@@ -892,7 +892,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         # The workers could not close their MLflow run: close it here.
         mark_killed(tracking_uri, cfg.tracking.experiment, run_key(cfg))
         newest = newest_checkpoint(run_directory(cfg))
-        raise KeyboardInterrupt(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
+        raise type(interrupt)(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
             else "it had no checkpoint yet")) from None
     finally:
