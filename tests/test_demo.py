@@ -5,9 +5,23 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from splitmatch.clip import build_clip
-from splitmatch.config import ClipConfig
+from splitmatch.config import ClipConfig, flatten, load_config
+from splitmatch.demo import DEMO_CONFIG, demo_config
 from splitmatch.toyclip import zero_shot_report
 from helpers import finish, splitmatch
+
+
+def test_the_demo_runs_the_toy_config_on_its_own_budget_which_set_overrides():
+    toy = load_config(DEMO_CONFIG)
+    demo = demo_config()
+    assert (demo.train.max_iters, demo.optim.lr) == (600, 6.0e-4)
+    assert (toy.train.max_iters, toy.optim.lr) == (1000, 3.0e-4)  # the tables' budget
+    # Nothing but the budget and the run name differ from the toy config.
+    differ = {key for key, value in flatten(demo).items() if flatten(toy)[key] != value}
+    assert differ == {"name", "train.max_iters", "optim.lr", "train.checkpoint_every",
+                      "train.eval_every"}
+    assert demo_config(quick=True).train.max_iters == 30
+    assert demo_config(overrides=["train.max_iters=50"]).train.max_iters == 50
 
 
 @pytest.mark.slow
