@@ -17,7 +17,8 @@ def test_the_demo_runs_the_toy_config_on_its_own_budget_which_set_overrides():
     assert (demo.train.max_iters, demo.optim.lr) == (600, 6.0e-4)
     assert (toy.train.max_iters, toy.optim.lr) == (1000, 3.0e-4)  # the tables' budget
     # Nothing but the budget and the run name differ from the toy config.
-    differ = {key for key, value in flatten(demo).items() if flatten(toy)[key] != value}
+    toy_values = flatten(toy)
+    differ = {key for key, value in flatten(demo).items() if toy_values[key] != value}
     assert differ == {"name", "train.max_iters", "optim.lr", "train.checkpoint_every",
                       "train.eval_every"}
     assert demo_config(quick=True).train.max_iters == 30
