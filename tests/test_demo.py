@@ -14,13 +14,13 @@ from helpers import finish, splitmatch
 def test_the_demo_runs_the_toy_config_on_its_own_budget_which_set_overrides():
     toy = load_config(DEMO_CONFIG)
     demo = demo_config()
-    assert (demo.train.max_iters, demo.optim.lr) == (600, 6.0e-4)
-    assert (toy.train.max_iters, toy.optim.lr) == (1000, 3.0e-4)  # the tables' budget
+    assert (demo.train.max_iters, demo.optim.lr, demo.model.backbone) == (600, 6.0e-4, "resnet10")
+    assert (toy.train.max_iters, toy.optim.lr, toy.model.backbone) == (1000, 3.0e-4, "resnet18")
     # Nothing but the budget and the run name differ from the toy config.
     toy_values = flatten(toy)
     differ = {key for key, value in flatten(demo).items() if toy_values[key] != value}
-    assert differ == {"name", "train.max_iters", "optim.lr", "train.checkpoint_every",
-                      "train.eval_every"}
+    assert differ == {"name", "model.backbone", "train.max_iters", "optim.lr",
+                      "train.checkpoint_every", "train.eval_every"}
     assert demo_config(quick=True).train.max_iters == 30
     assert demo_config(overrides=["train.max_iters=50"]).train.max_iters == 50
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 from splitmatch.cli import main as cli_main
-from splitmatch.config import InferenceConfig, MFEConfig, ModelConfig
+from splitmatch.config import ConfigError, InferenceConfig, MFEConfig, ModelConfig
 from splitmatch.model import build_segmentor, semantic_inference
 from splitmatch.model.segmentor import resize_short_side, slide_windows
 from splitmatch.model.backbone import ResNetBackbone, imagenet_weights_file
@@ -347,6 +347,21 @@ def test_resnet50_forward_and_resnet101_builds():
     deep = ResNetBackbone("resnet101", norm="gn")
     assert deep.out_channels == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
     assert len(deep.res4) == 23
+
+
+
+def test_resnet10_is_resnet18_with_one_block_a_stage_and_has_no_imagenet_weights():
+    torch.manual_seed(0)
+    short, full = ResNetBackbone("resnet10", norm="gn"), ResNetBackbone("resnet18", norm="gn")
+    assert short.out_channels == full.out_channels == {"res2": 64, "res3": 128, "res4": 256,
+                                                       "res5": 512}
+    assert [len(getattr(short, f"res{i}")) for i in range(2, 6)] == [1, 1, 1, 1]
+    features = short(torch.randn(1, 3, 64, 64))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        k: tuple(v.shape) for k, v in full(torch.randn(1, 3, 64, 64)).items()}
+    with pytest.raises(ConfigError) as info:
+        imagenet_weights_file("resnet10")
+    assert "model.backbone_weights" in str(info.value) and "null" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- gradients

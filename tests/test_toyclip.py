@@ -25,6 +25,7 @@ from splitmatch.config import (
 )
 from splitmatch.data import render
 from splitmatch.files import remove_stale
+from splitmatch.toyclip.training import batches_in_rounds
 from splitmatch.toyclip import (
     BACKGROUND_TEMPLATES,
     CLASS_NAMES,
@@ -117,6 +118,20 @@ def test_training_batch_is_a_pure_function_of_seed_and_step():
     for caption, row in zip(captions, sets):
         assert named_classes(caption) == set(row[:-1].nonzero().flatten().tolist())
         assert bool(row[-1]) == (caption in BACKGROUND_TEMPLATES) != bool(row[:-1].any())
+
+
+
+def test_batches_drawn_in_rounds_by_two_processes_are_the_batches_in_step_order(toy_cfg):
+    cfg = dataclasses.replace(toy_cfg, steps=5, batch_size=3)
+    drawn = list(batches_in_rounds(cfg, RECIPE, processes=2, round_size=2))
+    assert len(drawn) == 5
+    tokenizer = open_clip.get_tokenizer(cfg.model_name)
+    for step, (images, tokens, sets) in enumerate(drawn):
+        expected = training_batch(cfg.seed, step, 3, cfg.image_size, RECIPE)
+        assert torch.equal(images, expected[0]) and torch.equal(sets, expected[2])
+        assert torch.equal(tokens, tokenizer(expected[1]))
+    alone = list(batches_in_rounds(cfg, RECIPE, processes=1))
+    assert all(torch.equal(a, b) for one, two in zip(alone, drawn) for a, b in zip(one, two))
 
 
 # ----------------------------------------------------------------------------- loss

@@ -1,4 +1,6 @@
 """The core training path on the toy world, without Ray: ZSS label hygiene, overfitting, schedules."""
+import queue
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -12,7 +14,7 @@ from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.targets import seen_lookup
-from splitmatch.train import (ClassSpace, build_optimizer, lr_factor, set_learning_rate,
+from splitmatch.train import (ClassSpace, _teller, build_optimizer, lr_factor, set_learning_rate,
                               training_step)
 
 TINY_MODEL = {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
@@ -137,3 +139,15 @@ def test_lr_schedules():
     assert lr_factor(100, 100, poly) == 0.0
     cos = OptimConfig(schedule="cosine")
     assert lr_factor(50, 100, cos) == pytest.approx(0.5)
+
+
+def test_progress_sends_bare_counts_at_most_every_second_and_every_figure_and_note():
+    line = queue.Queue()
+    tell = _teller(line)
+    for iteration in range(1, 51):  # microseconds apart
+        tell({"iteration": iteration})
+    tell({"iteration": 51, "loss": 2.5})
+    tell({"note": "evaluating 64 images of 'test'"})
+    sent = [line.get_nowait() for _ in range(line.qsize())]
+    assert sent == [{"iteration": 1}, {"iteration": 51, "loss": 2.5},
+                    {"note": "evaluating 64 images of 'test'"}]

@@ -32,7 +32,7 @@ class MFEConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     # "imagenet": torchvision's ImageNet weights for this depth (torch hub cache, downloaded once);
     # or the path of a local torchvision state dict; None trains the backbone from scratch.
     backbone_weights: str | None = None

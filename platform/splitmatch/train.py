@@ -900,14 +900,26 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
             watcher.stop()
 
 
+TELL_EVERY_S = 1.0  # bare iteration counts go to the driver at most this often
+
+
 def _teller(queue):
     """Rank 0's line to the driver's progress display (`_Watcher`); best effort: a driver that is
-    gone must not stop training."""
+    gone must not stop training. A put is a round trip to the queue actor, so a bare iteration
+    count goes at most every `TELL_EVERY_S`, fine enough for a run of minutes; notes and counts
+    with figures always go."""
+    last = -TELL_EVERY_S
+
     def tell(item: dict) -> None:
+        nonlocal last
         if queue is None:
             if "note" in item:
                 print(item["note"])
             return
+        now = time.monotonic()
+        if item.keys() == {"iteration"} and now - last < TELL_EVERY_S:
+            return
+        last = now
         try:
             queue.put_nowait(item)
         except Exception:  # noqa: BLE001 - progress is only a display

@@ -12,10 +12,19 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from splitmatch.config import ConfigError
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"]
 BackboneNorm = Literal["frozen_bn", "gn"]
 
+
+
+def resnet10(weights: None = None, **kwargs) -> torchvision.models.ResNet:
+    """ResNet-10: resnet18 with one basic block per stage instead of two. For from-scratch runs
+    on a laptop: torchvision has no weights for it."""
+    return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
 _BUILDERS: dict[str, Callable[..., torchvision.models.ResNet]] = {
+    "resnet10": resnet10,
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,
@@ -58,7 +67,9 @@ def imagenet_weights_file(name: BackboneName, timeout_s: float = 30.0) -> Path:
     answer) and the error says where to put the file by hand: a training run must not hang on it.
     """
     if name not in _IMAGENET_WEIGHTS:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_IMAGENET_WEIGHTS)}")
+        raise ConfigError(f"model.backbone_weights: imagenet: torchvision has no ImageNet weights "
+                          f"for {name!r} (only {', '.join(_IMAGENET_WEIGHTS)}); set it to null "
+                          f"to train {name} from scratch")
     url = _IMAGENET_WEIGHTS[name].url
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if path.is_file():
@@ -121,7 +132,7 @@ class ResNetBackbone(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.res2, self.res3, self.res4, self.res5 = net.layer1, net.layer2, net.layer3, net.layer4
         # Basic blocks (18/34) keep the width; bottlenecks (50/101) expand it 4x.
-        expansion = 1 if name in ("resnet18", "resnet34") else 4
+        expansion = 1 if name in ("resnet10", "resnet18", "resnet34") else 4
         self.out_channels: dict[str, int] = {
             f"res{i + 2}": 64 * 2 ** i * expansion for i in range(4)}
         self.out_strides: dict[str, int] = dict(FEATURE_STRIDES)
