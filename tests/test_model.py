@@ -349,7 +349,6 @@ def test_resnet50_forward_and_resnet101_builds():
     assert len(deep.res4) == 23
 
 
-
 def test_resnet10_is_resnet18_with_one_block_a_stage_and_has_no_imagenet_weights():
     torch.manual_seed(0)
     short, full = ResNetBackbone("resnet10", norm="gn"), ResNetBackbone("resnet18", norm="gn")

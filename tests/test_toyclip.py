@@ -120,7 +120,6 @@ def test_training_batch_is_a_pure_function_of_seed_and_step():
         assert bool(row[-1]) == (caption in BACKGROUND_TEMPLATES) != bool(row[:-1].any())
 
 
-
 def test_batches_drawn_in_rounds_by_two_processes_are_the_batches_in_step_order(toy_cfg):
     cfg = dataclasses.replace(toy_cfg, steps=5, batch_size=3)
     drawn = list(batches_in_rounds(cfg, RECIPE, processes=2, round_size=2))

@@ -16,7 +16,6 @@ BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet10
 BackboneNorm = Literal["frozen_bn", "gn"]
 
 
-
 def resnet10(weights: None = None, **kwargs) -> torchvision.models.ResNet:
     """ResNet-10: resnet18 with one basic block per stage instead of two. For from-scratch runs
     on a laptop: torchvision has no weights for it."""
@@ -131,8 +130,8 @@ class ResNetBackbone(nn.Module):
         self.name = name
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.res2, self.res3, self.res4, self.res5 = net.layer1, net.layer2, net.layer3, net.layer4
-        # Basic blocks (18/34) keep the width; bottlenecks (50/101) expand it 4x.
-        expansion = 1 if name in ("resnet10", "resnet18", "resnet34") else 4
+        # Basic blocks (10/18/34) keep the width; bottlenecks (50/101) expand it 4x.
+        expansion = type(net.layer1[0]).expansion
         self.out_channels: dict[str, int] = {
             f"res{i + 2}": 64 * 2 ** i * expansion for i in range(4)}
         self.out_strides: dict[str, int] = dict(FEATURE_STRIDES)
