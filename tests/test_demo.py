@@ -14,16 +14,16 @@ from helpers import finish, splitmatch
 def test_the_demo_runs_the_toy_config_on_its_own_budget_which_set_overrides():
     toy = load_config(DEMO_CONFIG)
     demo = demo_config()
-    assert (demo.train.max_iters, demo.optim.lr, demo.model.backbone) == (600, 6.0e-4, "resnet10")
+    assert (demo.train.max_iters, demo.optim.lr, demo.model.backbone) == (500, 6.0e-4, "resnet10")
     assert (toy.train.max_iters, toy.optim.lr, toy.model.backbone) == (1000, 3.0e-4, "resnet18")
     assert (demo.toy_clip.steps, demo.toy_clip.lr) == (400, 2.0e-3)
     assert (toy.toy_clip.steps, toy.toy_clip.lr) == (800, 1.0e-3)
     # Nothing but the budget and the run name differ from the toy config.
     toy_values = flatten(toy)
     differ = {key for key, value in flatten(demo).items() if toy_values[key] != value}
-    assert differ == {"name", "model.backbone", "train.max_iters", "optim.lr",
-                      "train.checkpoint_every", "train.eval_every", "toy_clip.steps",
+    assert differ == {"name", "model.backbone", "train.max_iters", "optim.lr", "toy_clip.steps",
                       "toy_clip.lr"}
+    assert demo.train.checkpoint_every == demo.train.eval_every == 500  # one checkpoint, at the end
     # --quick makes the demo's own toy CLIP: one pretraining serves both.
     assert demo_config(quick=True).toy_clip == demo.toy_clip
     assert demo_config(quick=True).train.max_iters == 30
