@@ -93,3 +93,20 @@ def test_credentials_are_redacted():
     assert redact("https://host/?X-Amz-Signature=abc") == "https://host/?X-Amz-Signature=***"
     for plain in ("sqlite:////tmp/a b/mlflow.db", "http://127.0.0.1:5000", "databricks", None):
         assert redact(plain) == plain  # nothing to hide: unchanged, to the byte
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    import socket
+
+    from splitmatch.tracking import _ephemeral_ports_start, free_port
+
+    # A node takes a dozen ports at once: none may repeat (the OS's port 0 once gave a Ray head
+    # the same port for its GCS and its node manager).
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    low = _ephemeral_ports_start()
+    if low > 21000:
+        assert all(20000 <= port < low for port in ports)
+    for port in ports[:5]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
