@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -342,3 +343,34 @@ def test_a_resolved_toy_clip_is_pinned_by_its_weights_not_its_key(tmp_path):
     with pytest.raises(ConfigError, match="'clip.sha256' is set but 'clip.pretrained'"):
         build_clip(ClipConfig(model_name="splitmatch-tiny-vit", pretrained=None, sha256="0" * 64))
 
+
+
+def test_the_toy_configs_toy_clip_comes_with_the_package(tmp_path, monkeypatch):
+    """The toy config's toy CLIP is shipped under its key: an empty cache gets a copy that loads,
+    with no pretraining; `shipped=False` (`splitmatch toy-clip --pretrain`) leaves it out."""
+    from splitmatch.config import load_config
+    from splitmatch.demo import DEMO_CONFIG
+    from splitmatch.toyclip.checkpoint import CHECKPOINT_NAME, INFO_NAME, SHIPPED
+
+    toy = load_config(DEMO_CONFIG, [f"toy_clip.cache_dir={tmp_path / 'cache'}"]).toy_clip
+    key = checkpoint_key(toy)
+    # Fails when the toy world or the toy CLIP's training code changes: the shipped weights were
+    # made by the old code. Rebuild them (`splitmatch toy-clip experiments/toyworld.yaml
+    # --pretrain`) and ship the new key's folder instead of the old one.
+    assert [folder.name for folder in SHIPPED.iterdir()] == [key]
+    assert json.loads((SHIPPED / key / INFO_NAME).read_text())["key"] == key
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped toy CLIP must not be pretrained again")
+
+    monkeypatch.setattr(toyclip.checkpoint, "train_toy_clip", no_training)
+    lines: list[str] = []
+    path = toy_clip_checkpoint(toy, log=lines.append)
+    assert path == tmp_path / "cache" / key / CHECKPOINT_NAME
+    assert path.read_bytes() == (SHIPPED / key / CHECKPOINT_NAME).read_bytes()
+    assert "comes with splitmatch" in lines[0] and "using cached checkpoint" in lines[1]
+    clip = build_clip(ClipConfig(model_name=toy.model_name, pretrained=str(path)))
+    assert clip.text_embeddings(["leaf"], ["a photo of a {}."]).shape[0] == 1
+    with pytest.raises(AssertionError, match="must not be pretrained"):
+        toy_clip_checkpoint(dataclasses.replace(toy, cache_dir=str(tmp_path / "other")),
+                            log=lines.append, shipped=False)

@@ -138,7 +138,7 @@ def cmd_toy_clip(args) -> int:
     from splitmatch.toyclip import main_toy_clip
     cfg = load_config(args.config, args.overrides)
     use_endpoint(cfg.storage.s3_endpoint_url)
-    main_toy_clip(cfg)
+    main_toy_clip(cfg, shipped=not args.pretrain)
     return 0
 
 
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("toy-clip", "pretrain (once) the toy CLIP used on the toy world", cmd_toy_clip)
     _add_config_args(p)
+    p.add_argument("--pretrain", action="store_true",
+                   help="leave out the weights splitmatch ships for this key: pretrain "
+                        "here unless the cache has them")
 
     p = command("demo", "the whole method end to end on the toy world (CPU, local)", cmd_demo)
     p.add_argument("--quick", action="store_true", help="a smaller budget (smoke test, ~3 min)")

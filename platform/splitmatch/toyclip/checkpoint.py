@@ -30,6 +30,11 @@ from splitmatch.toyclip.training import model_config_path, train_toy_clip
 
 CHECKPOINT_NAME = "toy_clip.pt"
 INFO_NAME = "toy_clip.json"
+# Builds that come with the package, one folder per key: the toy config's toy CLIP, so that a
+# first run loads pretrained weights as a user of real CLIP does instead of spending minutes
+# pretraining, and every kind of CPU gets the same weights (each builds its own, some weaker).
+# Used only for the key they were built under; any other key is pretrained as before.
+SHIPPED = Path(__file__).resolve().parent / "shipped"
 
 
 def training_code_sha256() -> str:
@@ -105,34 +110,64 @@ def pretrain_toy_clip(cfg: ToyClipConfig, log: Callable[[str], None] = print,
                 "torch": torch.__version__, "open_clip": open_clip.__version__,
                 "threads": torch.get_num_threads()}
         (staging / INFO_NAME).write_text(json.dumps(info, indent=2))
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not (final / INFO_NAME).is_file():
-                raise
-            # Someone published the same key meanwhile: same inputs, same weights; keep theirs.
-            log(f"toy CLIP: {final} appeared while training; keeping it")
+        _publish(staging, final, checkpoint_location(cfg, recipe), log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    location = checkpoint_location(cfg, recipe)
-    if storage.is_remote(location):  # the weights last: a reader that finds them finds the info
-        storage.push(final / INFO_NAME, storage.join(location, INFO_NAME))
-        storage.push(final / CHECKPOINT_NAME, storage.join(location, CHECKPOINT_NAME))
     log(f"toy CLIP: trained in {train_seconds:.0f} s, zero-shot accuracy "
         f"{report['accuracy']:.3f}; saved {final / CHECKPOINT_NAME}")
     return final / CHECKPOINT_NAME
 
 
+def _publish(staging: Path, final: Path, location: str, log: Callable[[str], None]) -> None:
+    """Rename an assembled checkpoint folder into the cache in one step, and copy it to the
+    cache's object storage when it has one."""
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if not (final / INFO_NAME).is_file():
+            raise
+        # Someone published the same key meanwhile: same inputs, same weights; keep theirs.
+        log(f"toy CLIP: {final} appeared meanwhile; keeping it")
+    if storage.is_remote(location):  # the weights last: a reader that finds them finds the info
+        storage.push(final / INFO_NAME, storage.join(location, INFO_NAME))
+        storage.push(final / CHECKPOINT_NAME, storage.join(location, CHECKPOINT_NAME))
+
+
+def _install_shipped(key: str, final: Path, location: str, log: Callable[[str], None]) -> bool:
+    """Copy the package's build of `key` into the cache; False when the package has none."""
+    shipped = SHIPPED / key
+    if not (shipped / INFO_NAME).is_file():
+        return False
+    info = json.loads((shipped / INFO_NAME).read_text())
+    if info["key"] != key:  # a misnamed folder must not pass for another config's weights
+        raise ValueError(f"{shipped}: built under key {info['key']}, not {key}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(shipped, staging)
+        _publish(staging, final, location, log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"toy CLIP: the checkpoint of key {key} comes with splitmatch (pretrained "
+        f"{info['inputs']['toy_clip']['steps']} steps in {info['train_seconds']:.0f} s); copied "
+        f"to the cache")
+    return True
+
+
 def toy_clip_checkpoint(cfg: ToyClipConfig, build: bool = True,
                         log: Callable[[str], None] = print,
-                        recipe: ToyClipRecipe = DEFAULT_RECIPE) -> Path:
-    """The cached checkpoint for `cfg`, pretraining it first (once) if absent and `build`."""
+                        recipe: ToyClipRecipe = DEFAULT_RECIPE, shipped: bool = True) -> Path:
+    """The cached checkpoint for `cfg`: from the cache, else the package's build of its key
+    (`shipped`), else pretrained first (once) if `build`."""
     folder = checkpoint_dir(cfg, recipe)
     location = checkpoint_location(cfg, recipe)
     if storage.is_remote(location) and storage.info(storage.join(location, CHECKPOINT_NAME)):
         for name in (INFO_NAME, CHECKPOINT_NAME):
             storage.pull(storage.join(location, name), folder / name)
-    if (folder / CHECKPOINT_NAME).is_file() and (folder / INFO_NAME).is_file():
+    cached = (folder / CHECKPOINT_NAME).is_file() and (folder / INFO_NAME).is_file()
+    key = checkpoint_key(cfg, recipe)
+    if cached or (shipped and _install_shipped(key, folder, location, log)):
         accuracy = json.loads((folder / INFO_NAME).read_text())["zero_shot"]["accuracy"]
         log(f"toy CLIP: using cached checkpoint {folder / CHECKPOINT_NAME} (zero-shot accuracy "
             f"{accuracy:.3f})")

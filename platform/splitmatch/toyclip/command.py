@@ -13,13 +13,14 @@ from splitmatch.toyclip.quality import pseudo_mask_quality
 
 
 def main_toy_clip(cfg: Config, log: Callable[[str], None] = print, quality_images: int = 64,
-                  recipe: ToyClipRecipe = DEFAULT_RECIPE) -> dict:
+                  recipe: ToyClipRecipe = DEFAULT_RECIPE, shipped: bool = True) -> dict:
     """`splitmatch toy-clip CONFIG`: build or reuse the toy CLIP, print where it is and how good.
 
     On the toy world it also scores pseudo masks made with the config's `pseudo_masks` settings.
     """
     start = time.perf_counter()
-    checkpoint = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log, recipe=recipe)
+    checkpoint = toy_clip_checkpoint(cfg.toy_clip, build=True, log=log, recipe=recipe,
+                                     shipped=shipped)
     info = checkpoint_info(checkpoint)
     report = info["zero_shot"]
     log(f"checkpoint: {checkpoint}")
