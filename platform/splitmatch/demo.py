@@ -1,7 +1,8 @@
 """`splitmatch demo`: the whole method end to end on embedded defaults, on a laptop.
 
-Toy world (generated) → toy CLIP (pretrained once, cached) → pseudo masks on Ray Data (cached) →
-Split Matching on Ray Train → evaluation → everything in the local MLflow store.
+Toy world (generated) → toy CLIP (comes with the package, else pretrained once; cached) → pseudo
+masks on Ray Data (cached) → Split Matching on Ray Train → evaluation → everything in the local
+MLflow store.
 """
 from __future__ import annotations
 
