@@ -344,7 +344,6 @@ def test_a_resolved_toy_clip_is_pinned_by_its_weights_not_its_key(tmp_path):
         build_clip(ClipConfig(model_name="splitmatch-tiny-vit", pretrained=None, sha256="0" * 64))
 
 
-
 def test_the_toy_configs_toy_clip_comes_with_the_package(tmp_path, monkeypatch):
     """The toy config's toy CLIP is shipped under its key: an empty cache gets a copy that loads,
     with no pretraining; `shipped=False` (`splitmatch toy-clip --pretrain`) leaves it out."""

@@ -166,8 +166,9 @@ def toy_clip_checkpoint(cfg: ToyClipConfig, build: bool = True,
         for name in (INFO_NAME, CHECKPOINT_NAME):
             storage.pull(storage.join(location, name), folder / name)
     cached = (folder / CHECKPOINT_NAME).is_file() and (folder / INFO_NAME).is_file()
-    key = checkpoint_key(cfg, recipe)
-    if cached or (shipped and _install_shipped(key, folder, location, log)):
+    if not cached and shipped:  # the key's hash is only wanted on a miss: every command comes here
+        cached = _install_shipped(checkpoint_key(cfg, recipe), folder, location, log)
+    if cached:
         accuracy = json.loads((folder / INFO_NAME).read_text())["zero_shot"]["accuracy"]
         log(f"toy CLIP: using cached checkpoint {folder / CHECKPOINT_NAME} (zero-shot accuracy "
             f"{accuracy:.3f})")
