@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "the whole method end to end on the toy world (CPU, local)", cmd_demo)
     p.add_argument("--quick", action="store_true", help="a smaller budget (smoke test, ~3 min)")
     p.add_argument("--config", default=None,
-                   help="default: experiments/toyworld.yaml, run on the demo's budget (600 "
-                        "iterations at lr 6e-4; --set changes it)")
+                   help="default: experiments/toyworld.yaml, run on the demo's budget (ResNet-10, "
+                        "500 iterations at lr 6e-4; --set changes it)")
     _add_overrides(p)
 
     p = command("ablation", "baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget", cmd_ablation)
