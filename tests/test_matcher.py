@@ -22,7 +22,7 @@ def brute_force_min(cost):
 @pytest.mark.parametrize("q, t, seed", [(5, 3, 0), (4, 4, 1), (3, 5, 2), (6, 2, 3), (6, 6, 4)])
 def test_solve_equals_brute_force(q, t, seed):
     cost = torch.rand(q, t, generator=torch.Generator().manual_seed(seed)) * 10 - 3
-    rows, cols = HungarianMatcher.solve(cost)
+    rows, cols = HungarianMatcher.solve(cost.numpy())
     assert len(rows) == min(q, t)
     assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
     assert cost[rows, cols].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-5)
@@ -41,14 +41,34 @@ def random_problem(seed, b=2, q=7, k=6, t=3, u=2, size=16):
     return outputs, targets
 
 
+def image_costs(matcher, outputs, targets, seed, num_queries=None):
+    """The per-image reference of `batch_costs`: each image's cost from its own points, drawn for
+    the whole batch from `seed` as the matcher draws them."""
+    q = num_queries or outputs["pred_logits"].shape[1]
+    coords = torch.rand(len(targets), matcher.num_points, 2,
+                        generator=torch.Generator().manual_seed(seed))
+    return [matcher.cost_matrix(outputs["pred_logits"][b, :q],
+                                point_sample(outputs["pred_masks"][b, :q], coords[b]),
+                                t["labels"], point_sample(t["masks"], coords[b]))
+            for b, t in enumerate(targets)]
+
+
+def test_batch_costs_equal_per_image_costs():
+    outputs, targets = random_problem(2, b=3)
+    targets[1] = {"labels": torch.empty(0, dtype=torch.long), "masks": torch.empty(0, 16, 16),
+                  "is_candidate": torch.empty(0, dtype=torch.bool)}
+    matcher = HungarianMatcher(num_points=64)
+    costs = matcher.batch_costs(outputs, targets, 5, torch.Generator().manual_seed(7))
+    for cost, ref in zip(costs, image_costs(matcher, outputs, targets, 7, num_queries=5)):
+        assert cost.shape == tuple(ref.shape)
+        assert torch.allclose(torch.from_numpy(cost), ref, atol=1e-5)
+
+
 def test_forward_is_optimal_on_its_sampled_costs():
     outputs, targets = random_problem(0)
     matcher = HungarianMatcher(num_points=64)
     matches = matcher(outputs, targets, generator=torch.Generator().manual_seed(5))
-    g = torch.Generator().manual_seed(5)
-    for b, (rows, cols) in enumerate(matches):
-        pp, tp = matcher.sample_points(outputs["pred_masks"][b], targets[b]["masks"], g)
-        cost = matcher.cost_matrix(outputs["pred_logits"][b], pp, targets[b]["labels"], tp)
+    for (rows, cols), cost in zip(matches, image_costs(matcher, outputs, targets, 5)):
         assert cost[rows, cols].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-4)
 
 
@@ -59,13 +79,12 @@ def test_split_never_crosses_groups_and_is_optimal_per_group():
         matcher = HungarianMatcher(num_points=64)
         split = SplitMatcher(matcher, ks, ku)
         matches = split(outputs, targets, generator=torch.Generator().manual_seed(seed))
-        g = torch.Generator().manual_seed(seed)
+        costs = image_costs(matcher, outputs, targets, seed)
         for b, (rows, cols) in enumerate(matches):
             is_cand = targets[b]["is_candidate"][cols]
             assert torch.equal(rows >= ks, is_cand), "a query was matched across groups"
             assert len(rows) == targets[b]["labels"].numel()  # enough queries in each group
-            pp, tp = matcher.sample_points(outputs["pred_masks"][b], targets[b]["masks"], g)
-            cost = matcher.cost_matrix(outputs["pred_logits"][b], pp, targets[b]["labels"], tp)
+            cost = costs[b]
             seen_t = (~targets[b]["is_candidate"]).nonzero().flatten()
             cand_t = targets[b]["is_candidate"].nonzero().flatten()
             total = cost[rows, cols].sum().item()
