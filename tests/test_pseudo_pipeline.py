@@ -52,7 +52,7 @@ def test_missing_cache_names_the_command(tmp_path):
         PseudoMaskCache.open(toy_config(tmp_path), "train", config_path="exp.yaml")
 
 
-def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
+def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     cfg = toy_config(tmp_path)
     manifest = run_pseudo(cfg, log=lambda *_: None)
     assert manifest["complete"] and not manifest["failures"]
@@ -129,6 +129,19 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster):
         dropped += int(drop.sum())
         kept_total += int((~drop).sum())
     assert dropped > 0 and kept_total > 0
+    # Reads are remembered up to REMEMBER_BYTES (here two images' worth): a read again gives the
+    # same values, as copies, and the images past the budget come from the cache as before.
+    import splitmatch.pseudo.training_candidates as candidates_module
+    first = [reads.get(i) for i in range(12)]
+    monkeypatch.setattr(candidates_module, "REMEMBER_BYTES",
+                        sum(t.nbytes for i in (0, 1) for t in first[i]))
+    again = TrainingCandidates(cache, seen_like, background)
+    for _ in range(2):
+        for i in range(12):
+            cmap, embeds = again.get(i)
+            assert torch.equal(cmap, first[i][0]) and torch.equal(embeds, first[i][1])
+            cmap.zero_(), embeds.zero_()
+    assert sorted(again._remembered) == [0, 1]
     # ... and reach the loss: a training step has a cosine term on candidate queries.
     from torch.utils.data import DataLoader
 

@@ -12,6 +12,13 @@ from torch import Tensor
 from splitmatch.pseudo.background import background_candidates, background_embedding, drop_candidates
 from splitmatch.targets import centred, embedding_center
 
+# Training reads every image's candidates once an epoch, and the cache keeps them compressed in
+# shards of which only a few stay open: a toy-world step spent two thirds of its data time
+# reopening shards and leaving out the same background candidates again. What was read is
+# remembered, up to this many bytes (the toy world's 256 images take 5 MB; a COCO-sized split
+# remembers its first images and reads the rest from the cache as before).
+REMEMBER_BYTES = 256 * 2**20
+
 
 class TrainingCandidates:
     """`get(index)` -> (candidate map [H, W], Cu [U', C]) as training uses them.
@@ -26,26 +33,32 @@ class TrainingCandidates:
         self.cache, self.seen_text = cache, seen_text
         self.background_text, self.center = background_text, center
         self.root = cache.root
+        self._remembered: dict[int, tuple[Tensor, Tensor]] = {}
+        self._remembered_bytes = 0
 
     def __contains__(self, index: int) -> bool:
         return index in self.cache
 
     def get(self, index: int) -> tuple[Tensor, Tensor]:
+        if index in self._remembered:  # copies: a caller may change what it gets
+            return tuple(t.clone() for t in self._remembered[index])
         candidate_map, embeds = self.cache.get(index)
         if self.background_text is not None:
             drop = background_candidates(embeds, self.seen_text, self.background_text)
             candidate_map, embeds = drop_candidates(candidate_map, embeds, drop)
         if self.center is not None:
             embeds = centred(embeds, self.center)
+        size = candidate_map.nbytes + embeds.nbytes
+        if self._remembered_bytes + size <= REMEMBER_BYTES:
+            self._remembered[index] = (candidate_map.clone(), embeds.clone())
+            self._remembered_bytes += size
         return candidate_map, embeds
 
 
-def candidate_center(candidates: TrainingCandidates) -> Tensor:
-    """[C]: the mean L2-normalised Cu of every candidate training reads (uncentred). Images only:
-    no label of any kind is involved, so no unseen class either."""
-    uncentred = TrainingCandidates(candidates.cache, candidates.seen_text,
-                                   candidates.background_text)
-    embeds = [uncentred.get(i)[1] for i in candidates.cache.indices()]
+def candidate_center(uncentred: TrainingCandidates) -> Tensor:
+    """[C]: the mean L2-normalised Cu of every candidate that `uncentred` reads. Images only: no
+    label of any kind is involved, so no unseen class either."""
+    embeds = [uncentred.get(i)[1] for i in uncentred.cache.indices()]
     return embedding_center(torch.cat(embeds))
 
 
@@ -57,7 +70,7 @@ def training_candidates(cfg, clip, seen_text: Tensor) -> TrainingCandidates:
     cache = PseudoMaskCache.open(cfg, cfg.data.train_split)
     prompts = cfg.pseudo_masks.background_prompts
     background = background_embedding(clip, prompts) if prompts else None
-    candidates = TrainingCandidates(cache, seen_text, background)
-    if cfg.model.center_embeddings:
-        candidates.center = candidate_center(candidates)
-    return candidates
+    uncentred = TrainingCandidates(cache, seen_text, background)
+    if not cfg.model.center_embeddings:
+        return uncentred
+    return TrainingCandidates(cache, seen_text, background, candidate_center(uncentred))
