@@ -20,11 +20,14 @@ Match = tuple[Tensor, Tensor]
 
 def point_sample(masks: Tensor, coords: Tensor) -> Tensor:
     """Bilinear values of `masks` [N, H, W] at normalised points (x, y in [0, 1]) → [N, P]:
-    `coords` [P, 2] are the same points for every mask (matching), [N, P, 2] one set per mask
-    (the losses' importance-sampled points)."""
+    `coords` [P, 2] are the same points for every mask, [N, P, 2] one set per mask (the losses'
+    importance-sampled points). `masks` [N, C, H, W] → [N, C, P]: the C masks of item n share
+    its points (the matcher's queries of one image)."""
     if coords.dim() == 2:
         coords = coords[None].expand(masks.shape[0], -1, -1)
     grid = (2.0 * coords - 1.0)[:, :, None]  # [N, P, 1, 2]
+    if masks.dim() == 4:
+        return F.grid_sample(masks.float(), grid, align_corners=False)[..., 0]
     return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0, :, 0]
 
 
@@ -94,9 +97,7 @@ class HungarianMatcher(nn.Module):
         counts = [t["labels"].numel() for t in targets]
         if sum(counts) == 0:
             return [np.zeros((q, 0), dtype=np.float32) for _ in targets]
-        # The queries of an image are the channels of one grid_sample call at its points.
-        pred_points = F.grid_sample(pred_masks.float(), (2.0 * coords - 1.0)[:, :, None],
-                                    align_corners=False)[..., 0]  # [B, Q, P]
+        pred_points = point_sample(pred_masks, coords)  # [B, Q, P]
         owner = torch.repeat_interleave(torch.arange(b, device=device),
                                         torch.tensor(counts, device=device))
         target_points = point_sample(torch.cat([t["masks"] for t in targets]), coords[owner])
