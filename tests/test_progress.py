@@ -1,6 +1,11 @@
 """The progress display off a terminal: a line every few seconds and one at the end, notes as
 plain sentences; on a terminal, a tqdm bar."""
+import fcntl
 import io
+import os
+import select
+import struct
+import termios
 
 from splitmatch import progress
 from splitmatch.progress import Progress
@@ -32,15 +37,36 @@ def test_quiet_between_lines(monkeypatch):
     assert out.getvalue().startswith("pseudo masks: 1000/1000 img (100%)")
 
 
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
+def _on_a_terminal(rows: int, columns: int, monkeypatch) -> str:
+    """What a real pseudo-terminal of this size receives from a 10-step display."""
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    with os.fdopen(slave, "w") as terminal:
+        with Progress(10, "toy CLIP pretraining", "step", stream=terminal) as bar:
+            for step in range(1, 11):
+                bar.update(step, loss=0.1)
+    received = b""
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed: all was read
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(master)
+    return received.decode()
 
 
-def test_a_terminal_gets_a_tqdm_bar():
-    out = Terminal()
-    with Progress(10, "toy CLIP pretraining", "step", stream=out) as bar:
-        for step in range(1, 11):
-            bar.update(step, loss=0.1)
-    text = out.getvalue()
-    assert "\r" in text and "toy CLIP pretraining: 100%" in text and "10/10" in text
+def test_a_terminal_gets_a_tqdm_bar(monkeypatch):
+    text = _on_a_terminal(30, 100, monkeypatch)
+    assert "toy CLIP pretraining: 100%|" in text and "10/10" in text and "loss=0.1" in text
+
+
+def test_a_terminal_with_no_size_gets_lines(monkeypatch):
+    # `script` with no terminal behind it, and some CI runners, open a pseudo-terminal of 0 rows,
+    # where a tqdm bar shows nothing at all.
+    text = _on_a_terminal(0, 0, monkeypatch)
+    assert "%|" not in text
+    assert text.strip().startswith("toy CLIP pretraining: 10/10 step (100%)") and "loss 0.1" in text

@@ -1,13 +1,14 @@
 """What a user watches: one live progress display per long phase (toy CLIP steps, pseudo-mask
 images, training iterations, evaluation images), and the warnings that matter in plain sentences.
 
-On a terminal it is a tqdm bar; on anything else (a log file, a CI job, `ray job logs`) it is one
-line every `LINE_EVERY_S` seconds and a last line at the end, since a redrawn bar would write
-carriage returns into the log. Ray's and Ray Train's own INFO lines stay hidden unless
+On a terminal it is a tqdm bar; on anything else (a log file, a CI job, `ray job logs`, a
+terminal that reports no size) it is one line every `LINE_EVERY_S` seconds and a last line at the
+end, since a redrawn bar would write carriage returns into the log. Ray's and Ray Train's own INFO lines stay hidden unless
 `--verbose` (SPLITMATCH_VERBOSE=1, which Ray workers and jobs inherit).
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -25,6 +26,19 @@ def _clock(seconds: float) -> str:
         else f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
+def _shows_a_bar(stream) -> bool:
+    """A terminal that reports its size. A pseudo-terminal opened without one (`script` with no
+    terminal behind it, some CI runners) reports 0 rows, and tqdm then hides its bar entirely:
+    the user would see nothing for minutes."""
+    if not stream.isatty():
+        return False
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return size.columns > 0 and size.lines > 0
+
+
 class Progress:
     """`with Progress(total, "training") as bar: bar.update(n, loss=1.2)`."""
 
@@ -38,7 +52,7 @@ class Progress:
         self.first: tuple[float, int] | None = None
         self.fields: dict[str, str] = {}
         self.bar = None
-        if self.stream.isatty():
+        if _shows_a_bar(self.stream):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=what, unit=unit, file=self.stream,
