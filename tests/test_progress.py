@@ -6,6 +6,7 @@ import os
 import select
 import struct
 import termios
+import time
 
 from splitmatch import progress
 from splitmatch.progress import Progress
@@ -37,13 +38,15 @@ def test_quiet_between_lines(monkeypatch):
     assert out.getvalue().startswith("pseudo masks: 1000/1000 img (100%)")
 
 
-def _on_a_terminal(rows: int, columns: int, monkeypatch) -> str:
-    """What a real pseudo-terminal of this size receives from a 10-step display."""
+def _on_a_terminal(rows: int, columns: int, monkeypatch, start_up_s: float = 0.0) -> str:
+    """What a real pseudo-terminal of this size receives from a 10-step display whose first
+    step comes `start_up_s` after it is shown."""
     monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     with os.fdopen(slave, "w") as terminal:
         with Progress(10, "toy CLIP pretraining", "step", stream=terminal) as bar:
+            time.sleep(start_up_s)
             for step in range(1, 11):
                 bar.update(step, loss=0.1)
     received = b""
@@ -60,8 +63,11 @@ def _on_a_terminal(rows: int, columns: int, monkeypatch) -> str:
 
 
 def test_a_terminal_gets_a_tqdm_bar(monkeypatch):
-    text = _on_a_terminal(30, 100, monkeypatch)
+    text = _on_a_terminal(30, 100, monkeypatch, start_up_s=1.5)
     assert "toy CLIP pretraining: 100%|" in text and "10/10" in text and "loss=0.1" in text
+    # The start-up before the first step is not the steps' time: the bar's clock (elapsed, rate,
+    # ETA) starts at the first step.
+    assert "10/10 [00:00<00:00" in text, text[-300:]
 
 
 def test_a_terminal_with_no_size_gets_lines(monkeypatch):
