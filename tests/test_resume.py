@@ -76,6 +76,7 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
     out = finish(splitmatch("eval", str(run_dir / "config.yaml"), "--checkpoint", checkpoint,
                             "--set", "inference.num_random_queries=0", address=ray_cluster))
     assert f"config checked against {checkpoint}" in out and "hIoU" in out
+    assert "evaluating test: 4/4 img (100%)" in out  # its progress display's last line
     out = finish(splitmatch("eval", str(run_dir / "config.yaml"), "--checkpoint",
                             str(run_dir / "best_model.pt"), address=ray_cluster))
     assert "config checked against" in out

@@ -27,6 +27,11 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     config.write_text(yaml.safe_dump(data))
     out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
     assert "test split 'test': hIoU" in out and "weights chosen on 'val'" in out
+    # Each evaluation is a progress display of its own, in images of the split that both ranks
+    # share (off a terminal, its last line).
+    lines = out.splitlines()
+    assert sum(line.startswith("evaluating val: 4/4 img (100%)") for line in lines) == 2, out
+    assert sum(line.startswith("evaluating test: 4/4 img (100%)") for line in lines) == 1, out
     run_dir = tmp_path / "runs" / "two"
     assert sorted(p.name for p in (run_dir / "workers").iterdir()) == ["rank0.pid", "rank1.pid"]
     client, run = the_run(default_tracking_uri(tmp_path / "runs"))

@@ -14,8 +14,9 @@ from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.targets import seen_lookup
-from splitmatch.train import (ClassSpace, _teller, build_optimizer, lr_factor, set_learning_rate,
-                              training_step)
+from splitmatch.config import InferenceConfig
+from splitmatch.train import (ClassSpace, _teller, build_optimizer, evaluate, lr_factor,
+                              set_learning_rate, training_step)
 
 TINY_MODEL = {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
               "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
@@ -147,7 +148,25 @@ def test_progress_sends_bare_counts_at_most_every_second_and_every_figure_and_no
     for iteration in range(1, 51):  # microseconds apart
         tell({"iteration": iteration})
     tell({"iteration": 51, "loss": 2.5})
-    tell({"note": "evaluating 64 images of 'test'"})
+    tell({"note": "MLflow at http://127.0.0.1:1 is unreachable"})
+    for done in range(0, 65, 8):  # an evaluation's start and end always go, the rest as counts
+        tell({"evaluating": "test", "done": done, "total": 64})
     sent = [line.get_nowait() for _ in range(line.qsize())]
     assert sent == [{"iteration": 1}, {"iteration": 51, "loss": 2.5},
-                    {"note": "evaluating 64 images of 'test'"}]
+                    {"note": "MLflow at http://127.0.0.1:1 is unreachable"},
+                    {"evaluating": "test", "done": 0, "total": 64},
+                    {"evaluating": "test", "done": 64, "total": 64}]
+
+
+def test_evaluation_tells_its_progress_in_images_of_the_split():
+    torch.manual_seed(0)
+    clip = build_clip(config_from_dict({"clip": TINY_CLIP}).clip)
+    classes = toy_classes(clip)
+    model = build_segmentor(config_from_dict({"model": TINY_MODEL}).model, clip.embed_dim)
+    data = config_from_dict({"data": {"toyworld": {"num_test": 5, "image_size": 64}}}).data
+    test_set = build_dataset(data, "test", train=False)
+    heard = []
+    result = evaluate(model, test_set, classes, InferenceConfig(), torch.device("cpu"),
+                      batch_size=2, progress=lambda done, total: heard.append((done, total)))
+    assert len(test_set) == 5 and "hIoU" in result
+    assert heard == [(0, 5), (2, 5), (4, 5), (5, 5)]  # from the start, after every batch

@@ -42,7 +42,10 @@ def _shows_a_bar(stream) -> bool:
 class Progress:
     """`with Progress(total, "training") as bar: bar.update(n, loss=1.2)`."""
 
-    def __init__(self, total: int, what: str, unit: str = "it", initial: int = 0, stream=None):
+    def __init__(self, total: int, what: str, unit: str = "it", initial: int = 0, stream=None,
+                 leave: bool = True):
+        """`leave=False`: on a terminal, the bar is cleared when it closes (a phase inside
+        another one's display); off a terminal the last line is written either way."""
         self.total, self.what, self.unit = total, what, unit
         self.done = initial
         self.stream = stream or sys.stdout
@@ -57,7 +60,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=what, unit=unit, file=self.stream,
-                            dynamic_ncols=True, leave=True)
+                            dynamic_ncols=True, leave=leave)
         self.last_line = time.monotonic()
         self.lined = initial
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from splitmatch.evaluation import ZSSEvaluator
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
+from splitmatch.progress import Progress
 from splitmatch.targets import build_targets, class_embedding_sets, embedding_center, seen_lookup
 
 
@@ -160,19 +162,29 @@ class TimedMatcher(nn.Module):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, classes: ClassSpace, inference: InferenceConfig,
-             device: torch.device, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> dict:
+             device: torch.device, batch_size: int = 1, rank: int = 0, world_size: int = 1,
+             progress: Callable[[int, int], None] | None = None) -> dict:
     """ZSS metrics over the full split; classification against the text embeddings of all classes.
 
     Each rank predicts every world_size-th image (no padding, so no image counts twice) and the
-    confusion matrices are summed across ranks before the IoUs are computed.
+    confusion matrices are summed across ranks before the IoUs are computed. `progress(done,
+    total)` hears of the split's images after every batch, counted from this rank's share (the
+    ranks go at one pace).
     """
     model.eval()
     evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
     text = classes.text.to(device)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
+    done = 0
+    if progress is not None:
+        progress(0, len(dataset))
     for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
         pred = model.predict(batch["image"].to(device), text, inference, classes.seen_ids)
         evaluator.update(pred.cpu(), batch["label"])
+        done += len(batch["image"]) + len(batch.get("skipped", ()))
+        if progress is not None:
+            progress(len(dataset) if done == len(shard) else min(done * world_size, len(dataset)),
+                     len(dataset))
     if world_size > 1:
         confusion = evaluator.confusion.to(device)
         dist.all_reduce(confusion)
@@ -694,11 +706,11 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(_step_metrics(loss, losses, optimizer, worker.device, timer))
         if parts.select_set is not None and (wants_checkpoint
                                              or iteration % cfg.train.eval_every == 0):
-            metrics.update(_select(core, parts, cfg, worker, selection))
+            metrics.update(_select(core, parts, cfg, worker, selection, tell))
         _tell_progress(tell, iteration, metrics, cfg.data.select_split)
         if last:
-            tell({"note": f"evaluating {len(parts.test_set)} images of '{cfg.data.test_split}'"})
-            metrics.update(_test_once(core, parts, cfg, worker, selection, tracker, iteration))
+            metrics.update(_test_once(core, parts, cfg, worker, selection, tracker, iteration,
+                                      tell))
         if metrics:
             _report(metrics, iteration, tracker, selection, parts.select_set is not None, worker,
                     (core, optimizer, epoch) if wants_checkpoint else None)
@@ -719,10 +731,11 @@ def _step_metrics(loss: Tensor, losses: dict[str, Tensor], optimizer, device,
 
 
 def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
-            selection: _Selection) -> dict[str, float]:
+            selection: _Selection, tell) -> dict[str, float]:
     """Evaluate on the selection split; weights that beat the best so far become best_model.pt."""
     result = evaluate(core, parts.select_set, parts.classes, cfg.inference, worker.device,
-                      cfg.eval.batch_size, worker.rank, worker.world_size)
+                      cfg.eval.batch_size, worker.rank, worker.world_size,
+                      _evaluation_progress(tell, cfg.data.select_split))
     hiou = result["hIoU"]
     if not math.isnan(hiou) and hiou > selection.best_hiou:
         selection.best_hiou = hiou
@@ -733,6 +746,10 @@ def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
     return {f"select_{k}": result[k] for k in METRIC_KEYS}
 
 
+def _evaluation_progress(tell, split: str) -> Callable[[int, int], None]:
+    return lambda done, total: tell({"evaluating": split, "done": done, "total": total})
+
+
 def _tell_progress(tell, iteration: int, metrics: dict, select_split: str | None) -> None:
     shown = {"loss": metrics["loss"]} if "loss" in metrics else {}
     if "select_hIoU" in metrics:
@@ -741,10 +758,10 @@ def _tell_progress(tell, iteration: int, metrics: dict, select_split: str | None
 
 
 def _test_once(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
-               selection: _Selection, tracker, iteration: int) -> dict[str, float]:
+               selection: _Selection, tracker, iteration: int, tell) -> dict[str, float]:
     """The end of training: the test split's figures, the prediction pictures, final_metrics.json."""
     final = _test(core, selection.best_state, parts.test_set, parts.classes, cfg, worker.device,
-                  worker.rank, worker.world_size)
+                  worker.rank, worker.world_size, _evaluation_progress(tell, cfg.data.test_split))
     if worker.rank == 0:
         for path in _visualize(core, parts.test_set, parts.classes, cfg, worker.device,
                                worker.run_dir / "viz", iteration):
@@ -784,7 +801,7 @@ def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Sele
 
 
 def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpace, cfg: Config,
-          device, rank: int, world_size: int) -> dict[str, float]:
+          device, rank: int, world_size: int, progress=None) -> dict[str, float]:
     """The one evaluation on the test split: of the selected weights when a selection split chose
     some (the training weights are put back afterwards), else of the final ones."""
     final_state = None
@@ -793,7 +810,7 @@ def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpac
         core.load_state_dict(best_state)
     try:
         result = evaluate(core, test_set, classes, cfg.inference, device, cfg.eval.batch_size,
-                          rank, world_size)
+                          rank, world_size, progress)
     finally:
         if final_state is not None:
             core.load_state_dict(final_state)
@@ -906,8 +923,8 @@ TELL_EVERY_S = 1.0  # bare iteration counts go to the driver at most this often
 def _teller(queue):
     """Rank 0's line to the driver's progress display (`_Watcher`); best effort: a driver that is
     gone must not stop training. A put is a round trip to the queue actor, so a bare iteration
-    count goes at most every `TELL_EVERY_S`, fine enough for a run of minutes; notes and counts
-    with figures always go."""
+    count (of iterations, or of an evaluation's images) goes at most every `TELL_EVERY_S`, fine
+    enough for a run of minutes; notes, counts with figures and an evaluation's end always go."""
     last = -TELL_EVERY_S
 
     def tell(item: dict) -> None:
@@ -917,7 +934,9 @@ def _teller(queue):
                 print(item["note"])
             return
         now = time.monotonic()
-        if item.keys() == {"iteration"} and now - last < TELL_EVERY_S:
+        bare = item.keys() == {"iteration"} or ("evaluating" in item
+                                                and 0 < item["done"] < item["total"])
+        if bare and now - last < TELL_EVERY_S:
             return
         last = now
         try:
@@ -950,23 +969,23 @@ def _controller_to_driver(queue):
 
 
 class _Watcher:
-    """The driver's side of a run: rank 0 puts {"iteration", shown values...} or {"note":
-    sentence} on a Ray queue (an actor, so it works from any node), and the controller its
-    handle ({"controller": handle}); a thread here shows the first two as one progress display
-    and keeps the newest controller for `abort`."""
+    """The driver's side of a run: rank 0 puts {"iteration", shown values...}, {"evaluating":
+    split, "done", "total"} or {"note": sentence} on a Ray queue (an actor, so it works from any
+    node), and the controller its handle ({"controller": handle}); a thread here shows the
+    iterations as one progress display, an evaluation's images as another while it lasts, and
+    keeps the newest controller for `abort`."""
 
     def __init__(self, name: str, total: int, initial: int):
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from splitmatch.progress import Progress
-
         # On the driver's node, as Ray Train puts its controller: a queue on another node goes
         # with that node, and the next controller, putting its handle here, fails the run.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.bar = Progress(total, f"training {name}", "it", initial=initial)
+        self.evaluation: Progress | None = None
         self.controller = None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._show, name="progress", daemon=True)
@@ -1003,14 +1022,32 @@ class _Watcher:
                 self.controller = item["controller"]
             elif "note" in item:
                 self.bar.note(item["note"])
+            elif "evaluating" in item:
+                self._evaluation(item)
             else:
                 self.bar.update(item.pop("iteration"), **item)
+
+    def _evaluation(self, item: dict) -> None:
+        what = f"evaluating {item['evaluating']}"
+        if self.evaluation is None or self.evaluation.what != what:
+            self._end_evaluation()
+            # Gone when it ends (leave=False): the split's figures follow on the training line.
+            self.evaluation = Progress(item["total"], what, "img", leave=False)
+        self.evaluation.update(item["done"])
+        if item["done"] >= item["total"]:
+            self._end_evaluation()
+
+    def _end_evaluation(self) -> None:
+        if self.evaluation is not None:
+            self.evaluation.close()
+            self.evaluation = None
 
     def stop(self) -> None:
         import ray
 
         self.done.set()
         self.thread.join(timeout=10)
+        self._end_evaluation()
         self.bar.close()
         try:
             ray.kill(self.queue.actor)
@@ -1095,7 +1132,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
     model.load_state_dict(state["model"])
     model.to(device)
     test_set = build_dataset(cfg.data, cfg.data.test_split, train=False)
-    result = evaluate(model, test_set, classes, cfg.inference, device, cfg.eval.batch_size)
+    with Progress(len(test_set), f"evaluating {cfg.data.test_split}", "img") as bar:
+        result = evaluate(model, test_set, classes, cfg.inference, device, cfg.eval.batch_size,
+                          progress=lambda done, total: bar.update(done))
     if out_csv is not None:
         out_csv = Path(out_csv)
         out_csv.parent.mkdir(parents=True, exist_ok=True)
