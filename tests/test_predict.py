@@ -43,11 +43,12 @@ def images(tmp_path_factory):
     return root, paths
 
 
-def test_predict_writes_a_label_and_an_overlay_per_image(tmp_path, checkpoint, images):
+def test_predict_writes_a_label_and_an_overlay_per_image(tmp_path, checkpoint, images, capsys):
     root, paths = images
     lines = []
     labels = predict(checkpoint, [root / "folder", root / "c.png"], ",".join(CLASSES),
                      tmp_path / "out", log=lines.append)
+    assert capsys.readouterr().out.startswith("predicting: 3/3 img (100%)")  # its progress
     assert [p.name for p in labels] == ["a.png", "b.png", "c.png"]
     segmenter = Segmenter(checkpoint)
     for label_path, image_path in zip(labels, paths):
@@ -120,12 +121,14 @@ def test_pyfunc_model_predicts_without_the_command_line(tmp_path, checkpoint, im
     assert "'name': 'classes'" in done.stdout  # the vocabulary is a parameter of the signature
 
 
-def test_a_folder_can_go_through_ray_data_actors(tmp_path, checkpoint, images, ray_cluster):
+def test_a_folder_can_go_through_ray_data_actors(tmp_path, checkpoint, images, ray_cluster,
+                                                capsys):
     root, paths = images
     lines = []  # this process is the session cluster's driver already (ray_cluster)
     labels = predict(checkpoint, [root / "folder", root / "c.png"], CLASSES, tmp_path / "out",
                      use_ray=True, log=lines.append)
     assert lines[0].startswith("predicting 3 images on ") and "Ray Data actor" in lines[0]
+    assert "predicting: 3/3 img (100%)" in capsys.readouterr().out  # its progress, counted here
     segmenter = Segmenter(checkpoint)
     for label_path, image_path in zip(labels, paths):
         image = np.asarray(Image.open(image_path).convert("RGB"))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from splitmatch.config import Config, ConfigError, config_from_dict, stored_config_data
+from splitmatch.progress import Progress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NO_CLASS = 255  # label PNG value of pixels no class wins (never: every pixel gets a class)
@@ -67,7 +68,7 @@ class Segmenter:
         """RGB uint8 [H, W, 3] -> class index per pixel [H, W] (uint8, into `classes`)."""
         text = self.clip.text_embeddings(list(classes), self.templates).float().to(self.device)
         seen = [i for i, name in enumerate(classes) if name.lower() in self.trained_on]
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # a writable copy
         label = self.model.predict(pixels.to(self.device), text, self.cfg.inference, seen)[0]
         return label.to(torch.uint8).cpu().numpy()
 
@@ -163,13 +164,17 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], classes: Seque
             fn_constructor_kwargs={"checkpoint": str(checkpoint), "classes": classes,
                                    "out_dir": str(out_dir)},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers))
-        done = sum(len(batch["path"]) for batch in ds.iter_batches(batch_size=None))
-        assert done == len(paths)
+        with Progress(len(paths), "predicting", "img") as bar:
+            for batch in ds.iter_batches(batch_size=None):
+                bar.update(bar.done + len(batch["path"]))
+        assert bar.done == len(paths)
     else:
         segmenter = Segmenter(checkpoint)
-        for path in paths:
-            image = read_image(path)
-            write_outputs(image, segmenter.segment(image, classes), classes, out_dir, path.stem)
+        with Progress(len(paths), "predicting", "img") as bar:
+            for path in paths:
+                image = read_image(path)
+                write_outputs(image, segmenter.segment(image, classes), classes, out_dir, path.stem)
+                bar.update()
     log(f"{len(paths)} image(s) segmented into {', '.join(classes)}: label PNGs and overlays in "
         f"{out_dir} (label value i = class i of {out_dir / 'classes.json'})")
     return [out_dir / f"{stem}.png" for stem in stems]
