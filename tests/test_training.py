@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import config_from_dict
+from splitmatch.config import InferenceConfig, config_from_dict
 from splitmatch.criterion import build_criterion
 from splitmatch.data import build_dataset, collate
 from splitmatch.splits import TOYWORLD_CLASSES, seen_ids, unseen_ids
@@ -14,7 +14,6 @@ from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.targets import seen_lookup
-from splitmatch.config import InferenceConfig
 from splitmatch.train import (ClassSpace, _teller, build_optimizer, evaluate, lr_factor,
                               set_learning_rate, training_step)
 

@@ -3,8 +3,8 @@ images, training iterations, evaluation images), and the warnings that matter in
 
 On a terminal it is a tqdm bar; on anything else (a log file, a CI job, `ray job logs`, a
 terminal that reports no size) it is one line every `LINE_EVERY_S` seconds and a last line at the
-end, since a redrawn bar would write carriage returns into the log. Ray's and Ray Train's own INFO lines stay hidden unless
-`--verbose` (SPLITMATCH_VERBOSE=1, which Ray workers and jobs inherit).
+end, since a redrawn bar would write carriage returns into the log. Ray's and Ray Train's own INFO
+lines stay hidden unless `--verbose` (SPLITMATCH_VERBOSE=1, which Ray workers and jobs inherit).
 """
 from __future__ import annotations
 

@@ -801,7 +801,8 @@ def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Sele
 
 
 def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpace, cfg: Config,
-          device, rank: int, world_size: int, progress=None) -> dict[str, float]:
+          device, rank: int, world_size: int,
+          progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """The one evaluation on the test split: of the selected weights when a selection split chose
     some (the training weights are put back afterwards), else of the final ones."""
     final_state = None
@@ -1028,11 +1029,11 @@ class _Watcher:
                 self.bar.update(item.pop("iteration"), **item)
 
     def _evaluation(self, item: dict) -> None:
-        what = f"evaluating {item['evaluating']}"
-        if self.evaluation is None or self.evaluation.what != what:
+        if self.evaluation is None or item["done"] == 0:  # an evaluation's start always comes
             self._end_evaluation()
             # Gone when it ends (leave=False): the split's figures follow on the training line.
-            self.evaluation = Progress(item["total"], what, "img", leave=False)
+            self.evaluation = Progress(item["total"], f"evaluating {item['evaluating']}", "img",
+                                       leave=False)
         self.evaluation.update(item["done"])
         if item["done"] >= item["total"]:
             self._end_evaluation()
