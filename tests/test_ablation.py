@@ -1,106 +1,121 @@
-"""`splitmatch ablation`: the four rows of the paper's Table 2 on two unseen splits on a real local
-Ray cluster, every row an MLflow run under one parent, the printed means equal to the runs'
-metrics, an interrupted run that goes on where it stopped, a rerun that keeps finished rows, a
-rerun under another config refused by key, and `splitmatch diagnose` on the trained rows; Tables
-3 and 4, the row they share trained once."""
+"""`splitmatch ablation`: the four rows of the paper's Table 2 on two development splits on a real
+local Ray cluster, every row an MLflow run under one parent, the printed means (val) equal to the
+runs' metrics, an interrupted run that goes on where it stopped, a rerun that keeps finished rows,
+a rerun under another config refused by key, held-out splits refused where choices are made, and
+`splitmatch diagnose` on the trained rows; Table 3 and the deviations table on a held-out split,
+the row they share trained once."""
 import json
 import math
 import signal
 import statistics
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from splitmatch.ablation import ROWS, TABLES, row_config
-from splitmatch.config import config_from_dict, flatten
-from splitmatch.splits import draw_unseen_splits
+from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TABLES,
+                                 deviation_rows, row_config, slug)
+from splitmatch.config import config_from_dict, dump_config, flatten, load_config
+from splitmatch.splits import DEV, HOLDOUT, draw_family
 from splitmatch.tracking import default_tracking_uri
 from helpers import finish, splitmatch, tiny_config, write_config
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
 
 @pytest.mark.slow
-def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
+def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ray_cluster):
     config = write_config(tmp_path, "abl", max_iters=2, num_workers=1, checkpoint_every=2,
                           eval_every=2, log_every=1, num_visualizations=0)
     # Interrupted after two rows of the first split (driver killed), then run again: the two
     # finished rows are kept, the rest is trained.
     first = splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster)
-    measured = []  # "[split 0 (...), seed 0] baseline: hIoU ..." as the first run printed them
+    measured = []  # "[dev0 (...), seed 0] baseline: val hIoU ..." as the first run printed them
     for line in first.stdout:
-        if ": hIoU" in line:
+        if ": val hIoU" in line:
             measured.append(line.strip())
-        if "] +SM: hIoU" in line:
+        if "] +SM: val hIoU" in line:
             first.kill()
             break
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL
     out = finish(splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster),
                  timeout=600)
-    assert out.count("already trained") == 2 and "training +SM+MFE (abl-ablation-u0-s0" in out
+    assert out.count("already trained") == 2
+    assert "training +SM+MFE (abl-ablation-dev0-s0-plus_SMplus_MFE)" in out
     # The kept rows' figures are the ones they were measured with, read back from their runs.
     assert len(measured) == 2 and all(line in out for line in measured), (measured, out[-3000:])
     lines = out.strip().splitlines()
-    table = json.loads(lines[-1])  # the last line is the JSON summary
+    table = json.loads(lines[-1])  # the last line is the JSON summary: one entry per row
     assert list(table) == list(ROWS)
-    assert all(set(table[row]) == {"hIoU", "sIoU", "uIoU"} for row in ROWS)
-    for row in ROWS:  # the pooled table: one line per row, mean ± std over the two splits
-        assert any(line.startswith(row + " ") and line.count("±") == 3 for line in lines), row
-    splits = draw_unseen_splits("toyworld", 2)
-    for index, unseen in enumerate(splits):  # a table and a per-class report per split
-        assert f"split {index} ({', '.join(unseen)}), 1 seed(s):" in out
-    report_lines = [line for line in lines if line.startswith(("leaf ", "zebra "))]
+    for position, row in enumerate(ROWS):
+        entry = table[row]
+        assert {k: set(entry[k]) for k in METRICS} == {k: {"mean", "ci95"} for k in METRICS}
+        deltas = {"delta_vs_baseline", "delta_vs_previous"} if position else set()
+        assert set(entry) == {*METRICS, *deltas}
+        for label in deltas:
+            assert set(entry[label]["hIoU"]) == {"mean", "ci95", "shown"}
+    assert "val figures; mean [95% interval] over the 2 (split, seed) pairs" in out
+    assert "two-stage bootstrap over splits" in out and "row settings:" in out
+    assert "  baseline: matching.mode=baseline, model.mfe.enabled=false; calibration 0.0" in out
+    splits = draw_family("toyworld", DEV, 2)
+    for split in splits:  # a table and a per-class report per split
+        assert f"{split.describe()}, 1 seed(s), val split:" in out
+    report_lines = [line for line in lines if line.startswith(("leaf ", "donut "))]
     assert report_lines and all(len(line.split()) == 2 + 3 + len(ROWS) for line in report_lines)
 
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     experiment = client.get_experiment_by_name("tests").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`splitmatch.kind` = 'ablation'")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["reported_split"] == "val" and parent.data.tags["family"] == DEV
+    assert parent.data.tags["row_order"] == " | ".join(ROWS)
     children = client.search_runs([experiment],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 2 * len(ROWS)
     by_row = {row: [] for row in ROWS}
     for child in children:
-        name = child.info.run_name
-        if name.endswith("plus_RQ"):
-            assert child.data.params["inference.num_random_queries"] == "2"
-            by_row["+SM+MFE+RQ"].append(child)
-            continue
-        params = child.data.params
-        row = ("baseline" if params["matching.mode"] == "baseline" else
-               "+SM+MFE" if params["model.mfe.enabled"] == "True" else "+SM")
-        assert params["inference.num_random_queries"] == "0"  # only the RQ row adds them
+        row = child.data.tags["row"]
+        assert child.data.tags["split"] in ("dev0", "dev1")
+        expected = "2" if row == "+SM+MFE+RQ" else "0"  # only the RQ row adds random queries
+        assert child.data.params["inference.num_random_queries"] == expected, row
         by_row[row].append(child)
     assert {row: len(runs) for row, runs in by_row.items()} == {row: 2 for row in ROWS}
     for row, runs in by_row.items():
         unseen = {tuple(json.loads(r.data.params["data.unseen"])) for r in runs}
-        assert unseen == set(splits), row  # each row ran on both splits
-        for metric in ("hIoU", "sIoU", "uIoU"):
-            values = [r.data.metrics[metric] for r in runs]
-            assert math.isclose(table[row][metric], round(statistics.fmean(values), 2),
+        assert unseen == {s.unseen for s in splits}, row  # each row ran on both splits
+        for metric in METRICS:  # the reported figures are val's, read back from the runs
+            values = [r.data.metrics[f"final_select_{metric}"] for r in runs]
+            assert math.isclose(table[row][metric]["mean"], round(statistics.fmean(values), 2),
                                 abs_tol=0.011), (row, metric)
+            assert all(metric in r.data.metrics for r in runs)  # test's, beside it
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"ablation_table.txt", "ablation.json", "split0_table.txt",
-            "split1_table.txt"} <= artifacts
-    assert math.isclose(parent.data.metrics["SM_MFE/hIoU"], table["+SM+MFE"]["hIoU"],
+    assert {"ablation_table.txt", "ablation.json", "dev0_table.txt",
+            "dev1_table.txt"} <= artifacts
+    assert math.isclose(parent.data.metrics["SM_MFE/hIoU"], table["+SM+MFE"]["hIoU"]["mean"],
                         abs_tol=0.006)
-
     assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)  # none twice
 
-    # Another budget and split under the same name: the trained rows were made under another
-    # config, so the command refuses by key instead of mixing two configs in one table.
+    # Another budget under the same name: the trained rows were made under another config, so
+    # the command refuses by key instead of mixing two configs in one table.
     other = splitmatch("ablation", str(config), "--splits", "2", "--set", "train.max_iters=3",
-                       "--set", "data.unseen=[zebra, grape]", address=ray_cluster)
+                       address=ray_cluster)
     refused, _ = other.communicate(timeout=300)
     assert other.returncode == 2, refused[-3000:]
-    assert "data.unseen: ['leaf', 'starfish', 'donut'] -> ['zebra', 'grape']" in refused
     assert "train.max_iters: 2 -> 3" in refused and "training baseline" not in refused
+    # A config that names its own split runs on it alone; a held-out one is refused.
+    held = draw_family("toyworld", HOLDOUT, 1)[0]
+    other = splitmatch("ablation", str(config), *[a for o in held.overrides()
+                                                  for a in ("--set", o)], address=ray_cluster)
+    refused, _ = other.communicate(timeout=300)
+    assert other.returncode == 2 and "is a held-out split" in refused, refused[-3000:]
 
-    # The diagnostics of split 1 read the trained rows and write their report.
-    diag = finish(splitmatch("diagnose", str(config), "--split", "1", address=ray_cluster),
+    # The diagnostics of dev1 read the trained rows and write their report.
+    diag = finish(splitmatch("diagnose", str(config), "--split", "dev1", address=ray_cluster),
                   timeout=300)
     assert "won by seen / candidate / random queries" in diag and "candidate targets:" in diag
-    report = json.loads((tmp_path / "runs" / "abl-ablation" / "diagnose-u1-s0.json").read_text())
-    assert report["unseen"] == list(splits[1])
+    report = json.loads((tmp_path / "runs" / "abl-ablation" / "diagnose-dev1-s0.json").read_text())
+    assert report["unseen"] == list(splits[1].unseen) and report["split"] == "dev1"
     assert set(report["rows"]) == set(ROWS)
     for row in report["rows"].values():  # every labelled pixel is won by exactly one group
         confusion_pixels = sum(map(sum, row["confusion"]))
@@ -108,59 +123,109 @@ def test_ablation_rows_over_two_splits_under_one_parent(tmp_path, ray_cluster):
     for row in ROWS[:3]:  # rows evaluated without random queries give them no pixel
         assert all(counts[2] == 0 for counts in report["rows"][row]["ownership"]), row
     assert 0 <= report["candidates"]["background_pixel_share"] <= 1
+    refused = splitmatch("diagnose", str(config), "--split", "holdout0", address=ray_cluster)
+    text, _ = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "is a held-out split" in text, text[-3000:]
 
 
 @pytest.mark.slow
-def test_tables_3_and_4_train_their_rows_under_their_own_parents(tmp_path, ray_cluster):
-    """Tables 3 (candidate embedding) and 4 (MFE norm) at a tiny budget: every row is a run
-    with its own setting under its table's own parent, and the JSON last line has one entry per
-    row. Table 4's GN row is Table 3's Cu model (both the full model): it is not trained again
-    but takes Cu's figures, in a run of its own that names where they come from."""
-    config = write_config(tmp_path, "tab", max_iters=1, num_workers=1, checkpoint_every=1,
-                          log_every=1, num_visualizations=0)
+def test_held_out_table_3_and_the_deviations_table(tmp_path, ray_cluster):
+    """Table 3 (candidate embedding) and the deviations table on a held-out split at a tiny
+    budget: every row is a run with its own setting under its table's own parent, the figures
+    are test's, the JSON last line has one entry per row. The deviations table's preset is Table
+    3's Cu model (both the config's full model): it is not trained again but takes Cu's figures,
+    in a run of its own that names where they come from; its calibration row evaluates the
+    preset's model again with calibration off."""
+    data = tiny_config(tmp_path, "tab", max_iters=1, num_workers=1, checkpoint_every=1,
+                       log_every=1, num_visualizations=0)
+    # The preset's deviations, so that each deviation row differs from it.
+    data["model"]["center_embeddings"] = True
+    data["pseudo_masks"]["background_prompts"] = ["a photo of the background."]
+    data["loss"]["normalization"] = "per_group"
+    data["data"]["select_split"] = "val"
+    data["inference"].update({"seen_score_calibration": "auto", "calibration_grid": [0.0, 0.1]})
+    config = tmp_path / "tab.yaml"
+    config.write_text(dump_config(config_from_dict(data)))
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
-    out = finish(splitmatch("ablation", str(config), "--table", "3", address=ray_cluster),
-                 timeout=600)
+    out = finish(splitmatch("ablation", str(config), "--table", "3", "--holdout", "1",
+                            address=ray_cluster), timeout=600)
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"Fu", "Fu+MLP", "Cu"}
+    assert "test figures; mean [95% interval] over the 1 (split, seed) pairs" in out
     # What a user reads is the table: MLflow's and Ray's own INFO lines wait for --verbose.
     for notice in ("mlflow.store.db.utils", "logging.cc", "TrainingReport("):
         assert notice not in out, (notice, out[-3000:])
     experiment = client.get_experiment_by_name("tests").experiment_id
+    held = draw_family("toyworld", HOLDOUT, 1)[0]
 
-    def rows_of(table: int) -> dict:
-        (parent,) = client.search_runs([experiment], f"tags.mlflow.runName = 'tab-table{table}'")
-        assert parent.data.tags["table"] == str(table) and parent.info.status == "FINISHED"
+    def rows_of(table: str) -> dict:
+        (parent,) = client.search_runs(
+            [experiment], f"tags.mlflow.runName = 'tab-table{table}-holdout'")
+        assert parent.data.tags["table"] == table and parent.info.status == "FINISHED"
+        assert parent.data.tags["holdout"] == "--holdout 1"
+        assert parent.data.tags["reported_split"] == "test"
         kids = client.search_runs([experiment],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        # Every row is the full model, tested with the config's random queries.
+        # Every row is the full model, tested with the config's random queries, on holdout0.
         assert {k.data.params["inference.num_random_queries"] for k in kids} == {"2"}
-        assert {k.data.params["model.mfe.enabled"] for k in kids} == {"True"}
-        return {k.info.run_name.rsplit("-", 1)[1]: k for k in kids}
+        assert {k.data.tags["split"] for k in kids} == {"holdout0"}
+        for kid in kids:
+            assert kid.data.metrics["seen_score_calibration"] in (0.0, 0.1)
+        return {k.data.tags["row"]: k for k in kids}
 
-    table3 = rows_of(3)
+    table3 = rows_of("3")
     assert {name: k.data.params["model.candidate_embedding"] for name, k in table3.items()} == {
-        "Fu": "dense", "Fuplus_MLP": "dense_mlp", "Cu": "cls"}
+        "Fu": "dense", "Fu+MLP": "dense_mlp", "Cu": "cls"}
+    assert json.loads(table3["Cu"].data.params["data.unseen"]) == list(held.unseen)
+    assert table3["Cu"].data.params["data.toyworld.seed"] == str(held.world_seed)
+    assert table3["Cu"].data.tags["holdout_flag"] == "--holdout"
+    assert table3["Cu"].data.tags["split_family"] == HOLDOUT
 
-    out = finish(splitmatch("ablation", str(config), "--table", "4", address=ray_cluster),
-                 timeout=600)
-    assert "training no norm" in out and "training BN" in out and "training GN" not in out
-    assert "GN: the same model as tab-table3-u0-s0-Cu" in out
-    summary4 = json.loads(out.strip().splitlines()[-1])
-    assert summary4["GN"] == summary["Cu"] and set(summary4) == {"no norm", "BN", "GN"}
-    table4 = rows_of(4)
-    assert {name: k.data.params["model.mfe.norm"] for name, k in table4.items()} == {
-        "no_norm": "none", "BN": "bn", "GN": "gn"}
-    assert table4["GN"].data.tags["reuses"] == "tab-table3-u0-s0-Cu"
-    assert "reuses" not in table4["BN"].data.tags
-    for metric in ("hIoU", "sIoU", "uIoU", "mIoU"):
-        assert table4["GN"].data.metrics[metric] == table3["Cu"].data.metrics[metric]
-    assert not (tmp_path / "runs" / "tab-table4-u0-s0-GN" / "final_metrics.json").exists()
+    out = finish(splitmatch("ablation", str(config), "--table", "paper", "--holdout", "1",
+                            address=ray_cluster), timeout=900)
+    rows = list(TABLES["paper"])
+    assert "preset: the same model as tab-table3-holdout-holdout0-s0-Cu" in out
+    assert "training preset (" not in out and "training paper (" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert list(summary) == rows  # the preset first: every delta_vs_baseline is against it
+    assert summary["preset"]["hIoU"]["mean"] == round(table3["Cu"].data.metrics["hIoU"], 2)
+    paper = rows_of("paper")
+    assert set(paper) == set(rows)
+    assert paper["preset"].data.tags["reuses"] == "tab-table3-holdout-holdout0-s0-Cu"
+    assert paper["preset - calibration"].data.params["inference.seen_score_calibration"] == "0.0"
+    assert paper["preset - calibration"].data.metrics["seen_score_calibration"] == 0.0
+    settings = {k: paper["paper"].data.params[k] for k in (
+        "loss.candidate_negatives", "pseudo_masks.cls_input", "model.center_embeddings",
+        "loss.normalization", "inference.seen_score_calibration")}
+    assert settings == {"loss.candidate_negatives": "all", "pseudo_masks.cls_input": "masked",
+                        "model.center_embeddings": "False", "loss.normalization": "joint",
+                        "inference.seen_score_calibration": "0.0"}
+    assert "  preset - centring: model.center_embeddings=false; calibration auto" in out
+
+
+def test_deviation_rows_switch_off_one_deviation_each(tmp_path):
+    """Each deviation row is the preset with one deviation switched off; the paper row has all of
+    them off; a deviation the config does not take is left out of the table."""
+    base = load_config(EXPERIMENTS / "toyworld.yaml")
+    preset = flatten(row_config(base, "preset", 0, "t"))
+    for name, overrides in DEVIATIONS.items():
+        row = flatten(row_config(base, f"preset - {name}", 0, "t"))
+        changed = {k for k, v in row.items() if preset[k] != v} - {"name"}
+        assert changed == {o.split("=")[0] for o in overrides}, name
+    paper = flatten(row_config(base, "paper", 0, "t"))
+    assert {k for k, v in paper.items() if preset[k] != v} - {"name"} == {
+        o.split("=")[0] for o in PAPER_OVERRIDES}
+    assert deviation_rows(base, log=lambda *_: None) == tuple(TABLES["paper"])
+    said = []
+    plain = config_from_dict(tiny_config(tmp_path, "x"))  # takes only the candidate negatives
+    kept = deviation_rows(plain, log=said.append)
+    assert kept == ("preset", "preset - candidate negatives", "preset - masked crop", "paper")
+    assert len(said) == 4 and all("row left out" in line for line in said)
 
 
 @pytest.mark.parametrize("table, key, values", [
-    (3, "model.candidate_embedding", {"Fu": "dense", "Fu+MLP": "dense_mlp", "Cu": "cls"}),
-    (4, "model.mfe.norm", {"no norm": "none", "BN": "bn", "GN": "gn"})])
+    ("3", "model.candidate_embedding", {"Fu": "dense", "Fu+MLP": "dense_mlp", "Cu": "cls"}),
+    ("4", "model.mfe.norm", {"no norm": "none", "BN": "bn", "GN": "gn"})])
 def test_tables_rows_set_only_their_key(tmp_path, table, key, values):
     """Each row of Tables 3 and 4 is the full model (split matching, MFE, the config's random
     queries) with its own setting of the table's key and nothing else changed."""
@@ -172,7 +237,6 @@ def test_tables_rows_set_only_their_key(tmp_path, table, key, values):
         cfg = flatten(row_config(base, row, seed=0, parent=f"tab-table{table}"))
         changed = {k for k, v in cfg.items() if full.get(k) != v}
         assert changed <= {key, "name", "tune.space"}, (row, changed)
-        assert cfg["name"] == f"tab-table{table}-u0-s0-" + row.replace("+", "plus_").replace(
-            " ", "_")
+        assert cfg["name"] == f"tab-table{table}-dev0-s0-" + slug(row)
         settings[row] = cfg[key]
     assert settings == values

@@ -35,7 +35,7 @@ def test_help_and_config_load_neither_torch_nor_ray():
     assert done.returncode == 0 and "submit" in done.stdout and heavy == [], heavy
     done, heavy = probe("train", "--help")
     assert done.returncode == 0 and "--resume" in done.stdout and heavy == [], heavy
-    done, heavy = probe("config", "experiments/voc_split_matching.yaml",
+    done, heavy = probe("config", "experiments/voc_preset.yaml",
                         "--set", "model.num_candidate_queries=7")
     assert done.returncode == 0 and "num_candidate_queries: 7" in done.stdout and heavy == [], heavy
 

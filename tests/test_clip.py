@@ -283,7 +283,7 @@ def test_paper_vit_b16_architecture_builds_offline() -> None:
     """The ViT-B/16 of the paper configs, randomly initialised (weights cannot be downloaded here)."""
     from splitmatch.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "voc_split_matching.yaml",
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "voc_preset.yaml",
                       ["clip.pretrained=null"])
     torch.manual_seed(0)
     clip = build_clip(cfg.clip)

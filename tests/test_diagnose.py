@@ -5,23 +5,8 @@ import pytest
 import torch
 
 from splitmatch.config import Config, config_differences, describe_differences, to_dict
-from splitmatch.splits import TOYWORLD_CLASSES, TOYWORLD_UNSEEN, draw_unseen_splits
 from splitmatch.diagnose import (candidate_composition, ownership_counts, per_class_pseudo_quality,
                                  query_groups, winning_queries)
-
-
-def test_drawn_splits_start_with_the_standard_one_and_are_distinct_and_reproducible():
-    drawn = draw_unseen_splits("toyworld", 6, seed=0)
-    assert drawn[0] == tuple(n for n in TOYWORLD_CLASSES if n in TOYWORLD_UNSEEN)
-    assert len({frozenset(s) for s in drawn}) == 6
-    assert all(len(s) == 3 and set(s) <= set(TOYWORLD_CLASSES) for s in drawn)
-    assert draw_unseen_splits("toyworld", 6, seed=0) == drawn
-    assert draw_unseen_splits("toyworld", 6, seed=1)[1:] != drawn[1:]
-    # More splits extend the list without changing the first ones (a longer run resumes a shorter).
-    assert draw_unseen_splits("toyworld", 8, seed=0)[:6] == drawn
-    assert draw_unseen_splits("toyworld", 2, first=["zebra", "tomato"])[0] == ("tomato", "zebra")
-    with pytest.raises(ValueError, match="120 distinct splits"):
-        draw_unseen_splits("toyworld", 121)
 
 
 def test_config_differences_name_result_keys_only():

@@ -172,7 +172,7 @@ def test_cluster_specs_agree_with_each_other_the_readme_and_the_tests():
     for f in flags:
         assert all(f[key].startswith("s3://YOUR-BUCKET/splitmatch/") for key in SHARED[:3])
         assert f["tracking.uri"].startswith("http://")
-        cfg = load_config(PROJECT_ROOT / "experiments" / "voc_split_matching.yaml",
+        cfg = load_config(PROJECT_ROOT / "experiments" / "voc_preset.yaml",
                           [f"{k}={v}" for k, v in f.items()])
         assert cfg.train.storage_path.startswith("s3://")
     assert "--build-pseudo-masks" in spec["entrypoint"] and "--build-pseudo-masks" in step

@@ -18,8 +18,8 @@ from helpers import finish, splitmatch
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CASES = {
-    "voc": ("voc_split_matching.yaml", {"train_aug": 2, "val": 1}, 2),
-    "coco_stuff": ("coco_stuff_split_matching.yaml", {"train2017": 2, "val2017": 1}, 1),
+    "voc": ("voc_preset.yaml", {"train_aug": 2, "val": 1}, 2),
+    "coco_stuff": ("coco_stuff_preset.yaml", {"train2017": 2, "val2017": 1}, 1),
 }
 
 

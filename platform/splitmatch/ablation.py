@@ -1,260 +1,443 @@
 """`splitmatch ablation`: the paper's ablation tables on any config, every row with the same data,
-seed and budget, on one or several unseen-class splits, every row an MLflow run under one parent:
+seeds, budget and test-time protocol, over (split, seed) pairs, every row an MLflow run under one
+parent:
 - Table 2 (default): baseline, +SM, +SM+MFE, +SM+MFE+RQ;
 - Table 3 (`--table 3`): the candidates' class embedding in training: MFE features Fu, Fu + MLP,
   CLIP CLS tokens Cu (`model.candidate_embedding`), each the full model with random queries;
-- Table 4 (`--table 4`): the MFE dense blocks' normalisation: none, BN, GN (`model.mfe.norm`).
+- Table 4 (`--table 4`): the MFE dense blocks' normalisation: none, BN, GN (`model.mfe.norm`);
+- the deviations table (`--table paper`): the config (the project's preset), the same with each
+  of its deviations from the paper switched off in turn, and the paper as written (all off).
 
-A gain measured on the one split its settings were chosen on is no evidence, so `--splits K` runs
-every row on K splits (`splits.draw_unseen_splits`: the standard split first, then splits drawn
-reproducibly from `--split-seed`) and reports a table per split plus the mean ± std over all
-(split, seed) pairs. Settings are chosen on the standard split and held fixed for the others.
+Splits come from the two families of `splits.py`: `--splits K` runs on the first K development
+splits and reports their **val** figures (what choices are made on); `--holdout K` runs on the
+first K held-out splits and reports their **test** figures (read once the choices are fixed).
+Every row is scored over the same (split, seed) pairs: mean and 95% interval per row, and paired
+differences to the baseline (first row) and to the row before (`stats.py`).
 
-Random queries only exist at inference, so the +RQ row evaluates the +SM+MFE model again with
-`inference.num_random_queries` extra queries instead of training a fourth, identical model.
+Every row has the config's test-time protocol: `inference.seen_score_calibration` (a number, or
+`auto`: chosen per row on val from `inference.calibration_grid`) applies to all rows alike, and
+the value each row used is logged and printed.
 
-The whole protocol is resumable: a row is kept when its run directory holds a finished run whose
-stored config matches the row's config (`train.check_run_config`), a half-trained row resumes
-from its latest checkpoint, and a row made under another config is refused by name. A row whose
-config equals, but for its name, a finished row of another table (Table 3's Cu and Table 4's GN
-are both the full model) takes that row's figures instead of training the same model again.
+Rows that only change how a trained model is evaluated (random queries, calibration off) evaluate
+that model again instead of training an identical one. The whole protocol is resumable: a row is
+kept when its run directory holds a finished run whose stored config matches the row's
+(`train.check_run_config`), a half-trained row resumes from its latest checkpoint, and a row made
+under another config is refused by name. A row whose config equals, but for its name and how it
+is evaluated, a finished row of another table uses that row's model instead of training the same
+one again (its figures, or the model evaluated with this row's settings).
 """
 from __future__ import annotations
 
 import json
 import math
-import statistics
+import re
+from collections import Counter
 
-from splitmatch.config import (Config, ConfigError, apply_overrides, config_differences,
-                               config_from_dict, flatten, to_dict)
-from splitmatch.splits import draw_unseen_splits
+from splitmatch import splits as split_families
+from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, apply_overrides,
+                               config_differences, config_from_dict, flatten, to_dict)
+from splitmatch.splits import DEV, HOLDOUT, Split
+from splitmatch.stats import INTERVAL, format_estimate, rounded, summarise_rows
 from splitmatch.tracking import Tracker, default_tracking_uri, open_parent_run
 
 METRICS = ("hIoU", "sIoU", "uIoU")
-# Rows of every table: what each row changes in the config (`--set` overrides). Table 2's +RQ
-# row trains nothing (see EVALUATES); Tables 3 and 4 vary the full model, which is then tested
-# with the config's random queries, as the paper's figures for them are.
 FULL_MODEL = ["matching.mode=split", "model.mfe.enabled=true"]
-TABLES: dict[int, dict[str, list[str]]] = {
-    2: {"baseline": ["matching.mode=baseline", "model.mfe.enabled=false"],
-        "+SM": ["matching.mode=split", "model.mfe.enabled=false"],
-        "+SM+MFE": FULL_MODEL, "+SM+MFE+RQ": []},
-    3: {"Fu": [*FULL_MODEL, "model.candidate_embedding=dense"],
-        "Fu+MLP": [*FULL_MODEL, "model.candidate_embedding=dense_mlp"],
-        "Cu": [*FULL_MODEL, "model.candidate_embedding=cls"]},
-    4: {"no norm": [*FULL_MODEL, "model.mfe.norm=none"],
-        "BN": [*FULL_MODEL, "model.mfe.norm=bn"],
-        "GN": [*FULL_MODEL, "model.mfe.norm=gn"]},
+# The project's deviations from the paper as written (docs/method.md, "Where we differ"): each
+# is switched off by these overrides. The paper-as-written preset is the config with all of them.
+DEVIATIONS: dict[str, list[str]] = {
+    "centring": ["model.center_embeddings=false"],
+    "background filter": ["pseudo_masks.background_prompts=[]"],
+    "candidate negatives": ["loss.candidate_negatives=all"],
+    "per-group normalisation": ["loss.normalization=joint"],
+    "masked crop": ["pseudo_masks.cls_input=masked"],
+    "calibration": ["inference.seen_score_calibration=0.0"],
 }
-ROWS = tuple(TABLES[2])
-# Random queries only exist at inference: this row evaluates that row's model with them.
-EVALUATES = {"+SM+MFE+RQ": "+SM+MFE"}
+PAPER_OVERRIDES = [o for overrides in DEVIATIONS.values() for o in overrides]
+# Rows of every table: what each row changes in the config (`--set` overrides).
+TABLES: dict[str, dict[str, list[str]]] = {
+    "2": {"baseline": ["matching.mode=baseline", "model.mfe.enabled=false"],
+          "+SM": ["matching.mode=split", "model.mfe.enabled=false"],
+          "+SM+MFE": FULL_MODEL, "+SM+MFE+RQ": FULL_MODEL},
+    "3": {"Fu": [*FULL_MODEL, "model.candidate_embedding=dense"],
+          "Fu+MLP": [*FULL_MODEL, "model.candidate_embedding=dense_mlp"],
+          "Cu": [*FULL_MODEL, "model.candidate_embedding=cls"]},
+    "4": {"no norm": [*FULL_MODEL, "model.mfe.norm=none"],
+          "BN": [*FULL_MODEL, "model.mfe.norm=bn"],
+          "GN": [*FULL_MODEL, "model.mfe.norm=gn"]},
+    "paper": {"preset": FULL_MODEL,
+              **{f"preset - {name}": [*FULL_MODEL, *overrides]
+                 for name, overrides in DEVIATIONS.items()},
+              "paper": [*FULL_MODEL, *PAPER_OVERRIDES]},
+}
+ROWS = tuple(TABLES["2"])
+# Rows that only change how a trained model is evaluated -> the row whose model they evaluate.
+# Random queries exist only at inference, and calibration is a test-time constant.
+EVALUATES: dict[str, str] = {"+SM+MFE+RQ": "+SM+MFE", "preset - calibration": "preset"}
 
 
-def split_config(cfg: Config, unseen: tuple[str, ...]) -> Config:
-    return config_from_dict({**to_dict(cfg), "data": {**to_dict(cfg)["data"],
-                                                      "unseen": list(unseen)}}, "ablation split")
+def parent_name(cfg: Config, table: str, family: str) -> str:
+    kind = "ablation" if table == "2" else f"table{table}"
+    return f"{cfg.name}-{kind}" + ("-holdout" if family == HOLDOUT else "")
 
 
-def parent_name(cfg: Config, table: int) -> str:
-    return f"{cfg.name}-ablation" if table == 2 else f"{cfg.name}-table{table}"
+def slug(row: str) -> str:
+    """"+SM+MFE" -> "plus_SMplus_MFE", "preset - masked crop" -> "preset_-_masked_crop": a row
+    name that fits a run name."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", row.replace("+", "plus_")).replace("__", "_")
 
 
-def twin_rows(base: Config, table: int, wanted: Config, seed: int,
-              split_index: int) -> list[Config]:
-    """The trained rows of the other tables whose config equals `wanted` (this row's) in
-    everything that can change a result (only their names differ): the same model, trained once."""
-    twins = []
-    for other, rows in TABLES.items():
-        if other == table:
-            continue
-        for name in (r for r in rows if r not in EVALUATES):
-            candidate = row_config(base, name, seed, parent_name(base, other), split_index)
-            if not config_differences(candidate, wanted):
-                twins.append(candidate)
-    return twins
+def metric_prefix(row: str) -> str:
+    """"+SM+MFE" -> "SM_MFE", "no norm" -> "no_norm": a row name MLflow accepts in a metric name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", row.lstrip("+").replace("+", "_")).strip("_")
 
 
-def _finished_twin(base: Config, table: int, wanted: Config, seed: int, split_index: int):
-    """(config, run folder) of a twin row (`twin_rows`) that has finished, or None."""
-    from splitmatch.train import FINAL_METRICS, run_directory
-
-    for twin in twin_rows(base, table, wanted, seed, split_index):
-        run_dir = run_directory(twin)
-        if (run_dir / FINAL_METRICS).is_file():
-            return twin, run_dir
-    return None
+def table_of(row: str) -> str:
+    return next(number for number, rows in TABLES.items() if row in rows)
 
 
-def row_config(cfg: Config, row: str, seed: int, parent: str, split_index: int = 0) -> Config:
-    """The config of one trained row (the RQ row reuses +SM+MFE's model)."""
-    table = next(number for number, rows in TABLES.items() if row in rows)
+def on_split(cfg: Config, split: Split) -> Config:
+    """`cfg` on `split`, with a selection split to read val figures (and choose calibration) on."""
+    data = to_dict(cfg)
+    data["data"]["unseen"] = list(split.unseen)
+    if split.world_seed is not None:
+        data["data"]["toyworld"]["seed"] = split.world_seed
+    if data["data"]["select_split"] is None:
+        if cfg.data.dataset != "toyworld":
+            raise ConfigError("data.select_split is not set: the ablation reads every row's "
+                              "val figures (and chooses calibration) on it; set it")
+        data["data"]["select_split"] = "val"
+    return config_from_dict(data, f"ablation split {split.label}")
+
+
+def row_config(cfg: Config, row: str, seed: int, parent: str, split: str = "dev0") -> Config:
+    """The config of one row on one (split, seed); `cfg` is already on that split (`on_split`)."""
+    table = table_of(row)
     data = to_dict(cfg)
     data["seed"] = seed
-    data["name"] = f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_').replace(' ', '_')}"
-    apply_overrides(data, TABLES[table][EVALUATES.get(row, row)], f"ablation row {row}")
-    if table == 2:
+    data["name"] = f"{parent}-{split}-s{seed}-{slug(row)}"
+    apply_overrides(data, TABLES[table][row], f"ablation row {row}")
+    if table == "2" and row != "+SM+MFE+RQ":
         # Without RQ, rows evaluate the trained queries only; the RQ row adds them.
         data["inference"]["num_random_queries"] = 0
     data["tune"] = {}
     return config_from_dict(data, f"ablation row {row}")
 
 
-def run_ablation(cfg: Config, seeds: int = 1, splits: int = 1, split_seed: int = 0,
-                 table: int = 2, log=print) -> dict:
-    """Train and evaluate every row for every (split, seed); returns the mean/std per row over
-    all of them, the per-split tables and the per-class report."""
+def trained_config(cfg: Config, row: str, seed: int, parent: str, split: str) -> Config:
+    """The config of the model a row's figures come from: its own, or (EVALUATES) the trained
+    row's, which differs only in how it is evaluated."""
+    if row not in EVALUATES:
+        return row_config(cfg, row, seed, parent, split)
+    return row_config(cfg, EVALUATES[row], seed, parent, split)
+
+
+# Keys that do not change what is trained: a row that differs from a trained row only in these
+# evaluates that row's model instead of training it again (the model is the one selected on val
+# under the trained row's own evaluation settings).
+EVALUATION_KEYS = ("inference.",)
+
+
+def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
+              family: str) -> list[Config]:
+    """The trained rows of the other tables whose config equals `wanted` (this row's) in
+    everything that can change what is trained (only their names and evaluation settings
+    differ): the same model, trained once."""
+    twins = []
+    for other, rows in TABLES.items():
+        if other == table:
+            continue
+        for name in (r for r in rows if r not in EVALUATES):
+            candidate = row_config(base, name, seed, parent_name(base, other, family), split)
+            if not config_differences(candidate, wanted,
+                                      neutral=(*RESULT_NEUTRAL_KEYS, *EVALUATION_KEYS)):
+                twins.append(candidate)
+    return twins
+
+
+def deviation_rows(cfg: Config, log=print) -> tuple[str, ...]:
+    """The deviations table's rows for `cfg`: a deviation the config does not take (its row
+    would be the preset again) is left out, and said so."""
+    preset = row_config(cfg, "preset", cfg.seed, "x")
+    rows = []
+    for row in TABLES["paper"]:
+        if row.startswith("preset - ") and not config_differences(
+                preset, row_config(cfg, row, cfg.seed, "x"), neutral=("name", "tune.")):
+            log(f"{row}: the config does not take this deviation; row left out")
+            continue
+        rows.append(row)
+    return tuple(rows)
+
+
+def ablation_splits(cfg: Config, dev: int, holdout: int) -> tuple[str, list[Split]]:
+    """(family, splits) the ablation runs on. A config that names its own split (data.unseen, or
+    a toy-world seed other than 0) runs on exactly that one, if it is a development split."""
+    if dev and holdout:
+        raise ConfigError("--splits and --holdout: an ablation runs on development splits (their "
+                          "val figures, for choices) or on held-out ones (test, for reporting)")
+    dataset = cfg.data.dataset
+    world_seed = cfg.data.toyworld.seed if dataset == "toyworld" else None
+    own = cfg.data.unseen is not None or bool(world_seed)
+    if holdout:
+        if own:
+            raise ConfigError("--holdout draws its splits from the held-out family: leave "
+                              "data.unseen and data.toyworld.seed at the standard split's")
+        return HOLDOUT, split_families.draw_family(dataset, HOLDOUT, holdout)
+    if own:
+        split_families.check_split_use(cfg.data, "ablation", holdout=False)
+        if dev > 1:
+            raise ConfigError(f"--splits {dev}: the config names its own split (data.unseen, "
+                              f"data.toyworld.seed); leave them unset to run on the first "
+                              f"{dev} development splits")
+        unseen = tuple(n for n in split_families.class_names(dataset)
+                       if n in (cfg.data.unseen or split_families.default_unseen(dataset)))
+        drawn = [s for s in split_families.draw_family(dataset, DEV, 32)
+                 if s.unseen == unseen and s.world_seed == world_seed]
+        return DEV, drawn or [Split("custom", 0, unseen, world_seed)]
+    return DEV, split_families.draw_family(dataset, DEV, max(dev, 1))
+
+
+def run_ablation(cfg: Config, seeds: int = 1, splits: int = 0, holdout: int = 0,
+                 table: str = "2", log=print) -> dict:
+    """Train and evaluate every row for every (split, seed); returns the per-row summary (mean
+    and interval of each metric, paired differences) of the reported split, and the runs."""
     from mlflow.tracking import MlflowClient
 
     from splitmatch.config import resolve_paths
     from splitmatch.diagnose import class_report, format_class_report
-    from splitmatch.train import (FINAL_METRICS, check_run_config, evaluate_checkpoint,
-                                  result_checkpoint, launch, run_directory, run_location)
 
     cfg = resolve_paths(cfg)
+    table = str(table)
     if table not in TABLES:
         raise ConfigError(f"--table {table}: the ablation tables are {sorted(TABLES)}")
     rows = tuple(TABLES[table])
     if cfg.inference.num_random_queries == 0:
         raise ConfigError("inference.num_random_queries is 0: the +RQ row would equal +SM+MFE; "
                           "set it (the paper adds 50 + 50 at test time)")
-    unseen_splits = draw_unseen_splits(cfg.data.dataset, splits, split_seed, first=cfg.data.unseen)
+    family, drawn = ablation_splits(cfg, splits, holdout)
+    if table == "paper":
+        rows = deviation_rows(cfg, log)
+    reported = "test" if family == HOLDOUT else "select"
+    reported_name = cfg.data.test_split if family == HOLDOUT else (cfg.data.select_split or "val")
     uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     client = MlflowClient(uri)
-    parent = parent_name(cfg, table)
+    parent = parent_name(cfg, table, family)
     parent_id, _ = open_parent_run(client, uri, cfg, parent, "ablation", {
-        "table": str(table), "unseen": " | ".join(",".join(u) for u in unseen_splits)})
-    # per_run[split][row]: one entry per seed, {"hIoU", "sIoU", "uIoU", "per_class"}
-    per_run: list[dict[str, list[dict]]] = []
+        "table": table, "family": family, "reported_split": reported_name,
+        "row_order": " | ".join(rows), "splits": " | ".join(s.describe() for s in drawn),
+        **({"holdout": f"--holdout {holdout}"} if family == HOLDOUT else {})})
+    # runs[row][(split label, seed)]: {"test": {...}, "select": {...}, "calibration", "per_class"}
+    runs: dict[str, dict[tuple[str, int], dict]] = {row: {} for row in rows}
     reports = []
-    for split_index, unseen in enumerate(unseen_splits):
-        base = split_config(cfg, unseen)
-        results: dict[str, list[dict]] = {row: [] for row in rows}
-        where = f"split {split_index} ({', '.join(unseen)})"
+    for split in drawn:
+        base = on_split(cfg, split)
+        where = split.describe()
         for offset in range(seeds):
             seed = cfg.seed + offset
-            tag = f"[{where}, seed {seed}]"
-            for row in (r for r in rows if r not in EVALUATES):
-                row_cfg = row_config(base, row, seed, parent, split_index)
-                run_dir = run_directory(row_cfg)
-                done = run_dir / FINAL_METRICS
-                if done.is_file():
-                    check_run_config(run_dir, row_cfg)  # launch(resume=True) checks the others
-                    # Finished by an earlier, interrupted ablation under the same config: keep
-                    # what it measured (a resumed Train run with nothing left would report nothing).
-                    log(f"{tag} {row}: already trained, figures from {done}")
-                    metrics = json.loads(done.read_text())
-                elif found := _finished_twin(base, table, row_cfg, seed, split_index):
-                    twin, twin_dir = found
-                    check_run_config(twin_dir, row_cfg)
-                    log(f"{tag} {row}: the same model as {twin.name}, figures from "
-                        f"{twin_dir / FINAL_METRICS}")
-                    metrics = json.loads((twin_dir / FINAL_METRICS).read_text())
-                    _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(row_cfg),
-                             run_dir / "mlflow_offline.jsonl", flatten(row_cfg),
-                             {"row": row, "reuses": twin.name}, metrics, log)
-                else:
-                    log(f"{tag} training {row} ({row_cfg.name})")
-                    result = launch(row_cfg, resume=True, build_pseudo_masks=True, may_grow=(),
-                                    parent_run_id=parent_id, log=lambda *_: None)
-                    if result.error is not None:
-                        raise RuntimeError(f"ablation row {row} ({where}, seed {seed}) failed: "
-                                           f"{result.error}; finished rows are kept: rerun the "
-                                           f"command to go on")
-                    metrics = result.metrics
-                results[row].append(_row_result(metrics))
-                log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
-            for row in (r for r in rows if r in EVALUATES):
-                # +RQ: the +SM+MFE model, evaluated with the extra random queries.
-                trained = row_config(base, EVALUATES[row], seed, parent, split_index)
-                rq_cfg = config_from_dict({**to_dict(trained), "inference": {
-                    **to_dict(trained)["inference"],
-                    "num_random_queries": cfg.inference.num_random_queries}})
-                run_dir = run_directory(trained)
-                metrics = evaluate_checkpoint(rq_cfg, result_checkpoint(run_dir),
-                                              log=lambda *_: None)
-                _log_row(uri, rq_cfg, parent_id,
-                         f"{parent}-u{split_index}-s{seed}-{row.replace('+', 'plus_')}",
-                         run_location(trained) + "+RQ", run_dir / "mlflow_offline_rq.jsonl",
-                         {"seed": seed, "data.unseen": list(unseen),
-                          "inference.num_random_queries": cfg.inference.num_random_queries,
-                          "evaluates": trained.name}, {"row": row}, metrics, log)
-                results[row].append(_row_result(metrics))
-                log(f"{tag} {row}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
-        per_run.append(results)
-        report = class_report(base, {row: [r["per_class"] for r in runs]
-                                     for row, runs in results.items()})
+            for row in rows:
+                result = _run_row(base, table, row, seed, split, family, parent, parent_id, uri,
+                                  log)
+                runs[row][(split.label, seed)] = result
+                log(f"[{where}, seed {seed}] {row}: " + _figures(result))
+        per_split = {row: {pair: r for pair, r in runs[row].items() if pair[0] == split.label}
+                     for row in rows}
+        report = class_report(base, {row: [r["per_class"] for r in per_split[row].values()]
+                                     for row in rows})
         reports.append(report)
-        split_table = _table({row: [{k: r[k] for k in METRICS} for r in runs]
-                              for row, runs in results.items()})
-        text = f"{where}, {seeds} seed(s):\n{split_table}\n{format_class_report(report)}"
+        text = (f"{where}, {seeds} seed(s), {reported_name} split:\n"
+                f"{format_table(per_split, reported, deltas=False)}\n"
+                f"{format_class_report(report)}")
         log(text)
-        client.log_text(parent_id, text, f"split{split_index}_table.txt")
+        client.log_text(parent_id, text, f"{split.label}_table.txt")
 
-    pooled = {row: [{k: r[k] for k in METRICS} for split in per_run for r in split[row]]
-              for row in rows}
-    summary = {row: {k: statistics.fmean(r[k] for r in runs) for k in METRICS}
-               for row, runs in pooled.items()}
-    spread = {row: {k: statistics.pstdev([r[k] for r in runs]) for k in METRICS}
-              for row, runs in pooled.items()}
-    text = _table(pooled)
-    per_split = [{row: {k: statistics.fmean(r[k] for r in split[row]) for k in METRICS}
-                  for row in rows} for split in per_run]
+    summary = summarise_rows({row: {pair: r[reported] for pair, r in by_pair.items()}
+                              for row, by_pair in runs.items()}, METRICS)
+    settings = row_settings(cfg, table, runs)
+    text = (f"{table_name(table)} on {len(drawn)} {family} split(s) x {seeds} seed(s), "
+            f"{reported_name} figures; mean [95% interval] over the {len(drawn) * seeds} "
+            f"(split, seed) pairs ({INTERVAL}); a difference is paired over the same pairs and "
+            f"'not shown' when its interval contains 0:\n"
+            f"{format_table(runs, reported, summary=summary)}\nrow settings:\n"
+            + "\n".join(f"  {row}: {line}" for row, line in settings.items()))
     client.log_text(parent_id, text, "ablation_table.txt")
-    client.log_dict(parent_id, {"mean": summary, "std": spread, "per_split": per_split,
-                                "splits": [list(u) for u in unseen_splits], "seeds": seeds,
-                                "class_reports": reports,
-                                "per_run": [{row: [{k: r[k] for k in METRICS} for r in runs]
-                                             for row, runs in split.items()} for split in per_run]},
-                    "ablation.json")
+    result = {row: _json_row(entry) for row, entry in summary.items()}
+    client.log_dict(parent_id, {
+        "table": table, "family": family, "reported_split": reported_name, "interval": INTERVAL,
+        "splits": [s.__dict__ for s in drawn], "seeds": list(range(cfg.seed, cfg.seed + seeds)),
+        "rows": result, "settings": settings, "class_reports": reports,
+        "runs": {row: [{"split": label, "seed": seed, **_plain(r)}
+                       for (label, seed), r in by_pair.items()] for row, by_pair in runs.items()}},
+        "ablation.json")
     for row in rows:
+        prefix = metric_prefix(row)
         for k in METRICS:  # MLflow names allow no "+": "+SM+MFE/hIoU" is logged as "SM_MFE/hIoU"
-            client.log_metric(parent_id, f"{metric_prefix(row)}/{k}", summary[row][k])
+            entry = summary[row][k]
+            if math.isfinite(entry["mean"]):
+                client.log_metric(parent_id, f"{prefix}/{k}", entry["mean"])
+            if entry["ci95"] is not None:
+                client.log_metric(parent_id, f"{prefix}/{k}_ci95_lo", entry["ci95"][0])
+                client.log_metric(parent_id, f"{prefix}/{k}_ci95_hi", entry["ci95"][1])
+            delta = summary[row].get("delta_vs_baseline", {}).get(k)
+            if delta is not None and math.isfinite(delta["mean"]):
+                client.log_metric(parent_id, f"{prefix}/{k}_vs_baseline", delta["mean"])
     client.set_terminated(parent_id, status="FINISHED")
-    runs = len(unseen_splits) * seeds
-    log(f"ablation over {len(unseen_splits)} split(s) x {seeds} seed(s) "
-        f"(mean{' ± std' if runs > 1 else ''} over {runs} run(s) per row):\n{text}")
-    log(json.dumps({row: {k: round(summary[row][k], 2) for k in METRICS} for row in rows}))
-    return {"mean": summary, "std": spread, "per_split": per_split, "class_reports": reports,
-            "splits": unseen_splits, "parent_run_id": parent_id}
+    log(text)
+    log(json.dumps(result))
+    return {"rows": result, "summary": summary, "runs": runs, "family": family,
+            "splits": drawn, "class_reports": reports, "parent_run_id": parent_id}
+
+
+def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family: str,
+             parent: str, parent_id: str, uri: str, log) -> dict:
+    """One row on one (split, seed): trained (or kept, or a twin's figures), or evaluated again."""
+    from splitmatch.train import (FINAL_METRICS, check_run_config, evaluate_checkpoint, launch,
+                                  result_checkpoint, run_directory, run_location)
+
+    tag = f"[{split.describe()}, seed {seed}]"
+    row_cfg = row_config(base, row, seed, parent, split.label)
+    tags = {"row": row, "split": split.label, "family": family}
+    if row in EVALUATES:
+        trained = trained_config(base, row, seed, parent, split.label)
+        run_dir = run_directory(trained)
+        if not (run_dir / FINAL_METRICS).is_file():  # the trained row took a twin's model
+            run_dir = next((run_directory(t) for t in twin_rows(base, table, trained, seed,
+                                                                split.label, family)
+                            if (run_directory(t) / FINAL_METRICS).is_file()), run_dir)
+        metrics = evaluate_checkpoint(row_cfg, result_checkpoint(run_dir), log=lambda *_: None)
+        _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(trained) + "+" + slug(row),
+                 run_dir / f"mlflow_offline_{slug(row)}.jsonl",
+                 {**flatten(row_cfg), "evaluates": run_dir.name}, tags, metrics, log)
+        return _row_result(metrics)
+    run_dir = run_directory(row_cfg)
+    done = run_dir / FINAL_METRICS
+    if done.is_file():
+        check_run_config(run_dir, row_cfg)  # launch(resume=True) checks the others
+        # Finished by an earlier, interrupted ablation under the same config: keep what it
+        # measured (a resumed Train run with nothing left would report nothing).
+        log(f"{tag} {row}: already trained, figures from {done}")
+        return _row_result(json.loads(done.read_text()))
+    for twin in twin_rows(base, table, row_cfg, seed, split.label, family):
+        twin_dir = run_directory(twin)
+        if (twin_dir / FINAL_METRICS).is_file():
+            check_run_config(twin_dir, twin)
+            if config_differences(twin, row_cfg):  # evaluated otherwise: evaluate it again
+                log(f"{tag} {row}: the same model as {twin.name}, evaluated with this row's "
+                    f"settings")
+                metrics = evaluate_checkpoint(row_cfg, result_checkpoint(twin_dir),
+                                              log=lambda *_: None)
+            else:
+                log(f"{tag} {row}: the same model as {twin.name}, figures from "
+                    f"{twin_dir / FINAL_METRICS}")
+                metrics = json.loads((twin_dir / FINAL_METRICS).read_text())
+            _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(row_cfg),
+                     run_dir / "mlflow_offline.jsonl", flatten(row_cfg),
+                     {**tags, "reuses": twin.name}, metrics, log)
+            return _row_result(metrics)
+    log(f"{tag} training {row} ({row_cfg.name})")
+    result = launch(row_cfg, resume=True, build_pseudo_masks=True, may_grow=(),
+                    parent_run_id=parent_id, log=lambda *_: None, holdout=family == HOLDOUT,
+                    tags=tags)
+    if result.error is not None:
+        raise RuntimeError(f"ablation row {row} ({split.describe()}, seed {seed}) failed: "
+                           f"{result.error}; finished rows are kept: rerun the command to go on")
+    return _row_result(json.loads(done.read_text()) if done.is_file() else result.metrics)
 
 
 def _log_row(uri: str, cfg: Config, parent_id: str, run_name: str, run_key: str, offline_path,
              params: dict, tags: dict, metrics: dict, log) -> None:
-    """The MLflow child run of a row that trained nothing itself (+RQ, or a twin's figures)."""
+    """The MLflow child run of a row that trained nothing itself (an evaluation, or a twin's)."""
     result = _row_result(metrics)
     tracker = Tracker(uri, cfg.tracking.experiment, run_key, run_name, offline_path, parent_id,
                       log=log)
     tracker.open(params, tags)
-    tracker.log_metrics({k: metrics[k] for k in (*METRICS, "mIoU")
-                         if not math.isnan(metrics[k])}, step=cfg.train.max_iters)
+    figures = {**{k: metrics[k] for k in (*METRICS, "mIoU")},
+               **{f"final_select_{k}": v for k, v in result["select"].items()},
+               "seen_score_calibration": result["calibration"]}
+    tracker.log_metrics({k: v for k, v in figures.items() if v is not None and not math.isnan(v)},
+                        step=cfg.train.max_iters)
     tracker.log_metrics({f"IoU/{name}": v for name, v in result["per_class"].items()
                          if not math.isnan(v)}, step=cfg.train.max_iters)
     tracker.finish()
 
 
 def _row_result(metrics: dict) -> dict:
-    """hIoU/sIoU/uIoU plus per-class IoU, from a training report ("IoU/<class>" keys) or an
-    evaluation result ("per_class")."""
+    """The test and selection figures, the calibration used and the per-class IoU, from a
+    training's final_metrics.json ("IoU/<class>", "select_<metric>" keys) or an evaluation's
+    result ("per_class", "select": {...})."""
     per_class = metrics.get("per_class") or {k[4:]: v for k, v in metrics.items()
                                              if k.startswith("IoU/")}
-    return {**{k: metrics[k] for k in METRICS}, "per_class": per_class}
+    select = metrics.get("select") or {k: metrics.get(f"select_{k}", math.nan)
+                                       for k in (*METRICS, "mIoU")}
+    return {"test": {k: metrics[k] for k in METRICS},
+            "select": {k: select.get(k, math.nan) for k in METRICS},
+            "calibration": float(metrics.get("seen_score_calibration", math.nan)),
+            "per_class": per_class}
 
 
-def _table(rows: dict[str, list[dict]]) -> str:
-    """One line per row: the mean (± std when there is more than one run) of each metric."""
-    lines = ["row            " + "".join(f"{k:>16}" for k in METRICS)]
-    for row, runs in rows.items():
-        cells = ""
-        for k in METRICS:
-            values = [r[k] for r in runs]
-            mean = statistics.fmean(values)
-            cells += (f"{mean:>9.2f} ± {statistics.pstdev(values):4.2f}" if len(values) > 1
-                      else f"{mean:>16.2f}")
-        lines.append(f"{row:<15}{cells}")
+def _plain(result: dict) -> dict:
+    return {"test": result["test"], "val": result["select"], "calibration": result["calibration"]}
+
+
+def _figures(result: dict) -> str:
+    """"val hIoU .. sIoU .. uIoU ..; test hIoU ..; calibration 0.05" for one run."""
+    parts = []
+    for key, name in (("select", "val"), ("test", "test")):
+        parts.append(f"{name} " + "  ".join(f"{k} {result[key][k]:.2f}" for k in METRICS))
+    return "; ".join(parts) + f"; calibration {result['calibration']:g}"
+
+
+def format_table(runs: dict[str, dict], reported: str, summary: dict | None = None,
+                 deltas: bool = True) -> str:
+    """One line per row: each metric's mean [95% interval]; with `deltas`, the paired
+    differences of hIoU and uIoU to the baseline and to the row before."""
+    if summary is None:
+        summary = summarise_rows({row: {p: r[reported] for p, r in by_pair.items()}
+                                  for row, by_pair in runs.items()}, METRICS)
+    width = max(len(row) for row in runs) + 2
+    header = f"{'row':<{width}}" + "".join(f"{k:>24}" for k in METRICS)
+    if deltas:
+        header += "".join(f"{label:>34}" for label in ("hIoU vs baseline", "hIoU vs previous",
+                                                        "uIoU vs baseline", "uIoU vs previous"))
+    lines = [header]
+    for row, entry in summary.items():
+        line = f"{row:<{width}}" + "".join(f"{format_estimate(entry[k]):>24}" for k in METRICS)
+        if deltas:
+            for metric in ("hIoU", "uIoU"):
+                for label in ("delta_vs_baseline", "delta_vs_previous"):
+                    delta = entry.get(label, {}).get(metric)
+                    cell = "" if delta is None else format_estimate(delta, signed=True)
+                    line += f"{cell:>34}"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
-def metric_prefix(row: str) -> str:
-    """"+SM+MFE" -> "SM_MFE", "no norm" -> "no_norm": a row name MLflow accepts in a metric name."""
-    return row.lstrip("+").replace("+", "_").replace(" ", "_")
+def row_settings(cfg: Config, table: str, runs: dict[str, dict]) -> dict[str, str]:
+    """What each row changes in the config, and the calibration it was evaluated with."""
+    grid = "/".join(f"{v:g}" for v in cfg.inference.calibration_grid)
+    out = {}
+    for row, overrides in TABLES[table].items():
+        if row not in runs:
+            continue
+        used = Counter(f"{r['calibration']:g}" for r in runs[row].values())
+        changes = [o for o in overrides if o not in FULL_MODEL or table == "2"]
+        if row in EVALUATES:
+            changes = [*changes, f"(evaluates {EVALUATES[row]}'s model)"]
+        calibration = flatten(row_config(cfg, row, cfg.seed, "x"))[
+            "inference.seen_score_calibration"]
+        how = (f"calibration auto from {grid} on val" if calibration == "auto"
+               else f"calibration {calibration}")
+        out[row] = (", ".join(changes) or "the config as it is") + f"; {how} (used: " + ", ".join(
+            f"{value} x{count}" for value, count in sorted(used.items())) + ")"
+    return out
+
+
+def table_name(table: str) -> str:
+    return "the deviations table" if table == "paper" else f"Table {table}"
+
+
+def _json_row(entry: dict) -> dict:
+    """One row of the JSON last line: {metric: {mean, ci95}}, plus each delta in the same form."""
+    out = {k: rounded(entry[k]) for k in METRICS}
+    for label in ("delta_vs_baseline", "delta_vs_previous"):
+        if label in entry:
+            out[label] = {k: rounded(v) for k, v in entry[label].items()}
+    return out

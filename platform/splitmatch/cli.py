@@ -30,6 +30,10 @@ def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
                         help="cluster auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
 
 
+HOLDOUT_HELP = ("the config's split is a held-out one and the figures are for reporting: "
+                "without it, held-out splits are refused (recorded on the MLflow run)")
+
+
 def _config(args):
     """The command's config, with `clip.pretrained: toy` replaced by the (cached) toy CLIP."""
     from splitmatch.storage import use_endpoint
@@ -54,7 +58,7 @@ def cmd_train(args) -> int:
     from splitmatch.train import BEST_MODEL, launch, publish_results, run_location
     cfg = _config(args)
     result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
-                    config_path=args.config)
+                    config_path=args.config, holdout=args.holdout)
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
@@ -74,7 +78,7 @@ def cmd_train(args) -> int:
 
 def cmd_tune(args) -> int:
     from splitmatch.tune import run_search
-    run_search(_config(args), resume=args.resume)
+    run_search(_config(args), resume=args.resume, holdout=args.holdout)
     return 0
 
 
@@ -88,11 +92,7 @@ def cmd_compare(args) -> int:
     if not report["runs"]:
         print(report["message"])
         return 1
-    table = report["table"]
-    columns = [c for c in ("rank", "hIoU", "sIoU", "uIoU", "select_hIoU", "candidate_queries", "kmeans_scales",
-                           "mfe_norm", "lr", "matching", "run_name") if c in table]
-    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}" if 0 < abs(v) < 0.01
-                                   else f"{v:.2f}"))
+    print(report["text"])  # the ranked runs, or an ablation's rows with their intervals
     print(f"report: {report['report']}  table: {report['csv']}")
     return 0
 
@@ -151,19 +151,30 @@ def cmd_demo(args) -> int:
 def cmd_ablation(args) -> int:
     from splitmatch.ablation import run_ablation
     result = run_ablation(_config(args), seeds=args.seeds, splits=args.splits,
-                          split_seed=args.split_seed, table=args.table)
+                          holdout=args.holdout, table=args.table)
     return 0 if result else 1
 
 
 def cmd_diagnose(args) -> int:
     from splitmatch.diagnose import run_diagnose
-    run_diagnose(_config(args), split_index=args.split, splits_seed=args.split_seed, seed=args.seed)
+    run_diagnose(_config(args), split=args.split, seed=args.seed, holdout=args.holdout)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from splitmatch.splits import check_split_use
     from splitmatch.train import evaluate_checkpoint
-    evaluate_checkpoint(_config(args), args.checkpoint, args.out)
+    cfg = _config(args)
+    check_split_use(cfg.data, "eval", args.holdout)
+    evaluate_checkpoint(cfg, args.checkpoint, args.out)
+    return 0
+
+
+def cmd_splits(args) -> int:
+    from splitmatch.splits import draw_family
+    for split in draw_family(args.dataset, args.family, args.count):
+        print(f"{split.label:<10} {', '.join(split.unseen):<40} "
+              + " ".join(f"--set '{o}'" for o in split.overrides()))
     return 0
 
 
@@ -246,11 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run train.storage_path/name from its latest checkpoint")
     p.add_argument("--build-pseudo-masks", action="store_true",
                    help="build the pseudo-mask cache first if it is missing (splitmatch pseudo)")
+    p.add_argument("--holdout", action="store_true",
+                   help=HOLDOUT_HELP)
 
     p = command("tune", "hyperparameter search on Ray Tune (tune: section of the config)", cmd_tune)
     _add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted search without re-running finished trials")
+    p.add_argument("--holdout", action="store_true",
+                   help=HOLDOUT_HELP)
 
     p = command("compare", "rank and plot runs from MLflow into an HTML report", cmd_compare)
     p.add_argument("--tracking-uri", default=None,
@@ -258,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="runs", help="train.storage_path of the runs")
     p.add_argument("--experiment", action="append", default=[],
                    help="experiment name (repeatable; default: the parent's, else all)")
-    p.add_argument("--parent", default=None, help="only the child runs of this search run id")
+    p.add_argument("--parent", default=None,
+                   help="only the child runs of this search run id; an ablation's parent run "
+                        "gives one line per row, with 95%% intervals")
     p.add_argument("--top-k", type=int, default=5, help="best runs shown in the detail plots")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--log-to-parent", action="store_true",
@@ -298,26 +315,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ablation", "baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget", cmd_ablation)
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+N-1")
-    p.add_argument("--splits", type=int, default=1,
-                   help="unseen-class splits: data.unseen (default: the standard split) first, "
-                        "then splits drawn from --split-seed")
-    p.add_argument("--split-seed", type=int, default=0, help="seed that draws the extra splits")
-    p.add_argument("--table", type=int, default=2, choices=(2, 3, 4),
+    p.add_argument("--splits", type=int, default=0, metavar="N",
+                   help="the first N development splits (`splitmatch splits`); reports their "
+                        "val figures, on which choices are made (0: one, unless --holdout)")
+    p.add_argument("--holdout", type=int, default=0, metavar="K",
+                   help="the first K held-out splits instead; reports their test figures "
+                        "(for reporting only, once every choice is made)")
+    p.add_argument("--table", default="2", choices=("2", "3", "4", "paper"),
                    help="the paper's Table 2 (baseline, +SM, +MFE, +RQ), 3 (candidate embedding: "
-                        "Fu, Fu+MLP, Cu) or 4 (MFE norm: none, BN, GN)")
+                        "Fu, Fu+MLP, Cu), 4 (MFE norm: none, BN, GN), or 'paper': the config "
+                        "(the project's preset), each of its deviations from the paper switched "
+                        "off, and the paper as written")
 
     p = command("diagnose", "where one ablation split's results come from (queries, confusions, "
                             "candidates, CLIP)", cmd_diagnose)
     _add_config_args(p)
-    p.add_argument("--split", type=int, default=0, help="split index of `ablation --splits`")
-    p.add_argument("--split-seed", type=int, default=0, help="as given to ablation")
+    p.add_argument("--split", default="dev0",
+                   help="the ablation's split: dev<N> (or holdout<N> with --holdout)")
+    p.add_argument("--holdout", action="store_true",
+                   help=HOLDOUT_HELP)
+
     p.add_argument("--seed", type=int, default=None, help="ablation seed (default: the config's)")
+
+    p = command("splits", "list development or held-out unseen-class splits", cmd_splits)
+    p.add_argument("--dataset", default="toyworld", choices=("toyworld", "voc", "coco_stuff"))
+    p.add_argument("--family", default="dev", choices=("dev", "holdout"),
+                   help="dev: for every choice (on val); holdout: for reported figures only")
+    p.add_argument("--count", "-n", type=int, default=6, help="how many")
 
     p = command("eval", "evaluate a checkpoint on the validation split", cmd_eval)
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory, its state.pt, or a model state dict (best_model.pt)")
     p.add_argument("--out", default=None, help="CSV file for the per-class IoU")
+    p.add_argument("--holdout", action="store_true",
+                   help=HOLDOUT_HELP)
 
     p = command("predict", "segment your own images with any vocabulary", cmd_predict)
     p.add_argument("checkpoint", help="a run's best_model.pt, or one of its checkpoint_* folders")

@@ -226,8 +226,11 @@ class TrainConfig:
 class InferenceConfig:
     # Extra randomly initialised queries added at test time (paper: 50 + 50).
     num_random_queries: int = 0
-    # ZegCLIP's inductive calibration: subtracted from seen-class scores at test time.
-    seen_score_calibration: float = 0.0
+    # ZegCLIP's inductive calibration: subtracted from seen-class scores at test time. "auto":
+    # the value of `calibration_grid` with the best hIoU on data.select_split, chosen per run
+    # (calibration.py); a number fixes it (0: off).
+    seen_score_calibration: float | Literal["auto"] = 0.0
+    calibration_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2])
     # "whole": one forward pass per image. "slide": ZegCLIP / OTSeg's protocol (the paper's
     # comparison rows): crop_size windows every `stride` pixels, the scores of overlaps averaged.
     mode: Literal["whole", "slide"] = "whole"
@@ -311,7 +314,15 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
                 return None
             raise ConfigError(f"{source}: '{key}' must not be null")
         non_none = [a for a in args if a is not type(None)]
-        return _convert(value, non_none[0], key, source)
+        if len(non_none) == 1:
+            return _convert(value, non_none[0], key, source)
+        for option in non_none:  # the first that takes the value, in the annotation's order
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: '{key}' must be "
+                          f"{' or '.join(map(_expected, non_none))}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(
@@ -351,6 +362,14 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+
+
+def _expected(tp: Any) -> str:
+    """What an annotation accepts, in an error message's words ("a number", "'auto'")."""
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    return {float: "a number", int: "an integer", bool: "true or false",
+            str: "a string"}.get(tp, f"a {getattr(tp, '__name__', tp)}")
 
 
 def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
@@ -456,6 +475,7 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                           f"'inference.crop_size' ({inf.crop_size})")
     if inf.short_side is not None:
         _positive(inf.short_side, "inference.short_side", source)
+    _validate_calibration(cfg, source)
     for key in ("cost_class", "cost_mask", "cost_dice"):
         _positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)
     lo = cfg.loss
@@ -490,6 +510,23 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _positive(cfg.eval.batch_size, "eval.batch_size", source)
     _validate_tune(cfg, source)
     return cfg
+
+
+def _validate_calibration(cfg: Config, source: str) -> None:
+    grid = cfg.inference.calibration_grid
+    if not grid:
+        raise ConfigError(f"{source}: 'inference.calibration_grid' must not be empty")
+    for i, value in enumerate(grid):
+        # A probability is at most 1: subtracting 1 or more leaves no seen class any chance.
+        if not 0 <= value < 1:
+            raise ConfigError(f"{source}: 'inference.calibration_grid[{i}]' must lie in [0, 1), "
+                              f"got {value}")
+    if len(set(grid)) != len(grid):
+        raise ConfigError(f"{source}: 'inference.calibration_grid' repeats a value: {grid}")
+    if cfg.inference.seen_score_calibration == "auto" and cfg.data.select_split is None:
+        raise ConfigError(f"{source}: 'inference.seen_score_calibration' is auto, which chooses "
+                          f"on the selection split, but 'data.select_split' is not set: set it "
+                          f"(e.g. val) or give the calibration a number")
 
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -698,7 +735,10 @@ REMOVED_KEYS = {"model.candidate_head": False}
 # Keys added since runs were stored, with the value that does what the code did before them: a
 # stored config without one is read with that value (other absent keys stay ABSENT).
 ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": [],
-              "model.center_embeddings": False, "clip.sha256": None}
+              "model.center_embeddings": False, "clip.sha256": None,
+              # Read only under seen_score_calibration: auto, which came with it: any grid does
+              # what a run with a number did, and today's default compares equal to a new run's.
+              "inference.calibration_grid": InferenceConfig().calibration_grid}
 
 
 def retire_keys(data: dict, source: str) -> dict:

@@ -331,24 +331,35 @@ def format_diagnosis(report: dict) -> str:
     return "\n".join(out)
 
 
-def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | None = None,
+def run_diagnose(cfg, split: str = "dev0", seed: int | None = None, holdout: bool = False,
                  log=print) -> dict:
-    """`splitmatch diagnose`: the diagnostics of one (split, seed) of `splitmatch ablation CONFIG`."""
-    from splitmatch.ablation import ROWS, row_config, split_config
-    from splitmatch.config import config_from_dict, resolve_paths, to_dict
-    from splitmatch.splits import draw_unseen_splits
+    """`splitmatch diagnose`: the diagnostics of one (split, seed) of `splitmatch ablation CONFIG`
+    (`split`: "dev3", or "holdout0" with `holdout`: diagnosing is choosing, so held-out splits
+    are refused without it)."""
+    from splitmatch.ablation import ROWS, ablation_splits, on_split, parent_name, row_config
+    from splitmatch.config import ConfigError, config_from_dict, resolve_paths, to_dict
+    from splitmatch.splits import DEV, HOLDOUT, family_split
     from splitmatch.storage import local_path
     from splitmatch.train import check_run_config, result_checkpoint, run_directory
 
     cfg = resolve_paths(cfg)
     seed = cfg.seed if seed is None else seed
-    unseen = draw_unseen_splits(cfg.data.dataset, split_index + 1, splits_seed,
-                                first=cfg.data.unseen)[split_index]
-    base = split_config(cfg, unseen)
-    parent = f"{cfg.name}-ablation"
+    try:
+        chosen = family_split(cfg.data.dataset, split)
+    except ValueError as exc:
+        raise ConfigError(f"--split {split}: {exc}") from None
+    if chosen.family == HOLDOUT and not holdout:
+        raise ConfigError(f"--split {split} is a held-out split: diagnosing is choosing, which "
+                          f"is done on development splits; pass --holdout to look at it anyway "
+                          f"(recorded in the report)")
+    if chosen.family == DEV and (cfg.data.unseen is not None or
+                                 (cfg.data.dataset == "toyworld" and cfg.data.toyworld.seed)):
+        (chosen,) = ablation_splits(cfg, 1, 0)[1]  # the config's own split, as the ablation ran
+    base = on_split(cfg, chosen)
+    parent = parent_name(cfg, "2", chosen.family)
     rows = {}
     for row in ROWS[:3]:
-        row_cfg = row_config(base, row, seed, parent, split_index)
+        row_cfg = row_config(base, row, seed, parent, chosen.label)
         run_dir = run_directory(row_cfg)
         if not run_dir.is_dir():
             continue
@@ -360,11 +371,13 @@ def run_diagnose(cfg, split_index: int = 0, splits_seed: int = 0, seed: int | No
         data["inference"]["num_random_queries"] = cfg.inference.num_random_queries
         rows["+SM+MFE+RQ"] = (config_from_dict(data), checkpoint)
     if not rows:
-        raise FileNotFoundError(f"no trained ablation rows for split {split_index} "
-                                f"({', '.join(unseen)}), seed {seed} under "
-                                f"{cfg.train.storage_path}: run splitmatch ablation first")
+        raise FileNotFoundError(f"no trained ablation rows for split {chosen.describe()}, seed "
+                                f"{seed} under {cfg.train.storage_path}: run splitmatch ablation "
+                                f"first")
     report = diagnose_split(base, rows, log=log)
-    out = local_path(cfg.train.storage_path) / parent / f"diagnose-u{split_index}-s{seed}.json"
+    report["split"] = chosen.label
+    report["holdout_flag"] = chosen.family == HOLDOUT
+    out = local_path(cfg.train.storage_path) / parent / f"diagnose-{chosen.label}-s{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     log(format_diagnosis(report))

@@ -7,6 +7,7 @@ that made it, which says which CLIP, model and inference settings to rebuild.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ class Segmenter:
         from splitmatch.clip import TEMPLATES, build_clip
         from splitmatch.model import build_segmentor
         from splitmatch.splits import class_names, default_unseen
-        from splitmatch.train import load_state
+        from splitmatch.train import CALIBRATION, load_state
 
         state = load_state(checkpoint)
         if "config" not in state:
@@ -52,6 +53,15 @@ class Segmenter:
         if clip_weights is not None:  # the pyfunc model carries its own copy of the weights
             data = {**data, "clip": {**data["clip"], "pretrained": clip_weights}}
         self.cfg: Config = config_from_dict(data, str(checkpoint))
+        if self.cfg.inference.seen_score_calibration == "auto":
+            # Chosen at the end of the run for its result weights, and stored with them.
+            if CALIBRATION not in state:
+                raise ConfigError(
+                    f"{checkpoint}: its run chose the seen-score calibration (auto) for its "
+                    f"result weights, and these weights carry no chosen value: predict with the "
+                    f"finished run's best_model.pt (or its final checkpoint if it selected none)")
+            self.cfg.inference = dataclasses.replace(
+                self.cfg.inference, seen_score_calibration=float(state[CALIBRATION]))
         self.device = torch.device(device)
         self.clip = build_clip(self.cfg.clip, device=self.device)
         self.templates = TEMPLATES[self.cfg.clip.templates]

@@ -1,9 +1,13 @@
 """Class lists and the standard seen/unseen splits (ZegCLIP / ZegFormer protocol, docs/method.md)."""
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from splitmatch.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -84,27 +88,141 @@ def seen_ids(dataset: str, unseen: list[str] | tuple[str, ...] | None = None) ->
     return [i for i in range(len(class_names(dataset))) if i not in bad]
 
 
-def draw_unseen_splits(dataset: str, count: int, seed: int = 0,
-                       first: Sequence[str] | None = None) -> list[tuple[str, ...]]:
-    """`count` distinct unseen-class splits of `dataset`: `first` (default: the standard split),
-    then splits of the same size drawn reproducibly from `seed` (names in label-id order).
+# ----------------------------------------------------------------------------- split families
+# A split is an unseen class set and, on the toy world, the seed of its images. Two fixed,
+# disjoint families: development splits, on which every choice is made (diagnose, tune,
+# calibration grids, budgets; on their val split), and held-out splits, read only to report
+# figures once the choices are fixed. Class sets and toy-world seeds are each assigned to one
+# family by a hash, so no held-out split shares its classes or its images with any development
+# split; each family is then drawn from its own seed stream.
+DEV, HOLDOUT = "dev", "holdout"
+FAMILIES = (DEV, HOLDOUT)
+# Looked at before the families existed (the standard split and the five splits drawn from seed 0
+# by the old `ablation --splits 6`, whose test figures chose settings), so development for good.
+LEGACY_TOYWORLD_SPLITS: tuple[tuple[str, ...], ...] = (
+    ("leaf", "starfish", "donut"), ("tomato", "zebra", "ice cube"),
+    ("checkerboard", "donut", "grape"), ("checkerboard", "zebra", "donut"),
+    ("leaf", "brick", "starfish"), ("lemon", "leaf", "checkerboard"),
+)
+# Toy-world seeds below this were used by hand (the issues' "another toy-world seed"): development.
+FIRST_FREE_WORLD_SEED = 100
+WORLD_SEED_RANGE = 2 ** 31
 
-    A method's gain must hold on splits nobody tuned it on: settings are chosen on the standard
-    split, and the drawn ones test whether they carry over.
-    """
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a family: `index` within it, its unseen classes (label-id order) and, on the
+    toy world, the seed of its images."""
+
+    family: str
+    index: int
+    unseen: tuple[str, ...]
+    world_seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}{self.index}"
+
+    def overrides(self) -> list[str]:
+        """`--set` overrides that put a config on this split."""
+        names = ", ".join(f'"{n}"' for n in self.unseen)
+        out = [f"data.unseen=[{names}]"]
+        if self.world_seed is not None:
+            out.append(f"data.toyworld.seed={self.world_seed}")
+        return out
+
+    def describe(self) -> str:
+        seed = f", images of seed {self.world_seed}" if self.world_seed is not None else ""
+        return f"{self.label} ({', '.join(self.unseen)}{seed})"
+
+
+def _hash_bit(text: str) -> int:
+    return hashlib.sha256(text.encode()).digest()[0] & 1
+
+
+def class_set_family(dataset: str, unseen: Sequence[str] | None) -> str:
+    """The family an unseen class set belongs to (None: the dataset's standard split)."""
+    names = frozenset(default_unseen(dataset) if unseen is None else unseen)
+    if names == frozenset(default_unseen(dataset)):
+        return DEV
+    if dataset == "toyworld" and names in {frozenset(s) for s in LEGACY_TOYWORLD_SPLITS}:
+        return DEV
+    ordered = ",".join(n for n in class_names(dataset) if n in names)
+    return FAMILIES[_hash_bit(f"{dataset}:classes:{ordered}")]
+
+
+def world_seed_family(seed: int) -> str:
+    if 0 <= seed < FIRST_FREE_WORLD_SEED:
+        return DEV
+    return FAMILIES[_hash_bit(f"toyworld:seed:{seed}")]
+
+
+def split_family(dataset: str, unseen: Sequence[str] | None, world_seed: int | None) -> str:
+    """HOLDOUT when the class set or (toy world) the images belong to the held-out family."""
+    families = {class_set_family(dataset, unseen)}
+    if dataset == "toyworld" and world_seed is not None:
+        families.add(world_seed_family(world_seed))
+    return HOLDOUT if HOLDOUT in families else DEV
+
+
+def draw_family(dataset: str, family: str, count: int) -> list[Split]:
+    """The first `count` splits of `family`; the same list on every machine, and a longer list
+    starts with a shorter one. Development split 0 is the standard split (seed 0 on the toy world)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown split family {family!r}; expected one of {FAMILIES}")
     names = class_names(dataset)
-    standard = tuple(n for n in names if n in (default_unseen(dataset) if first is None else first))
-    size = len(standard)
-    total = math.comb(len(names), size)
-    if not 1 <= count <= total:
-        raise ValueError(f"{dataset} has {total} distinct splits of {size} unseen classes; "
-                         f"asked for {count}")
-    rng = random.Random(seed)
-    drawn, seen = [standard], {frozenset(standard)}
+    size = len(default_unseen(dataset))
+    toy = dataset == "toyworld"
+    drawn: list[Split] = []
+    taken: set[frozenset] = set()
+    if family == DEV and count > 0:
+        drawn.append(Split(DEV, 0, tuple(n for n in names if n in default_unseen(dataset)),
+                           0 if toy else None))
+        taken.add(frozenset(default_unseen(dataset)))
+    available = math.comb(len(names), size)
+    rng = random.Random(f"splitmatch/{dataset}/{family}")
+    attempts = 0
     while len(drawn) < count:
-        pick = frozenset(rng.sample(range(len(names)), size))
-        chosen = frozenset(names[i] for i in pick)
-        if chosen not in seen:
-            seen.add(chosen)
-            drawn.append(tuple(n for n in names if n in chosen))
+        attempts += 1
+        if attempts > 1000 * (count + 10):
+            raise ValueError(f"{dataset} has too few {family} class sets of {size} for {count} "
+                             f"splits ({available} sets in all)")
+        chosen = frozenset(rng.sample(names, size))
+        if chosen in taken or class_set_family(dataset, chosen) != family:
+            continue
+        world_seed = None
+        if toy:
+            world_seed = rng.randrange(FIRST_FREE_WORLD_SEED, WORLD_SEED_RANGE)
+            if world_seed_family(world_seed) != family:
+                continue
+        taken.add(chosen)
+        drawn.append(Split(family, len(drawn), tuple(n for n in names if n in chosen),
+                           world_seed))
     return drawn
+
+
+def family_split(dataset: str, label: str) -> Split:
+    """The split named by `label` ("dev3", "holdout0")."""
+    for family in FAMILIES:
+        if label.startswith(family) and label[len(family):].isdigit():
+            return draw_family(dataset, family, int(label[len(family):]) + 1)[-1]
+    raise ValueError(f"split {label!r}: expected dev<N> or holdout<N>, e.g. dev1 or holdout0")
+
+
+class HeldOutSplit(UserError):
+    """A command that chooses was pointed at a held-out split without --holdout."""
+
+
+def check_split_use(data, command: str, holdout: bool) -> str:
+    """The family of the config's split (`data`: its `data` section); a held-out one is refused
+    unless `holdout` (the command's --holdout flag) says the figures are for reporting."""
+    world_seed = data.toyworld.seed if data.dataset == "toyworld" else None
+    family = split_family(data.dataset, data.unseen, world_seed)
+    if family == HOLDOUT and not holdout:
+        what = ", ".join(data.unseen or default_unseen(data.dataset))
+        seed = f", data.toyworld.seed {world_seed}" if world_seed is not None else ""
+        raise HeldOutSplit(
+            f"{command}: data.unseen [{what}]{seed} is a held-out split: held-out splits are read "
+            f"only to report figures once every choice is made (on development splits' val); "
+            f"pass --holdout to report on it (recorded on the MLflow run)")
+    return family

@@ -7,6 +7,7 @@ alone talks to MLflow. `launch` builds the `TorchTrainer` on the driver and is w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,22 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from splitmatch import storage
+from splitmatch.calibration import (METRIC_KEYS, Calibration, calibrate, calibration_metrics,
+                                    fixed_at)
+from splitmatch.calibration import evaluate  # noqa: F401 - train.evaluate, for its callers
 from splitmatch.clip import TEMPLATES, build_clip
-from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, InferenceConfig, OptimConfig,
+from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, OptimConfig,
                                config_from_dict, dump_config, flatten, redact, resolve_paths,
                                to_dict)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
 from splitmatch.splits import class_names as dataset_classes
-from splitmatch.splits import default_unseen
+from splitmatch.splits import HOLDOUT, check_split_use, default_unseen
 from splitmatch.splits import seen_ids as dataset_seen_ids
 from splitmatch.errors import RunFailed, UserError
-from splitmatch.evaluation import ZSSEvaluator
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
@@ -160,39 +162,6 @@ class TimedMatcher(nn.Module):
         return result
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, classes: ClassSpace, inference: InferenceConfig,
-             device: torch.device, batch_size: int = 1, rank: int = 0, world_size: int = 1,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """ZSS metrics over the full split; classification against the text embeddings of all classes.
-
-    Each rank predicts every world_size-th image (no padding, so no image counts twice) and the
-    confusion matrices are summed across ranks before the IoUs are computed. `progress(done,
-    total)` hears of the split's images after every batch, counted from this rank's share (the
-    ranks go at one pace).
-    """
-    model.eval()
-    evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
-    text = classes.text.to(device)
-    shard = Subset(dataset, range(rank, len(dataset), world_size))
-    done = 0
-    if progress is not None:
-        progress(0, len(dataset))
-    for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
-        pred = model.predict(batch["image"].to(device), text, inference, classes.seen_ids)
-        evaluator.update(pred.cpu(), batch["label"])
-        done += len(batch["image"]) + len(batch.get("skipped", ()))
-        if progress is not None:
-            progress(len(dataset) if done == len(shard) else min(done * world_size, len(dataset)),
-                     len(dataset))
-    if world_size > 1:
-        confusion = evaluator.confusion.to(device)
-        dist.all_reduce(confusion)
-        evaluator.confusion = confusion.cpu()
-    model.train()
-    return evaluator.compute()
-
-
 def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONFIG", log=print):
     """The pseudo-mask cache of the training split (Split Matching needs it; the baseline does not).
 
@@ -245,11 +214,14 @@ def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir
 
 
 def _save_checkpoint(directory: Path, model: nn.Module, optimizer, iteration: int, epoch: int,
-                     best_hiou: float, config: dict) -> Path:
+                     best_hiou: float, config: dict, calibration: float | None = None) -> Path:
     """Tensors and plain values only, so loading can use `torch.load(weights_only=True)`. The
-    config that made the weights travels with them: `eval` and `--resume` check it."""
+    config that made the weights travels with them: `eval` and `--resume` check it; so does the
+    seen-score calibration chosen for them (`calibration`), when they are a run's result."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "iteration": iteration, "epoch": epoch, "best_hiou": best_hiou, "config": config}
+    if calibration is not None:
+        state[CALIBRATION] = calibration
     torch.save(state, directory / "state.pt")
     return directory
 
@@ -287,7 +259,8 @@ def newest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
 
 FINAL_METRICS = "final_metrics.json"
 BEST_MODEL = "best_model.pt"
-METRIC_KEYS = ("hIoU", "sIoU", "uIoU", "mIoU")
+# The key of a result checkpoint's chosen seen-score calibration (what `predict` uses for auto).
+CALIBRATION = "seen_score_calibration"
 # Ray Train's controller poll interval unless the user sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 # (see `launch`).
 HEALTH_CHECK_INTERVAL_S = 0.25
@@ -539,7 +512,8 @@ def _open_tracker(cfg: Config, config: dict, run_dir: Path, parts: TrainingParts
         "split": f"{cfg.data.train_split}/{cfg.data.select_split or '-'}/{cfg.data.test_split}",
         "unseen": ",".join(parts.classes.unseen), "matching": cfg.matching.mode,
         "pseudo_cache_key": parts.candidates.root.name if parts.candidates else "none",
-        "ray_node": ray.get_runtime_context().get_node_id()})  # where rank 0 ran
+        "ray_node": ray.get_runtime_context().get_node_id(),  # where rank 0 ran
+        **(config.get("tags") or {})})
     if state is not None:
         tracker.set_tags({"resumed_from_iteration": state["iteration"]})
     updates = config.get("config_updates") or {}
@@ -655,6 +629,7 @@ class _Selection:
     best_hiou: float = -1.0
     best_state: dict | None = None
     latest_hiou: float = -1.0  # carried by every report: Tune's schedulers read it
+    calibration: float | None = None  # chosen for the result weights at the end of the run
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -732,10 +707,12 @@ def _step_metrics(loss: Tensor, losses: dict[str, Tensor], optimizer, device,
 
 def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
             selection: _Selection, tell) -> dict[str, float]:
-    """Evaluate on the selection split; weights that beat the best so far become best_model.pt."""
-    result = evaluate(core, parts.select_set, parts.classes, cfg.inference, worker.device,
-                      cfg.eval.batch_size, worker.rank, worker.world_size,
-                      _evaluation_progress(tell, cfg.data.select_split))
+    """Evaluate on the selection split (under calibration auto at the grid's best value, so that
+    weights and calibration are chosen together); weights that beat the best so far become
+    best_model.pt."""
+    result = calibrate(core, parts.select_set, cfg.data.select_split, parts.classes,
+                       cfg.inference, worker.device, cfg.eval.batch_size, worker.rank,
+                       worker.world_size, _evaluation_progress(tell, cfg.data.select_split)).select
     hiou = result["hIoU"]
     if not math.isnan(hiou) and hiou > selection.best_hiou:
         selection.best_hiou = hiou
@@ -759,18 +736,27 @@ def _tell_progress(tell, iteration: int, metrics: dict, select_split: str | None
 
 def _test_once(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
                selection: _Selection, tracker, iteration: int, tell) -> dict[str, float]:
-    """The end of training: the test split's figures, the prediction pictures, final_metrics.json."""
-    final = _test(core, selection.best_state, parts.test_set, parts.classes, cfg, worker.device,
-                  worker.rank, worker.world_size, _evaluation_progress(tell, cfg.data.test_split))
+    """The end of training: the calibration and the test split's figures, the prediction
+    pictures, final_metrics.json. The result weights keep their calibration (predict reads it):
+    best_model.pt is written again with it, the final checkpoint gets it in `_report`."""
+    final, calibration = _test(core, selection.best_state, parts, cfg, worker, tell)
+    selection.calibration = calibration.value
+    if selection.best_state is not None:
+        worker.publish(BEST_MODEL, lambda path: torch.save(
+            {"model": selection.best_state, "config": worker.stored_config,
+             CALIBRATION: calibration.value}, path))
     if worker.rank == 0:
-        for path in _visualize(core, parts.test_set, parts.classes, cfg, worker.device,
+        tested = dataclasses.replace(cfg, inference=fixed_at(cfg.inference, calibration.value))
+        for path in _visualize(core, parts.test_set, parts.classes, tested, worker.device,
                                worker.run_dir / "viz", iteration):
             tracker.log_artifact(path, "predictions")
         # The finished run's figures next to its checkpoints, so callers that come back later
         # (a rerun ablation) read what was measured.
-        figures = {"iteration": iteration, "selected": selection.best_state is not None, **final}
+        figures = {"iteration": iteration, "selected": selection.best_state is not None, **final,
+                   **calibration_metrics(calibration, "select_")}
         worker.publish(FINAL_METRICS, lambda path: path.write_text(json.dumps(figures, indent=1)))
-    return final
+    # Logged as final_select_*: select_* is the series of the periodic evaluations.
+    return {**final, **calibration_metrics(calibration, "final_select_", grid=True)}
 
 
 def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Selection,
@@ -796,37 +782,48 @@ def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Sele
         if worker.rank == 0:
             ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
                 Path(tmp), core, optimizer, iteration, epoch, selection.best_hiou,
-                worker.stored_config))
+                worker.stored_config,
+                # the final weights' calibration, when they are the result
+                selection.calibration if selection.best_state is None else None))
         ray.train.report(reported, checkpoint=ckpt)
 
 
-def _test(core: nn.Module, best_state: dict | None, test_set, classes: ClassSpace, cfg: Config,
-          device, rank: int, world_size: int,
-          progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+def _test(core: nn.Module, best_state: dict | None, parts: TrainingParts, cfg: Config,
+          worker: _Worker, tell) -> tuple[dict[str, float], Calibration]:
     """The one evaluation on the test split: of the selected weights when a selection split chose
-    some (the training weights are put back afterwards), else of the final ones."""
+    some (the training weights are put back afterwards), else of the final ones; at the
+    calibration `calibrate` gives those weights on the selection split (chosen there under
+    auto). Returns the test figures and that calibration."""
     final_state = None
     if best_state is not None:
         final_state = {k: v.detach().clone() for k, v in core.state_dict().items()}
         core.load_state_dict(best_state)
+    common = (worker.device, cfg.eval.batch_size, worker.rank, worker.world_size)
     try:
-        result = evaluate(core, test_set, classes, cfg.inference, device, cfg.eval.batch_size,
-                          rank, world_size, progress)
+        calibration = calibrate(core, parts.select_set, cfg.data.select_split, parts.classes,
+                                cfg.inference, *common,
+                                _evaluation_progress(tell, cfg.data.select_split))
+        result = evaluate(core, parts.test_set, parts.classes,
+                          fixed_at(cfg.inference, calibration.value), *common,
+                          _evaluation_progress(tell, cfg.data.test_split))
     finally:
         if final_state is not None:
             core.load_state_dict(final_state)
     return {**{k: result[k] for k in METRIC_KEYS},
-            **{f"IoU/{name}": v for name, v in result["per_class"].items()}}
+            **{f"IoU/{name}": v for name, v in result["per_class"].items()}}, calibration
 
 
 def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
            config_path: str = "CONFIG", parent_run_id: str | None = None, callbacks=None,
-           may_grow: tuple[str, ...] = RESUME_MAY_GROW, log=print, progress: bool = True):
+           may_grow: tuple[str, ...] = RESUME_MAY_GROW, log=print, progress: bool = True,
+           holdout: bool = False, tags: dict[str, str] | None = None):
     """Run training on Ray Train (local instance, or the cluster in RAY_ADDRESS); returns the Result.
 
     The run lives in `train.storage_path/name`; starting the same name again resumes it from its
     newest checkpoint, so that needs `resume=True` to be deliberate, and the config must match
-    the stored one except for the keys in `may_grow` (ablation rows pass none).
+    the stored one except for the keys in `may_grow` (ablation rows pass none). A held-out split
+    (splits.py) is refused unless `holdout` (the --holdout flag) says the run is for reporting.
+    `tags` go on the MLflow run with the usual ones.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -836,6 +833,9 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     from splitmatch.tracking import default_tracking_uri, mark_killed
 
     cfg = resolve_paths(cfg)
+    family = check_split_use(cfg.data, "train", holdout)
+    tags = {**(tags or {}), "split_family": family,
+            **({"holdout_flag": "--holdout"} if family == HOLDOUT else {})}
     location = run_location(cfg)
     run_dir = run_directory(cfg)
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
@@ -865,7 +865,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         _share(run_dir, location, "config.yaml")
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     loop_config = {"cfg": to_dict(cfg), "run_location": location, "tracking_uri": tracking_uri,
-                   "run_key": run_key(cfg), "parent_run_id": parent_run_id,
+                   "run_key": run_key(cfg), "parent_run_id": parent_run_id, "tags": tags,
                    "config_updates": {k: list(v) for k, v in updates.items()}}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -1118,7 +1118,11 @@ def _fit_in_thread(trainer, abort=lambda: None):
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path | None = None,
                         log=print) -> dict:
     """`splitmatch eval`: a finished model on the test split, per-class IoU to CSV. The checkpoint's
-    stored config must match `cfg` in all but how it is evaluated (`EVAL_MAY_DIFFER`)."""
+    stored config must match `cfg` in all but how it is evaluated (`EVAL_MAY_DIFFER`).
+
+    Returns the test split's {hIoU, sIoU, uIoU, mIoU, per_class}, `seen_score_calibration` (the
+    value tested with: under auto chosen on data.select_split as training chooses it) and, with a
+    selection split, `select`: its {hIoU, sIoU, uIoU, mIoU} at that value."""
     import csv
 
     cfg = resolve_paths(cfg)  # as the stored config is
@@ -1132,10 +1136,22 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
     model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
     model.load_state_dict(state["model"])
     model.to(device)
+    select_split = cfg.data.select_split
+    if select_split is None:
+        calibration = calibrate(model, None, None, classes, cfg.inference, device)
+    else:  # the same choice as at the end of training, on the weights given
+        select_set = build_dataset(cfg.data, select_split, train=False)
+        with Progress(len(select_set), f"evaluating {select_split}", "img") as bar:
+            calibration = calibrate(model, select_set, select_split, classes, cfg.inference,
+                                    device, cfg.eval.batch_size,
+                                    progress=lambda done, total: bar.update(done))
     test_set = build_dataset(cfg.data, cfg.data.test_split, train=False)
     with Progress(len(test_set), f"evaluating {cfg.data.test_split}", "img") as bar:
-        result = evaluate(model, test_set, classes, cfg.inference, device, cfg.eval.batch_size,
-                          progress=lambda done, total: bar.update(done))
+        result = evaluate(model, test_set, classes, fixed_at(cfg.inference, calibration.value),
+                          device, cfg.eval.batch_size, progress=lambda done, total: bar.update(done))
+    result["seen_score_calibration"] = calibration.value
+    if calibration.select is not None:
+        result["select"] = {k: calibration.select[k] for k in METRIC_KEYS}
     if out_csv is not None:
         out_csv = Path(out_csv)
         out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -1147,5 +1163,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path
                                  "" if math.isnan(iou) else f"{iou:.4f}"])
     log(f"{len(test_set)} images of {cfg.data.dataset}/{cfg.data.test_split}: hIoU {result['hIoU']:.2f}  "
         f"sIoU {result['sIoU']:.2f}  uIoU {result['uIoU']:.2f}  mIoU {result['mIoU']:.2f}"
-        + (f"; per-class IoU in {out_csv}" if out_csv else "") + f" ({checked})")
+        + (f"; per-class IoU in {out_csv}" if out_csv else "")
+        + f"; seen-score calibration {calibration.how} ({checked})")
     return result

@@ -35,13 +35,28 @@ def semantic_inference(pred_logits: Tensor, pred_masks: Tensor, output_size: tup
     classes' probabilities first: ZegCLIP's inductive calibration against the bias towards the
     classes seen in training.
     """
-    probs = pred_logits.sigmoid()  # [B, Q, K]
+    return calibrated_scores(pred_logits.sigmoid(), mask_probabilities(pred_masks, output_size),
+                             seen_class_ids, seen_score_calibration)
+
+
+def mask_probabilities(pred_masks: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """pred_masks [B, Q, h, w] (logits) -> sigmoid at `output_size` [B, Q, H, W]."""
+    return F.interpolate(pred_masks, size=tuple(output_size), mode="bilinear",
+                         align_corners=False).sigmoid()
+
+
+def calibrated_scores(probs: Tensor, masks: Tensor, seen_class_ids: Sequence[int] | Tensor | None,
+                      seen_score_calibration: float) -> Tensor:
+    """sum_q (p[q, k] - calibration if k is seen) * masks[q]: probs [B, Q, K], masks [B, Q, H, W]
+    -> [B, K, H, W]. The part of `semantic_inference` that the calibration changes, so that one
+    forward pass can be scored at several values (calibration.py)."""
+    if isinstance(seen_score_calibration, str):  # "auto" is resolved before predicting
+        raise ValueError(f"seen_score_calibration must be a number here, got "
+                         f"{seen_score_calibration!r}: calibration.calibrate chooses one")
     if seen_score_calibration > 0 and seen_class_ids is not None:
         seen = torch.as_tensor(seen_class_ids, dtype=torch.long, device=probs.device)
         probs = probs.clone()
         probs[..., seen] -= seen_score_calibration
-    masks = F.interpolate(pred_masks, size=tuple(output_size), mode="bilinear",
-                          align_corners=False).sigmoid()  # [B, Q, H, W]
     return torch.einsum("bqk,bqhw->bkhw", probs, masks.to(probs.dtype))
 
 
@@ -151,9 +166,20 @@ class Segmentor(nn.Module):
 
         `text` [K, C] are the classes' CLIP text embeddings. `inference` says how (whole image
         or sliding windows, resizing, random queries, calibration); the prediction always has
-        the input's size.
+        the input's size; `inference.seen_score_calibration` must be a number.
         """
         inference = inference or InferenceConfig()
+        return self.predict_calibrated(images, text, inference, seen_class_ids,
+                                       [inference.seen_score_calibration])[0]
+
+    @torch.no_grad()
+    def predict_calibrated(self, images: Tensor, text: Tensor, inference: InferenceConfig,
+                           seen_class_ids: Sequence[int] | Tensor | None,
+                           calibrations: Sequence[float]) -> list[Tensor]:
+        """`predict` at each of `calibrations` (its own `seen_score_calibration` unused) -> one
+        LongTensor [B, H, W] per value, from one forward pass per image (per window): the
+        calibration only changes how the queries' probabilities are summed into pixel scores,
+        and each value's labels equal `predict`'s at that value exactly."""
         class_embeds = self.class_space(text)
         was_training = self.training
         self.eval()
@@ -162,34 +188,42 @@ class Segmentor(nn.Module):
             if inference.short_side is not None:
                 images = resize_short_side(images, inference.short_side)
             if inference.mode == "slide":
-                scores = self._slide_scores(images, class_embeds, inference, seen_class_ids)
+                scores = self._slide_scores(images, class_embeds, inference, seen_class_ids,
+                                            calibrations)
             else:
-                scores = self._scores(images, class_embeds, inference, seen_class_ids)
+                scores = self._scores(images, class_embeds, inference, seen_class_ids,
+                                      calibrations)
         finally:
             self.train(was_training)
-        if tuple(scores.shape[-2:]) != size:
-            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
-        return scores.argmax(dim=1)
+        labels = []
+        for value_scores in scores:  # [B, K, H', W'] each
+            if tuple(value_scores.shape[-2:]) != size:
+                value_scores = F.interpolate(value_scores, size=size, mode="bilinear",
+                                             align_corners=False)
+            labels.append(value_scores.argmax(dim=1))
+        return labels
 
     def _scores(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig,
-                seen_class_ids) -> Tensor:
+                seen_class_ids, calibrations: Sequence[float]) -> list[Tensor]:
         output = self(images, class_embeds, num_random_queries=inference.num_random_queries)
-        return semantic_inference(output["pred_logits"], output["pred_masks"], images.shape[-2:],
-                                  seen_class_ids, inference.seen_score_calibration)
+        probs = output["pred_logits"].sigmoid()  # [B, Q, K]
+        masks = mask_probabilities(output["pred_masks"], images.shape[-2:])  # [B, Q, H, W]
+        return [calibrated_scores(probs, masks, seen_class_ids, value) for value in calibrations]
 
     def _slide_scores(self, images: Tensor, class_embeds: Tensor, inference: InferenceConfig,
-                      seen_class_ids) -> Tensor:
+                      seen_class_ids, calibrations: Sequence[float]) -> list[Tensor]:
         scores = count = None
         height, width = images.shape[-2:]
         for y1, y2, x1, x2 in slide_windows(height, width, inference.crop_size, inference.stride):
-            window = self._scores(images[..., y1:y2, x1:x2], class_embeds, inference,
-                                  seen_class_ids)
+            windows = self._scores(images[..., y1:y2, x1:x2], class_embeds, inference,
+                                   seen_class_ids, calibrations)
             if scores is None:
-                scores = window.new_zeros(*window.shape[:2], height, width)
-                count = window.new_zeros(1, 1, height, width)
-            scores[..., y1:y2, x1:x2] += window
+                scores = [w.new_zeros(*w.shape[:2], height, width) for w in windows]
+                count = windows[0].new_zeros(1, 1, height, width)
+            for total, window in zip(scores, windows):
+                total[..., y1:y2, x1:x2] += window
             count[..., y1:y2, x1:x2] += 1
-        return scores / count
+        return [total / count for total in scores]
 
 
 def _without_text_center(module: Segmentor, state_dict: dict, prefix: str, *args) -> None:
