@@ -133,7 +133,7 @@ def plot_unseen_class_iou(best: pd.DataFrame, path: str | Path) -> Path | None:
         ax.set_ylabel(f"IoU {IOU_UNIT}")
         ax.set_ylim(0, min(100.0, top * 1.15 + 1))
         ax.grid(axis="x", visible=False)
-        ax.set_title(f"Per-class IoU of the unseen classes, best {n_runs} run(s) by hIoU "
+        ax.set_title(f"Per-class IoU of the unseen classes, best {n_runs} ranked run(s) "
                      f"(last evaluation)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run (rank, name, hIoU %)")
         return _save(fig, Path(path))
@@ -179,7 +179,44 @@ def plot_training_curves(best: pd.DataFrame, histories: dict, path: str | Path) 
         fig.legend(handles=handles, loc="outside lower center",
                    ncol=_legend_columns([h.get_label() for h in handles]),
                    title="run (rank, name, last hIoU %)", frameon=False)
-        fig.suptitle(f"Training curves of the best {len(best)} run(s) by hIoU")
+        fig.suptitle(f"Training curves of the best {len(best)} ranked run(s)")
+        return _save(fig, Path(path))
+
+
+def plot_row_intervals(table: pd.DataFrame, path: str | Path, split: str) -> Path | None:
+    """An ablation's rows (x, in table order) with the mean (marker) and 95% interval (bar) of
+    hIoU, sIoU and uIoU over each row's (split, seed) runs: the columns of `ablation.summary_table`;
+    `split` says whose figures ("val, the selection split"). A row of one run has a marker and no
+    bar; a row without figures is left empty."""
+    metrics = ["hIoU", "sIoU", "uIoU"]
+    means = table[metrics].apply(pd.to_numeric, errors="coerce")
+    if table.empty or means.isna().all().all():
+        return None
+    positions = np.arange(len(table))
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(min(22, max(11, 4.2 * len(table))), 5.2), layout="constrained")
+        axes = fig.subplots(1, 3)
+        for ax, metric, colour in zip(axes, metrics, ("tab:blue", "tab:orange", "tab:green")):
+            mean = means[metric].to_numpy(dtype=float)
+            low = pd.to_numeric(table[f"{metric} ci95 lo"], errors="coerce").to_numpy(dtype=float)
+            high = pd.to_numeric(table[f"{metric} ci95 hi"], errors="coerce").to_numpy(dtype=float)
+            # No interval (one run): no bar rather than a bar of zero length that looks certain.
+            errors = np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0)
+            ax.errorbar(positions, mean, yerr=errors, fmt="o", markersize=7, capsize=5,
+                        linewidth=1.8, color=colour)
+            for x, value in zip(positions, mean):
+                if not math.isnan(value):
+                    ax.annotate(f"{value:.1f}", (x, value), textcoords="offset points",
+                                xytext=(8, 0), va="center", fontsize=9)
+            ax.set_xticks(positions, table["row"], rotation=20 if len(table) > 4 else 0,
+                          ha="right" if len(table) > 4 else "center")
+            ax.set_xlim(-0.5, len(table) - 0.5)
+            ax.set_xlabel("row")
+            ax.set_ylabel(f"{metric} {IOU_UNIT}")
+            ax.set_title(metric)
+        pairs = ", ".join(f"{row} {int(n)}" for row, n in zip(table["row"], table["pairs"]))
+        fig.suptitle(f"Ablation rows on {split}: mean and 95% interval over (split, seed) "
+                     f"runs\nruns per row: {pairs}")
         return _save(fig, Path(path))
 
 

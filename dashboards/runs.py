@@ -1,4 +1,6 @@
-"""Training runs out of MLflow: one pandas row per run, ranked by hIoU.
+"""Training runs out of MLflow: one pandas row per run, ranked on its selection figure (its best
+hIoU on the selection split, `splitmatch.selection`: the rule `tune` ranks its trials by), with the
+test figures beside it, and what became of the run in words (finished, stopped early, failed...).
 
 Reads through an explicit `MlflowClient(tracking_uri=...)`, never the process-wide tracking URI that
 `mlflow.search_runs` depends on, so a dashboard built inside a training driver or a test cannot
@@ -15,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from splitmatch.config import redact
+from splitmatch.selection import STOPPED_EARLY, describe_state, ranked, selection_figure
 
 IOU_METRICS = ("hIoU", "sIoU", "uIoU", "mIoU")
 PARENT_KIND_TAG = "tags.splitmatch.kind"  # "search" | "ablation": a parent, not a training run
@@ -28,8 +31,8 @@ KEY_PARAMS = {
     "matching": "params.matching.mode",
     "seed": "params.seed",
 }
-TABLE_COLUMNS = ["rank", *IOU_METRICS, "select_hIoU", *KEY_PARAMS, "run_name", "page", "run_id",
-                 "status", "experiment", "dataset", "unseen"]
+TABLE_COLUMNS = ["rank", "select_hIoU", *IOU_METRICS, "state", *KEY_PARAMS, "run_name", "page",
+                 "run_id", "status", "experiment", "dataset", "unseen"]
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Scope:
     missing_experiments: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     parent_run_name: str | None = None
+    parent_tags: dict = field(default_factory=dict)
     problem: str | None = None  # why nothing can be searched (no store, unknown parent, ...)
 
     def describe(self) -> str:
@@ -80,6 +84,7 @@ def resolve_scope(client, tracking_uri: str, experiments: list[str] | None,
             scope.problem = f"parent run {parent_run_id} not found"
             return scope
         scope.parent_run_name = parent.info.run_name
+        scope.parent_tags = dict(parent.data.tags)
     if experiments:
         for name in experiments:
             experiment = client.get_experiment_by_name(name)
@@ -111,13 +116,15 @@ def _all_pages(search, **kwargs) -> list:
 
 
 def load_runs(client, scope: Scope) -> pd.DataFrame:
-    """All active runs in scope (children of the parent only, when one is given), best hIoU first
-    as MLflow orders them; one column per metric (its last logged value), param and tag."""
+    """All active runs in scope (children of the parent only, when one is given), in MLflow's order
+    (newest first); one column per metric (its last logged value), param and tag, and for a run
+    that has select_hIoU but no best_select_hIoU tag yet (stopped, failed, running) the best of
+    its select_hIoU history as `select_history_best`."""
     if scope.problem:
         return pd.DataFrame()
     filter_string = f"tags.mlflow.parentRunId = '{scope.parent_run_id}'" if scope.parent_run_id else ""
     runs = _all_pages(client.search_runs, experiment_ids=scope.experiment_ids,
-                      filter_string=filter_string, order_by=["metrics.hIoU DESC"])
+                      filter_string=filter_string)
     names = dict(zip(scope.experiment_ids, scope.experiments))
     rows = []
     for run in runs:
@@ -128,12 +135,16 @@ def load_runs(client, scope: Scope) -> pd.DataFrame:
         row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
         row.update({f"params.{k}": v for k, v in run.data.params.items()})
         row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+        if "select_hIoU" in run.data.metrics and "best_select_hIoU" not in run.data.tags:
+            # rank 0 sets the tag when it closes the run: an unclosed run has its evaluations only.
+            row["select_history_best"] = selection_figure(
+                m.value for m in client.get_metric_history(run.info.run_id, "select_hIoU"))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def rank_runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """(training runs best hIoU first, runs without hIoU last; how many parent runs were dropped).
+    """(training runs in `selection.ranked` order; how many parent runs were dropped).
 
     Adds the ranked-table columns (typed: numbers as numbers, scales as a normalised list string)
     to the full frame, which keeps the per-class `metrics.IoU/...` columns the plots need.
@@ -145,10 +156,12 @@ def rank_runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     column = lambda key: runs.get(key, pd.Series(None, index=runs.index, dtype=object))  # noqa: E731
     for name in IOU_METRICS:
         runs[name] = pd.to_numeric(column(f"metrics.{name}"), errors="coerce")
-    # hIoU is the test split's, measured once at the end; select_hIoU the selection split's for
-    # the chosen weights (tag best_select_hIoU; -1 when no evaluation produced one: "none").
-    best = pd.to_numeric(column("tags.best_select_hIoU"), errors="coerce")
-    runs["select_hIoU"] = best.where(best >= 0)
+    # hIoU is the test split's, measured once at the end, of the weights chosen on the selection
+    # split; select_hIoU the selection figure they were chosen on (tag best_select_hIoU).
+    runs["select_hIoU"] = pd.to_numeric(pd.Series(
+        [selection_figure([tag, history]) for tag, history in
+         zip(column("tags.best_select_hIoU"), column("select_history_best"))],
+        index=runs.index, dtype=object), errors="coerce")
     runs["candidate_queries"] = pd.to_numeric(column(KEY_PARAMS["candidate_queries"]),
                                               errors="coerce").astype("Int64")
     runs["kmeans_scales"] = column(KEY_PARAMS["kmeans_scales"]).map(_scales)
@@ -162,11 +175,27 @@ def rank_runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     runs["unseen"] = column("tags.unseen")
     runs["page"] = column("tags.splitmatch.page")  # the run's own results page, if it wrote one
     runs["status"] = runs["status"].str.lower()
-    # Stable: equal hIoU keeps MLflow's order; NaN (failed, still running, never evaluated) last.
-    runs = runs.sort_values("hIoU", ascending=False, na_position="last", kind="mergesort")
-    runs = runs.reset_index(drop=True)
+    stopped = column("tags.splitmatch.status").eq(STOPPED_EARLY)
+    runs["state"] = [describe_state(STOPPED_EARLY if stop else status, _number(iteration),
+                                    _text(error), _text(by))
+                     for stop, status, iteration, error, by in
+                     zip(stopped, runs["status"], column("metrics.iteration"), column("tags.error"),
+                         column("tags.stopped_by"))]
+    figures, finished = runs["select_hIoU"].to_numpy(), runs["status"].eq("finished").to_numpy()
+    order = ranked(range(len(runs)), figure=lambda i: None if pd.isna(figures[i]) else figures[i],
+                   finished=lambda i: finished[i])
+    runs = runs.iloc[order].reset_index(drop=True)
     runs["rank"] = range(1, len(runs) + 1)
     return runs, int(is_parent.sum())
+
+
+def _number(value) -> float | None:
+    number = pd.to_numeric(value, errors="coerce")
+    return None if pd.isna(number) else float(number)
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _scales(value) -> str | None:

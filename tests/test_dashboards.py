@@ -1,20 +1,24 @@
 """`splitmatch compare` against real MLflow stores (SQLite, and a local server over HTTP): runs with
-synthetic metrics are logged the way training logs them, then ranked, plotted and reported."""
+synthetic metrics are logged the way training logs them (and an ablation's children the way
+`splitmatch ablation` logs them), then ranked, plotted and reported."""
 import base64
 import json
 import math
 import re
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from splitmatch import stats
 from splitmatch.dashboards.report import build_report
 from splitmatch.dashboards.runs import TABLE_COLUMNS
 from splitmatch.tracking import MlflowServer, artifact_root, default_tracking_uri
+from helpers import cli
 
 UNSEEN = ["leaf", "starfish", "donut"]
 PLOT_NAMES = {"iou_vs_queries.png", "unseen_class_iou.png", "training_curves.png"}
@@ -127,6 +131,7 @@ def test_ranks_all_training_runs_of_the_experiment_and_writes_the_csv(store, tmp
     assert top.select_hIoU == pytest.approx(best_hiou + 1, abs=1e-3) and top.unseen == "leaf,starfish,donut"
     last = csv.iloc[-1]
     assert (last.run_name, last.status, last.candidate_queries) == ("crashed", "failed", 8)
+    assert last.state == "failed" and math.isnan(last.select_hIoU) and top.state == "finished"
     assert csv.set_index("run_name").loc["baseline", "matching"] == "baseline"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         {"report.html", "runs.csv", *PLOT_NAMES})
@@ -193,7 +198,7 @@ def test_no_matching_runs_gives_a_message_and_writes_nothing(store, tmp_path):
 def test_runs_without_any_metric_give_a_table_and_no_plots(store, tmp_path):
     global_uri = mlflow.get_tracking_uri()
     result = build_report(store["uri"], tmp_path / "out", experiments=["broken"])
-    assert result["runs"] == 1 and "no run has an hIoU" in result["message"]
+    assert result["runs"] == 1 and "no finished run has a selection figure" in result["message"]
     assert result["plots"] == {} and set(result["skipped_plots"]) == PLOT_NAMES
     assert list(result["table"]["run_name"]) == ["died-at-start"]
     page = open(result["report"], encoding="utf-8").read()
@@ -218,3 +223,176 @@ def test_against_a_real_mlflow_server(tmp_path):
         logged = {a.path for a in client.list_artifacts(parent, "compare")}
         assert "compare/report.html" in logged and len(logged) == 5
         assert server.url in open(result["report"], encoding="utf-8").read()
+
+
+# ------------------------------------------------------------------ ranking on the selection figure
+
+def log_trial(client, experiment_id, parent, name, select_history, test_hiou, status="FINISHED",
+              tags=None):
+    """A search trial as train.py leaves it: select_hIoU at each evaluation (NaN ones are not
+    logged), the tag best_select_hIoU and the test figures only when rank 0 closed the run."""
+    run_id = client.create_run(experiment_id, run_name=name,
+                               tags={"mlflow.parentRunId": parent, **(tags or {})}).info.run_id
+    steps = [100, 200]
+    metrics = [Metric("select_hIoU", v, 0, step) for v, step in zip(select_history, steps)]
+    metrics += [Metric("iteration", step, 0, step) for step in steps]
+    if status == "FINISHED":
+        metrics += [Metric("hIoU", test_hiou, 0, 200), Metric("sIoU", test_hiou + 10, 0, 200)]
+        if select_history:
+            client.set_tag(run_id, "best_select_hIoU", f"{max(select_history):.4f}")
+    client.log_batch(run_id, metrics=metrics)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def trials(tmp_path_factory):
+    """The reviewer's case: the Ku=0 trial's best select_hIoU (2.91, early) is above the Ku=8
+    trial's (2.04, its last), whose test hIoU is the higher one; then trials that did not finish
+    and one trained without a selection split."""
+    uri = default_tracking_uri(tmp_path_factory.mktemp("trials"))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search", artifact_location=artifact_root(uri))
+    parent = log_parent(client, experiment, "toy")
+    ids = {
+        "ku0": log_trial(client, experiment, parent, "ku0", [2.91, 1.20], test_hiou=5.0),
+        "ku8": log_trial(client, experiment, parent, "ku8", [1.00, 2.04], test_hiou=9.0),
+        "no-select": log_trial(client, experiment, parent, "no-select", [], test_hiou=30.0),
+        # Not closed by rank 0: a figure from its history, but it ranks after every finished run.
+        "running": log_trial(client, experiment, parent, "running", [1.5, 4.0], 0, "RUNNING"),
+        "stopped": log_trial(client, experiment, parent, "stopped", [0.5, 0.7], 0, "KILLED",
+                             {"splitmatch.status": "stopped_early", "stopped_by": "ASHA"}),
+        "failed": log_trial(client, experiment, parent, "failed", [], 0, "FAILED",
+                            {"error": "RuntimeError: weights missing\nTraceback ..."}),
+    }
+    return {"uri": uri, "client": client, "parent": parent, "ids": ids}
+
+
+def test_runs_rank_on_their_best_selection_figure_with_the_test_figures_beside(trials, tmp_path):
+    result = build_report(trials["uri"], tmp_path / "out", parent_run_id=trials["parent"])
+    table = result["table"]
+    # Finished runs by figure, then unfinished ones by figure, then the rest newest first.
+    assert list(table["run_name"]) == ["ku0", "ku8", "running", "stopped", "failed", "no-select"]
+    ranked = table.set_index("run_name")
+    # The best over evaluations, not the last; the higher test hIoU (ku8, no-select) ranks below.
+    assert ranked.loc["ku0", "select_hIoU"] == pytest.approx(2.91)
+    assert ranked.loc["ku8", "select_hIoU"] == pytest.approx(2.04)
+    assert ranked.loc["ku8", "hIoU"] > ranked.loc["ku0", "hIoU"]
+    assert ranked.loc["running", "select_hIoU"] == pytest.approx(4.0)  # its history's best
+    assert math.isnan(ranked.loc["no-select", "select_hIoU"])
+    assert ranked.loc["no-select", "hIoU"] == 30.0  # the highest test figure, ranked after all
+    assert dict(ranked["state"]) == {
+        "ku0": "finished", "ku8": "finished", "running": "running (iteration 200)",
+        "stopped": "stopped early at iteration 200 (ASHA)", "no-select": "finished",
+        "failed": "failed: RuntimeError: weights missing"}
+    assert "best ku0: best hIoU 2.91 on the selection split" in result["message"]
+    page = open(result["report"], encoding="utf-8").read()
+    assert "Runs ranked on their selection figure" in page and "no selection figure" in page
+    assert "2 run(s) have no selection figure" in page
+    assert "stopped early at iteration 200 (ASHA)" in page
+    printed = result["text"].splitlines()
+    assert printed[0].split()[:3] == ["rank", "select_hIoU", "hIoU"]
+    assert "ku0" in printed[1] and "2.91" in printed[1]
+
+
+# ------------------------------------------------------------------------------ ablation parents
+
+ROWS = ["baseline", "+SM", "+SM+MFE"]
+PAIRS = [(split, seed) for split in ("dev0", "dev1") for seed in (0, 1)]
+WOBBLE = [1.0, -1.0, 0.5, -0.5]  # +SM against baseline, per pair: its interval contains 0
+
+
+def ablation_figures(row: str, position: int) -> dict[str, float]:
+    """Test and val figures of one (row, pair): +SM the baseline give or take a point, +SM+MFE
+    exactly +10 on +SM at every pair, the val figures 3 points under the test ones."""
+    split, seed = PAIRS[position]
+    base = {"hIoU": 40.0 + 4 * int(split[-1]) + seed, "sIoU": 60.0 + seed,
+            "uIoU": 30.0 + 3 * int(split[-1])}
+    shift = {"baseline": 0.0, "+SM": WOBBLE[position], "+SM+MFE": WOBBLE[position] + 10}[row]
+    test = {k: v + shift for k, v in base.items()}
+    return {**test, **{f"final_select_{k}": v - 3 for k, v in test.items()}}
+
+
+def log_ablation(client, experiment_id, name, reported_split, **tags):
+    parent = client.create_run(experiment_id, run_name=name, tags={
+        "splitmatch.kind": "ablation", "reported_split": reported_split,
+        "row_order": " | ".join(ROWS), **tags}).info.run_id
+    for row in ROWS:
+        for position, (split, seed) in enumerate(PAIRS):
+            child = client.create_run(experiment_id, run_name=f"{name}-{row}-{split}-s{seed}",
+                                      tags={"mlflow.parentRunId": parent, "row": row,
+                                            "split": split}).info.run_id
+            client.log_batch(child, params=[Param("seed", str(seed))], metrics=[
+                Metric(k, v, 0, 6) for k, v in ablation_figures(row, position).items()])
+            client.set_terminated(child, "FINISHED")
+    return parent
+
+
+@pytest.fixture(scope="module")
+def ablations(tmp_path_factory):
+    uri = default_tracking_uri(tmp_path_factory.mktemp("ablations"))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("ablation", artifact_location=artifact_root(uri))
+    return {"uri": uri, "client": client,
+            "test": log_ablation(client, experiment, "toy-ablation", "test"),
+            "val": log_ablation(client, experiment, "toy-ablation-dev", "val"),
+            # VOC's test split is named "val": the family of the splits says which is reported.
+            "voc": log_ablation(client, experiment, "voc-ablation", "val", family="holdout")}
+
+
+@pytest.mark.parametrize("parent,reported", [("test", "test"), ("val", "val"), ("voc", "test")])
+def test_an_ablation_parent_gives_one_line_per_row_with_intervals(ablations, tmp_path, parent,
+                                                                  reported):
+    result = build_report(ablations["uri"], tmp_path / "out", parent_run_id=ablations[parent],
+                          log_to_run_id=ablations[parent])
+    table = result["table"]
+    assert result["kind"] == "ablation" and result["runs"] == 12
+    assert list(table["row"]) == ROWS and list(table["pairs"]) == [4, 4, 4]
+    prefix = "" if reported == "test" else "final_select_"
+    for row in ROWS:
+        line = table.set_index("row").loc[row]
+        for metric in ("hIoU", "sIoU", "uIoU"):
+            logged = [ablation_figures(row, i)[prefix + metric] for i in range(len(PAIRS))]
+            assert line[metric] == pytest.approx(np.mean(logged), abs=1e-4)
+            assert line[f"{metric} ci95 lo"] <= line[metric] <= line[f"{metric} ci95 hi"]
+    assert (table["interval"] == stats.INTERVAL).all()
+    lines = table.set_index("row")
+    assert math.isnan(lines.loc["baseline", "hIoU vs baseline"])  # the baseline has no deltas
+    # +SM: a point either way at every pair: its interval contains 0, so it is not shown.
+    assert lines.loc["+SM", "hIoU vs baseline"] == pytest.approx(0.0, abs=1e-9)
+    assert not lines.loc["+SM", "hIoU vs baseline shown"]
+    # +SM+MFE: +10 on +SM at every pair: shown, interval [10, 10].
+    assert lines.loc["+SM+MFE", "hIoU vs previous"] == pytest.approx(10.0)
+    assert lines.loc["+SM+MFE", "hIoU vs previous shown"]
+    assert lines.loc["+SM+MFE", "hIoU vs previous ci95 lo"] == pytest.approx(10.0)
+    assert pd.read_csv(result["csv"])["row"].tolist() == ROWS
+
+    text = result["text"]
+    sm, full = (next(l for l in text.splitlines() if l.strip().startswith(r)) for r in
+                ("+SM ", "+SM+MFE"))
+    assert "not shown" in sm and "+10.00 [10.00, 10.00]" in full
+    assert "not shown" not in full  # +10 give or take a point on the baseline: shown too
+    assert stats.INTERVAL in text
+    assert {"test": "figures on test, the test split", "val": "figures on val, the selection split",
+            "voc": "figures on val, the test split"}[parent] in text
+    page = open(result["report"], encoding="utf-8").read()
+    assert "not shown" in page and stats.INTERVAL in page and "+10.00 [10.00, 10.00]" in page
+    assert set(result["plots"]) == {"row_intervals.png"} and result["skipped_plots"] == {}
+    with Image.open(result["plots"]["row_intervals.png"]) as image:
+        assert image.format == "PNG" and image.width >= 900
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+    assert page.count("data:image/png;base64,") == 1
+    logged = {a.path for a in ablations["client"].list_artifacts(ablations[parent], "compare")}
+    assert logged == {"compare/report.html", "compare/runs.csv", "compare/row_intervals.png"}
+
+
+def test_compare_prints_the_ablation_rows(ablations, tmp_path):
+    done = cli("compare", "--tracking-uri", ablations["uri"], "--parent", ablations["test"],
+               "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:5] == ["row", "pairs", "hIoU", "sIoU", "uIoU"]
+    assert [line.split()[0] for line in lines[1:4]] == ROWS
+    assert "not shown" in lines[2] and stats.INTERVAL in done.stdout
+    print(done.stdout)

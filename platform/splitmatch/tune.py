@@ -2,15 +2,16 @@
 issue's `launch`, not a copy), one MLflow parent run for the search and one child run per trial.
 
 The V2 pattern (ray-mlflow.md): a function trainable builds a `TorchTrainer` whose
-`TuneReportCallback` forwards rank 0's metrics to Tune, which chooses on select_hIoU: the hIoU on
-`data.select_split`, never on the test split that is reported. Trial names are deterministic, so a
+`TuneReportCallback` forwards rank 0's metrics to Tune. Trials are judged on select_hIoU, the hIoU
+on `data.select_split`, never on the test split that is reported: ASHA compares the latest one at
+its rungs, and the summary ranks finished trials on their best one, the weights they kept and
+tested (selection.py, the rule `compare` ranks by too). Trial names are deterministic, so a
 restored search resumes unfinished trials from their Train checkpoints and never re-runs finished
 ones. Concurrent trials write MLflow through one local `mlflow server`, never one SQLite file.
 """
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import yaml
@@ -18,8 +19,10 @@ import yaml
 from splitmatch import storage
 from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config,
                                redact, resolve_paths, to_dict, yaml_value)
+from splitmatch.selection import STOPPED_EARLY, describe_state, ranked, selection_figure
+from splitmatch.splits import check_split_use
 from splitmatch.tracking import (MlflowServer, artifact_root, default_tracking_uri, experiment_id,
-                                 find_or_create_run, open_parent_run)
+                                 find_or_create_run, literal, open_parent_run)
 
 
 def search_space(space: dict) -> dict:
@@ -44,7 +47,7 @@ def trial_config(base: dict, params: dict, name: str) -> Config:
 
 
 def run_trial(config: dict, base: dict, search: str, tracking_uri: str,
-              parent_run_id: str) -> None:
+              parent_run_id: str, holdout: bool = False) -> None:
     """Tune function trainable: one Ray Train run with this trial's values (`config`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -59,6 +62,7 @@ def run_trial(config: dict, base: dict, search: str, tracking_uri: str,
         # resume=True: a restored search continues this trial's Train run where it stopped.
         result = launch(cfg, resume=True, build_pseudo_masks=True, may_grow=(),
                         parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                        holdout=holdout,
                         log=lambda *_: None, progress=False)  # trials run off the driver
 
         error = result.error
@@ -84,14 +88,16 @@ def _mark_failed(uri: str, cfg: Config, parent_run_id: str, error) -> None:
     client.set_terminated(run_id, status="FAILED")
 
 
-def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
-    """Run (or, with `resume`, continue) the search of `cfg.tune`; returns a summary."""
+def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = False) -> dict:
+    """Run (or, with `resume`, continue) the search of `cfg.tune`; returns a summary. A search
+    chooses, so a held-out split is refused unless `holdout` (--holdout, recorded as a tag)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from splitmatch.cluster import init_ray
 
     cfg = resolve_paths(cfg)
+    family = check_split_use(cfg.data, "tune", holdout)
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty: nothing to search (see experiments/toyworld_search.yaml)")
     if cfg.data.select_split is None:
@@ -116,7 +122,8 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
         uri = server.url
     try:
         client = MlflowClient(uri)
-        parent_id, existed = open_parent_run(client, uri, cfg, cfg.name, "search")
+        parent_id, existed = open_parent_run(client, uri, cfg, cfg.name, "search", {
+            "split_family": family, **({"holdout_flag": "--holdout"} if holdout else {})})
         if not existed:
             client.log_dict(parent_id, {k: v for k, v in cfg.tune.space.items()}, "search_space.yaml")
             client.log_text(parent_id, dump_config(cfg), "base_config.yaml")
@@ -128,14 +135,9 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
         # resource request.
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, search=cfg.name, tracking_uri=uri,
-                                 parent_run_id=parent_id),
+                                 parent_run_id=parent_id, holdout=holdout),
             {"CPU": 0, "memory": 256 * 1024 ** 2})
-        scheduler = None
-        if cfg.tune.scheduler == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="iteration", max_t=cfg.train.max_iters,
-                grace_period=min(cfg.tune.grace_period, cfg.train.max_iters),
-                reduction_factor=cfg.tune.reduction_factor)
+        scheduler = asha_scheduler(cfg) if cfg.tune.scheduler == "asha" else None
         param_space = search_space(cfg.tune.space)
         if resume:
             tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
@@ -152,44 +154,74 @@ def run_search(cfg: Config, resume: bool = False, log=print) -> dict:
             f"{parent_id} at {redact(uri)}")
         results = tuner.fit()
         summary = _summarise(results, cfg, client, parent_id, search_dir)
-        log(f"{summary['trials']} trials, {summary['errors']} failed; best {summary['best_params']}: "
-            f"hIoU {summary['best_select_hIoU']:.2f} on {cfg.data.select_split} (chosen on it), "
-            f"{summary['best_hIoU']:.2f} on {cfg.data.test_split} (reported)")
+        log(f"{summary['trials']} trials, {summary['errors']} failed, {summary['stopped_early']} "
+            f"stopped early; best {summary['best_run_name']} {summary['best_params']}: best hIoU "
+            f"{summary['best_select_hIoU']:.2f} on {cfg.data.select_split} (ranked on it, as "
+            f"`compare` ranks), {summary['best_hIoU']:.2f} on {cfg.data.test_split} (reported)")
         return summary
     finally:
         if server is not None:
             server.stop()
 
 
-# Both figures of every trial: the one it was chosen on and the one that is reported.
-SUMMARY_METRICS = ("select_hIoU", "hIoU", "sIoU", "uIoU", "mIoU", "iteration")
+def asha_scheduler(cfg: Config):
+    """ASHA on `iteration`, whose rungs all lie before the last iteration.
+
+    A trial's last report (at max_iters, with the test figures) comes before its Train run has
+    closed its MLflow run; a STOP there ends the run mid-way, left RUNNING. So max_t is one short
+    of max_iters, and a trial that survives the last rung is left to finish by itself
+    (stop_last_trials=False), instead of being stopped at max_t.
+    """
+    from ray import tune
+
+    if cfg.train.max_iters < 2:
+        raise ConfigError("tune.scheduler: asha needs train.max_iters >= 2: a 1-iteration trial "
+                          "has nothing to stop early")
+    max_t = cfg.train.max_iters - 1
+    return tune.schedulers.ASHAScheduler(
+        time_attr="iteration", max_t=max_t, grace_period=min(cfg.tune.grace_period, max_t),
+        reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+
+
+# The reported figures of every trial, beside the one it is ranked on (`selection_figure`).
+SUMMARY_METRICS = ("hIoU", "sIoU", "uIoU", "mIoU", "iteration")
 
 
 def _summarise(results, cfg: Config, client, parent_id: str, search_dir: str) -> dict:
-    """Summary table + best trial's config on the parent run."""
-    rows = []
+    """Summary table, ranked as `compare` ranks the trials (selection.ranked), + the best trial's
+    config on the parent run; trials their scheduler stopped are closed in MLflow as such."""
     searched = list(cfg.tune.space)
+    runs = _trial_runs(client, parent_id)
+    stopped_by = "ASHA" if cfg.tune.scheduler == "asha" else None
+    rows = []
     for result in results:
-        params = {k: result.config.get(k) for k in searched}
         metrics = result.metrics or {}
+        run = _trial_run(runs, metrics.get("trial_id"))
+        state = _trial_state(result, cfg.train.max_iters)
+        if state == STOPPED_EARLY and run is not None:
+            _mark_stopped(client, run, stopped_by)
         rows.append({"trial": Path(result.path).name if result.path else "?",
-                     "status": "ERROR" if result.error else "OK",
-                     **{k: json_value(v) for k, v in params.items()},
+                     "run_name": run.info.run_name if run is not None else "",
+                     "state": describe_state(state, metrics.get("iteration"),
+                                             _error_text(result.error), stopped_by),
+                     **{k: json_value((result.config or {}).get(k)) for k in searched},
+                     "select_hIoU": trial_selection_figure(result),
                      **{m: metrics.get(m) for m in SUMMARY_METRICS},
-                     "error": str(result.error)[:300] if result.error else ""})
-    ok = [r for r in rows if r["status"] == "OK" and r["select_hIoU"] is not None
-          and not math.isnan(r["select_hIoU"])]
-    ok.sort(key=lambda r: r["select_hIoU"], reverse=True)
+                     "error": _error_text(result.error)[:300]})
+    rows = ranked(rows, figure=lambda r: r["select_hIoU"],
+                  finished=lambda r: r["state"] == "finished")
     table = storage.local_path(search_dir) / "search_summary.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: -(r["select_hIoU"] or -math.inf)))
+        writer.writerows(rows)
     client.log_artifact(parent_id, str(table))
     if storage.is_remote(search_dir):
         storage.push(table, storage.join(search_dir, table.name))
-    best = ok[0] if ok else None
+    # The first row, if it is a result: a finished trial with a selection figure.
+    best = next((r for r in rows[:1] if r["state"] == "finished" and r["select_hIoU"] is not None),
+                None)
     if best is not None:
         best_cfg = trial_config(to_dict(cfg) | {"tune": {}},
                                 {k: yaml.safe_load(best[k]) if isinstance(best[k], str) else best[k]
@@ -198,12 +230,66 @@ def _summarise(results, cfg: Config, client, parent_id: str, search_dir: str) ->
         client.log_metric(parent_id, "best_select_hIoU", best["select_hIoU"])
         client.log_metric(parent_id, "best_test_hIoU", best["hIoU"])
         client.set_tag(parent_id, "best_trial", best["trial"])
+        client.set_tag(parent_id, "best_run_name", best["run_name"])
     client.set_terminated(parent_id, status="FINISHED")
-    return {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
+    return {"trials": len(rows), "errors": sum(r["state"].startswith("failed") for r in rows),
+            "stopped_early": sum(r["state"].startswith("stopped early") for r in rows),
             "best_select_hIoU": best["select_hIoU"] if best else float("nan"),
             "best_hIoU": best["hIoU"] if best else float("nan"),
+            "best_run_name": best["run_name"] if best else "",
             "best_params": {k: best[k] for k in searched} if best else {},
             "table": str(table), "parent_run_id": parent_id, "rows": rows}
+
+
+def trial_selection_figure(result) -> float | None:
+    """A trial's best select_hIoU over its reports: every report carries the latest evaluation's
+    (Tune's schedulers compare those), so `result.metrics`, the last report, is not the best."""
+    frame = result.metrics_dataframe
+    history = [] if frame is None or "select_hIoU" not in frame else list(frame["select_hIoU"])
+    return selection_figure([*history, (result.metrics or {}).get("select_hIoU")])
+
+
+def _trial_state(result, max_iters: int) -> str:
+    """"failed", "finished", or STOPPED_EARLY: no error, but its last report is before the end
+    (a trial's last report is at max_iters, with the test figures)."""
+    if result.error is not None:
+        return "failed"
+    iteration = (result.metrics or {}).get("iteration")
+    return "finished" if iteration is not None and iteration >= max_iters else STOPPED_EARLY
+
+
+def _error_text(error) -> str:
+    """The exception the trial raised, not Ray's wrapper around it, whose first line only names
+    Ray's actor (RayTaskError keeps the original as `cause`)."""
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None)
+    return str(cause if cause is not None else error)
+
+
+def _trial_runs(client, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment],
+                              filter_string=f"tags.mlflow.parentRunId = {literal(parent_id)}")
+
+
+def _trial_run(children: list, trial_id: str | None):
+    """The MLflow child run of Tune trial `trial_id`, or None: run_trial names it
+    `<search>-<trial name>`, and Tune names a trial `<trainable>_<trial id>`."""
+    if not trial_id:
+        return None
+    return next((r for r in children if (r.info.run_name or "").endswith(f"_{trial_id}")), None)
+
+
+def _mark_stopped(client, run, stopped_by: str | None) -> None:
+    """Tune ends a stopped trial's Train run where it is: its rank 0 never closes the MLflow run,
+    which would stay RUNNING for ever. Say what happened instead."""
+    if run.info.status != "RUNNING":
+        return
+    client.set_tag(run.info.run_id, "splitmatch.status", STOPPED_EARLY)
+    if stopped_by:
+        client.set_tag(run.info.run_id, "stopped_by", stopped_by)
+    client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def json_value(value):
