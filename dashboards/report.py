@@ -108,20 +108,9 @@ def build_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
         (staging / REPORT_NAME).write_text(page, encoding="utf-8")
 
     paths = _publish(out_dir, write, client, log_to_run_id)
-    return {
-        "runs": len(table),
-        "kind": "runs",
-        "message": f"{len(table)} run(s) from {scope.describe()} ranked; {headline(table)}; "
-                   f"report at {paths[REPORT_NAME]}",
-        "out_dir": str(Path(out_dir).resolve()),
-        "report": str(paths[REPORT_NAME]),
-        "csv": str(paths[CSV_NAME]),
-        "plots": {name: str(paths[name]) for name in PLOTS if name in paths},
-        "skipped_plots": skipped,
-        "table": table,
-        "text": ranked_text(table),
-        "logged_to": log_to_run_id,
-    }
+    return _result("runs", len(table), f"{len(table)} run(s) from {scope.describe()} ranked; "
+                   f"{headline(table)}", out_dir, paths, skipped, table, ranked_text(table),
+                   log_to_run_id)
 
 
 def _ablation_report(client, scope: Scope, frame: pd.DataFrame, out_dir: str | Path,
@@ -149,20 +138,20 @@ def _ablation_report(client, scope: Scope, frame: pd.DataFrame, out_dir: str | P
     footer = "\n".join([f"figures on {data.reported_split}; pairs: (split, seed) runs of each row; "
                         f"intervals: {stats.INTERVAL}; a difference is 'not shown' when its "
                         f"interval contains 0", *data.notes])
-    return {
-        "runs": data.children,
-        "kind": "ablation",
-        "message": f"{len(table)} ablation row(s) from {data.children} run(s) of "
-                   f"{scope.describe()}; report at {paths[REPORT_NAME]}",
-        "out_dir": str(Path(out_dir).resolve()),
-        "report": str(paths[REPORT_NAME]),
-        "csv": str(paths[CSV_NAME]),
-        "plots": {name: str(paths[name]) for name in PLOTS if name in paths},
-        "skipped_plots": skipped,
-        "table": table,
-        "text": text.to_string(index=False) + "\n" + footer,
-        "logged_to": log_to_run_id,
-    }
+    return _result("ablation", data.children, f"{len(table)} ablation row(s) from "
+                   f"{data.children} run(s) of {scope.describe()}", out_dir, paths, skipped,
+                   table, text.to_string(index=False) + "\n" + footer, log_to_run_id)
+
+
+def _result(kind: str, runs: int, message: str, out_dir, paths: dict[str, Path], skipped: dict,
+            table: pd.DataFrame, text: str, log_to_run_id: str | None) -> dict:
+    """What `build_report` returns, for either kind of page."""
+    return {"runs": runs, "kind": kind, "message": f"{message}; report at {paths[REPORT_NAME]}",
+            "out_dir": str(Path(out_dir).resolve()), "report": str(paths[REPORT_NAME]),
+            "csv": str(paths[CSV_NAME]),
+            "plots": {name: str(paths[name]) for name in PLOTS if name in paths},
+            "skipped_plots": skipped, "table": table, "text": text,
+            "logged_to": log_to_run_id}
 
 
 def _publish(out_dir: str | Path, write, client, log_to_run_id: str | None) -> dict[str, Path]:
