@@ -179,6 +179,7 @@ def test_a_run_with_auto_chooses_on_val_and_eval_chooses_the_same(tmp_path, ray_
     data["inference"]["seen_score_calibration"] = "auto"
     config.write_text(yaml.safe_dump(data))
     out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
+    assert "test split 'test': hIoU" in out
     run_dir = tmp_path / "runs" / "auto"
     final = json.loads((run_dir / "final_metrics.json").read_text())
     chosen = final["seen_score_calibration"]

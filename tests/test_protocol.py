@@ -7,12 +7,13 @@ import statistics
 import numpy as np
 import pytest
 
-from splitmatch.config import Config, ConfigError, to_dict, config_from_dict
+from splitmatch.config import Config, config_from_dict, to_dict
 from splitmatch.splits import (DEV, HOLDOUT, LEGACY_TOYWORLD_SPLITS, TOYWORLD_CLASSES,
                                TOYWORLD_UNSEEN, HeldOutSplit, check_split_use, class_set_family,
                                draw_family, family_split, split_family, world_seed_family)
 from splitmatch.stats import (estimate, format_estimate, paired_difference, rounded,
                               summarise_rows)
+from helpers import cli, write_config
 
 
 def test_families_are_fixed_disjoint_and_extend():
@@ -107,3 +108,26 @@ def test_paired_differences_are_shown_only_when_the_interval_excludes_zero():
     assert rounded(rows["+SM"]["hIoU"]) == {"mean": round(rows["+SM"]["hIoU"]["mean"], 2),
                                             "ci95": [round(v, 2) for v in
                                                      rows["+SM"]["hIoU"]["ci95"]]}
+
+
+@pytest.mark.integration
+def test_commands_that_choose_refuse_a_held_out_split_in_one_line(tmp_path):
+    """`train`, `tune` and `eval` on a held-out split without --holdout: one line naming the
+    split and the flag, exit code 2, before any Ray or training starts; `splitmatch splits` lists
+    the families with the overrides that select each split."""
+    listed = cli("splits", "--family", "holdout", "-n", "2")
+    held = draw_family("toyworld", HOLDOUT, 2)
+    assert listed.returncode == 0
+    lines = listed.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["holdout0", "holdout1"]
+    assert f"data.toyworld.seed={held[0].world_seed}" in lines[0]
+    config = write_config(tmp_path, "held")
+    overrides = [a for o in held[0].overrides() for a in ("--set", o)]
+    for command in (["train", str(config)], ["tune", str(config)],
+                    ["eval", str(config), "--checkpoint", str(tmp_path / "none.pt")]):
+        done = cli(*command, *overrides)
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert len(errors) == 1 and "is a held-out split" in errors[0], errors
+        assert "--holdout" in errors[0] and f"data.toyworld.seed {held[0].world_seed}" in errors[0]
+    assert not (tmp_path / "runs" / "held").exists()  # nothing was started
