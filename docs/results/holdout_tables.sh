@@ -4,8 +4,8 @@
 # first 4 held-out toy-world splits x seeds 0 and 1, at the demo's budget (ResNet-10, 500
 # iterations at 6e-4). Every choice was fixed before these ran; held-out figures are read once.
 #   bash docs/results/holdout_tables.sh [2|paper ...]     (default: both; resumable: rerun it)
-# Writes docs/results/toyworld-holdout-<table>.{log,json}: the command's output, and its JSON
-# last line with the commit, the machine and the seeds beside it.
+# Writes docs/results/toyworld-holdout-table<T>.{log,json,md}: the command's output, its JSON last
+# line with the commit, the machine and the seeds beside it, and that table in markdown.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=docs/results
@@ -30,6 +30,32 @@ meta = {"command": f"splitmatch ablation experiments/toyworld.yaml --table {tabl
         "machine": f"{cpu}, {subprocess.check_output(['nproc'], text=True).strip()} cores",
         "seeds": [0, 1], "splits": "holdout0-holdout3", "reported": "test split", "rows": rows}
 open(out, "w").write(json.dumps(meta, indent=1) + "\n")
+
+def cell(entry, signed=False):
+    if entry is None or entry["mean"] is None:
+        return ""
+    text = f"{entry['mean']:{'+' if signed else ''}.2f}"
+    if entry["ci95"] is not None:
+        text += f" [{entry['ci95'][0]:.2f}, {entry['ci95'][1]:.2f}]"
+    return text + (" (not shown)" if entry.get("shown") is False else "")
+
+lines = [f"# Toy world, held-out splits: {'the deviations table' if table == 'paper' else 'Table ' + table}",
+         "", f"`{meta['command']}`", "",
+         f"Commit {meta['commit'][:10]}, {meta['machine']}; seeds 0 and 1 on holdout0-holdout3; "
+         "test figures (hIoU / sIoU / uIoU), mean [95% interval] over the 8 (split, seed) pairs; "
+         "differences paired over the same pairs, two-stage bootstrap (splits, then seeds).", "",
+         "| row | hIoU | sIoU | uIoU | hIoU vs first row | uIoU vs first row | hIoU vs row before |",
+         "|---|---|---|---|---|---|---|"]
+for row, entry in rows.items():
+    base, prev = entry.get("delta_vs_baseline", {}), entry.get("delta_vs_previous", {})
+    lines.append(f"| {row} | {cell(entry['hIoU'])} | {cell(entry['sIoU'])} | {cell(entry['uIoU'])} "
+                 f"| {cell(base.get('hIoU'), True)} | {cell(base.get('uIoU'), True)} "
+                 f"| {cell(prev.get('hIoU'), True)} |")
+settings = [l for l in open(log).read().split("row settings:\n", 1)[-1].splitlines()
+            if l.startswith("  ")]
+lines += ["", "Each row's settings and the calibration it was evaluated with:", "",
+          *[f"- {l.strip()}" for l in settings]]
+open(out[:-5] + ".md", "w").write("\n".join(lines) + "\n")
 PY
   done
 done

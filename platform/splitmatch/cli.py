@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "500 iterations at lr 6e-4; --set changes it)")
     _add_overrides(p)
 
-    p = command("ablation", "baseline / +SM / +SM+MFE / +SM+MFE+RQ with one budget", cmd_ablation)
+    p = command("ablation", "an ablation table (rows alike, intervals over splits and seeds)",
+                cmd_ablation)
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+N-1")
     p.add_argument("--splits", type=int, default=0, metavar="N",
