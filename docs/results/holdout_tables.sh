@@ -17,9 +17,11 @@ for table in "${@:-2 paper}"; do
   for t in $table; do
     log="$OUT/toyworld-holdout-table$t.log"
     splitmatch ablation experiments/toyworld.yaml --table "$t" --holdout 4 --seeds 2 \
-      "${BUDGET[@]}" 2>&1 | tee "$log"
+      "${BUDGET[@]}" 2>&1 | tee "$log.full"
+    # The record without the progress displays' lines.
+    grep -vE "^(training |evaluating |pseudo masks: )" "$log.full" > "$log" && rm "$log.full"
     python3 - "$log" "$OUT/toyworld-holdout-table$t.json" "$t" <<'PY'
-import json, platform, subprocess, sys
+import json, platform, re, subprocess, sys
 log, out, table = sys.argv[1:]
 rows = json.loads(open(log).read().strip().splitlines()[-1])
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
@@ -51,6 +53,15 @@ for row, entry in rows.items():
     lines.append(f"| {row} | {cell(entry['hIoU'])} | {cell(entry['sIoU'])} | {cell(entry['uIoU'])} "
                  f"| {cell(base.get('hIoU'), True)} | {cell(base.get('uIoU'), True)} "
                  f"| {cell(prev.get('hIoU'), True)} |")
+runs = re.findall(r"^\[(\S+) \(.*?\), seed (\d+)\] (.+?): val .*?; test hIoU (\S+)\s+sIoU (\S+)"
+                  r"\s+uIoU (\S+); calibration (\S+)$", open(log).read(), flags=re.M)
+lines += ["", "Each (split, seed) run, test hIoU / sIoU / uIoU (calibration chosen on val):", "",
+          "| split | seed | " + " | ".join(rows) + " |", "|---|---|" + "---|" * len(rows)]
+pairs = sorted({(split, seed) for split, seed, *_ in runs}, key=lambda p: (p[0], int(p[1])))
+found = {(split, seed, row): f"{h} / {s} / {u} ({c})" for split, seed, row, h, s, u, c in runs}
+for split, seed in pairs:
+    lines.append(f"| {split} | {seed} | "
+                 + " | ".join(found.get((split, seed, row), "") for row in rows) + " |")
 settings = [l for l in open(log).read().split("row settings:\n", 1)[-1].splitlines()
             if l.startswith("  ")]
 lines += ["", "Each row's settings and the calibration it was evaluated with:", "",
