@@ -154,6 +154,15 @@ def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
     return twins
 
 
+def _finished_twin(base: Config, table: str, wanted: Config, seed: int, split: str,
+                   family: str) -> Config | None:
+    """The first twin row (`twin_rows`) whose training has finished, or None."""
+    from splitmatch.train import FINAL_METRICS, run_directory
+
+    return next((twin for twin in twin_rows(base, table, wanted, seed, split, family)
+                 if (run_directory(twin) / FINAL_METRICS).is_file()), None)
+
+
 def deviation_rows(cfg: Config, log=print) -> tuple[str, ...]:
     """The deviations table's rows for `cfg`: a deviation the config does not take (its row
     would be the preset again) is left out, and said so."""
@@ -299,9 +308,8 @@ def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family
         trained = trained_config(base, row, seed, parent, split.label)
         run_dir = run_directory(trained)
         if not (run_dir / FINAL_METRICS).is_file():  # the trained row took a twin's model
-            run_dir = next((run_directory(t) for t in twin_rows(base, table, trained, seed,
-                                                                split.label, family)
-                            if (run_directory(t) / FINAL_METRICS).is_file()), run_dir)
+            twin = _finished_twin(base, table, trained, seed, split.label, family)
+            run_dir = run_directory(twin) if twin is not None else run_dir
         metrics = evaluate_checkpoint(row_cfg, result_checkpoint(run_dir), log=lambda *_: None)
         _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(trained) + "+" + slug(row),
                  run_dir / f"mlflow_offline_{slug(row)}.jsonl",
@@ -315,23 +323,22 @@ def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family
         # measured (a resumed Train run with nothing left would report nothing).
         log(f"{tag} {row}: already trained, figures from {done}")
         return _row_result(json.loads(done.read_text()))
-    for twin in twin_rows(base, table, row_cfg, seed, split.label, family):
+    twin = _finished_twin(base, table, row_cfg, seed, split.label, family)
+    if twin is not None:
         twin_dir = run_directory(twin)
-        if (twin_dir / FINAL_METRICS).is_file():
-            check_run_config(twin_dir, twin)
-            if config_differences(twin, row_cfg):  # evaluated otherwise: evaluate it again
-                log(f"{tag} {row}: the same model as {twin.name}, evaluated with this row's "
-                    f"settings")
-                metrics = evaluate_checkpoint(row_cfg, result_checkpoint(twin_dir),
-                                              log=lambda *_: None)
-            else:
-                log(f"{tag} {row}: the same model as {twin.name}, figures from "
-                    f"{twin_dir / FINAL_METRICS}")
-                metrics = json.loads((twin_dir / FINAL_METRICS).read_text())
-            _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(row_cfg),
-                     run_dir / "mlflow_offline.jsonl", flatten(row_cfg),
-                     {**tags, "reuses": twin.name}, metrics, log)
-            return _row_result(metrics)
+        check_run_config(twin_dir, twin)
+        if config_differences(twin, row_cfg):  # evaluated otherwise: evaluate it again
+            log(f"{tag} {row}: the same model as {twin.name}, evaluated with this row's settings")
+            metrics = evaluate_checkpoint(row_cfg, result_checkpoint(twin_dir),
+                                          log=lambda *_: None)
+        else:
+            log(f"{tag} {row}: the same model as {twin.name}, figures from "
+                f"{twin_dir / FINAL_METRICS}")
+            metrics = json.loads((twin_dir / FINAL_METRICS).read_text())
+        _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(row_cfg),
+                 run_dir / "mlflow_offline.jsonl", flatten(row_cfg),
+                 {**tags, "reuses": twin.name}, metrics, log)
+        return _row_result(metrics)
     log(f"{tag} training {row} ({row_cfg.name})")
     result = launch(row_cfg, resume=True, build_pseudo_masks=True, may_grow=(),
                     parent_run_id=parent_id, log=lambda *_: None, holdout=family == HOLDOUT,
