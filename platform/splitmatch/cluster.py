@@ -1,8 +1,9 @@
 """Joining Ray, and checking that a piece of work fits on the cluster's nodes before it starts.
 
-Every command that uses Ray (pseudo, train, tune, ablation) joins it through `init_ray`. Ray would
-otherwise wait forever for a worker or actor that no node can hold: `check_fits` says so at once,
-naming the config keys to change.
+Every command that uses Ray (pseudo, train, tune, ablation) joins it through `init_ray`. A local
+instance that it starts listens on 127.0.0.1 only; a cluster it joins keeps its own settings. Ray
+would otherwise wait forever for a worker or actor that no node can hold: `check_fits` says so at
+once, naming the config keys to change.
 """
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ import threading
 from splitmatch.config import ConfigError, StorageConfig
 
 
+# Ray's switch between a node of a possible cluster (on the machine's routable address, its gRPC
+# servers on every interface) and a single-machine instance (all of it on 127.0.0.1), "0". Named
+# for Windows and macOS, where it is off by default; it works on Linux too.
+ENABLE_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def init_ray(storage: StorageConfig | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes), else start a
-    local instance on this machine. Idempotent. The workers get this command's object-store
-    endpoint (`storage`), so every node reads and writes `s3://` locations at the same place."""
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes) or the one
+    that `ray start` runs on this machine, else start a local instance on 127.0.0.1. Idempotent.
+    The workers get this command's object-store endpoint (`storage`), so every node reads and
+    writes `s3://` locations at the same place."""
     import logging
 
     import ray
@@ -35,6 +43,8 @@ def init_ray(storage: StorageConfig | None = None) -> None:
         for name in ("ray._private.authentication", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
+        if _starts_local_instance():
+            _keep_on_loopback()
         env = use_endpoint(storage.s3_endpoint_url if storage else None)
         # Quiet unless --verbose: the workers' and Ray Train's own lines and Ray Data's progress
         # blocks would bury the one progress display; what matters reaches the driver anyway
@@ -45,6 +55,29 @@ def init_ray(storage: StorageConfig | None = None) -> None:
                      runtime_env={"env_vars": env} if env else None)
     ray.data.DataContext.get_current().enable_progress_bars = verbose()
     _stop_on_sigterm()
+
+
+def _starts_local_instance() -> bool:
+    """Whether `ray.init` will start an instance rather than join one (the address in RAY_ADDRESS,
+    else the one `ray start` recorded on this machine): Ray's own lookup, so that the two agree."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(os.environ.get("RAY_ADDRESS")) is None
+
+
+def _keep_on_loopback() -> None:
+    """Start the local instance on 127.0.0.1, unless the user chose with ENABLE_CLUSTER. Else Ray
+    starts it as a cluster's head node: GCS, raylet, workers and this driver listen on every
+    interface, its agents on the machine's address, open to whoever can reach the machine.
+    `ray.init(_node_ip_address="127.0.0.1")` does not help: Ray maps it back to that address."""
+    from ray._private import ray_constants
+
+    if ENABLE_CLUSTER in os.environ:
+        return
+    # Ray's processes started from here inherit it. This one read it when it first imported ray,
+    # which the launchers do before they call init_ray: Ray's copy of it is set as well.
+    os.environ[ENABLE_CLUSTER] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 class Terminated(KeyboardInterrupt):

@@ -830,6 +830,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     from ray.train.torch import TorchTrainer
 
     from splitmatch.cluster import check_fits, init_ray
+    from splitmatch.rendezvous import LoopbackTorchConfig
     from splitmatch.tracking import default_tracking_uri, mark_killed
 
     cfg = resolve_paths(cfg)
@@ -879,6 +880,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
+            torch_config=LoopbackTorchConfig(),  # a local instance's process group on 127.0.0.1
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                          use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
