@@ -52,6 +52,35 @@ def test_missing_cache_names_the_command(tmp_path):
         PseudoMaskCache.open(toy_config(tmp_path), "train", config_path="exp.yaml")
 
 
+def test_a_missing_data_root_is_named_before_the_missing_cache(tmp_path):
+    cfg = toy_config(tmp_path, data={"dataset": "voc", "root": str(tmp_path / "VOC2012")})
+    with pytest.raises(FileNotFoundError) as missing:
+        PseudoMaskCache.open(cfg, "train", config_path="exp.yaml --set seed=3")
+    assert str(missing.value) == (
+        f"data.root: no folder at {tmp_path / 'VOC2012'} (the voc images); point data.root at "
+        f"them (--set data.root=PATH), then build the missing pseudo-mask cache with: "
+        f"splitmatch pseudo exp.yaml --set seed=3")
+
+
+def test_the_missing_cache_hint_repeats_the_users_overrides(tmp_path, ray_cluster, monkeypatch,
+                                                             capsys):
+    from splitmatch import cli
+    from splitmatch.config import load_config
+    from helpers import SHORT, write_config
+
+    path = write_config(tmp_path, "hint", **SHORT)
+    overrides = ["seed=3", "pseudo_masks.min_area=9", "pseudo_masks.scales=[4, 8]"]
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", str(path), *(a for o in overrides for a in ("--set", o))])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    # The command it suggests builds the cache of this config, overrides and all (min_area and
+    # the scales change the cache's key), and is one a shell takes as printed.
+    assert (f"build it with: splitmatch pseudo {path} --set seed=3 --set pseudo_masks.min_area=9 "
+            f"--set 'pseudo_masks.scales=[4, 8]' [traceback: ") in err
+    assert cache_key(load_config(path, overrides), "train") in err
+
+
 def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     cfg = toy_config(tmp_path)
     manifest = run_pseudo(cfg, log=lambda *_: None)

@@ -47,6 +47,13 @@ def _config(args):
     return with_toy_clip(cfg)
 
 
+def _as_typed(args) -> str:
+    """The config and its --set overrides as a shell would take them back: what a command this
+    one suggests (`splitmatch pseudo ...`) must repeat to work on the same config."""
+    import shlex
+    return shlex.join([args.config, *(a for item in args.overrides for a in ("--set", item))])
+
+
 def cmd_config(args) -> int:
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
@@ -58,7 +65,7 @@ def cmd_train(args) -> int:
     from splitmatch.train import BEST_MODEL, launch, publish_results, run_location
     cfg = _config(args)
     result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
-                    config_path=args.config, holdout=args.holdout)
+                    config_path=_as_typed(args), holdout=args.holdout)
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
@@ -199,13 +206,22 @@ def cmd_ui(args) -> int:
 
 def cmd_predict(args) -> int:
     from splitmatch.predict import predict
-    predict(args.checkpoint, args.inputs, args.classes, args.out, use_ray=True if args.ray else None)
+    predict(args.checkpoint, args.inputs, args.classes, args.out, use_ray=True if args.ray else None,
+            max_image_side=args.max_image_side)
     return 0
 
 
 def cmd_sync_mlflow(args) -> int:
     from splitmatch.tracking import replay
-    replay(args.offline_file, uri=args.tracking_uri)
+    from splitmatch.train import publish_results
+    replayed = replay(args.offline_file, uri=args.tracking_uri)
+    if replayed["finished"]:  # what the run could not log at its end: its page and its model
+        config = Path(args.offline_file).with_name("config.yaml")
+        if not config.is_file():
+            print(f"no results page or MLflow model: {config} is gone; `splitmatch train "
+                  f"CONFIG --resume` with the run's config logs them")
+            return 0
+        publish_results(load_config(config, [f"tracking.uri={replayed['uri']}"]))
     return 0
 
 
@@ -232,6 +248,9 @@ def cmd_bench(args) -> int:
         from splitmatch.bench.pseudo import run
         run(num_images=args.images, clip_name=args.clip, repeats=args.repeats, device=args.device,
             config=args.config, overrides=args.overrides)
+    elif args.what == "predict":
+        from splitmatch.bench.predict import run
+        run(side=args.size, max_image_side=args.max_image_side)
     return 0
 
 
@@ -360,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the label PNGs and colour overlays")
     p.add_argument("--ray", action="store_true",
                    help="spread the images over Ray Data actors (automatic for large folders)")
+    p.add_argument("--max-image-side", type=int, default=None, metavar="PIXELS",
+                   help="segment larger images scaled down to this longer side, their label "
+                        "maps scaled back up (default: the checkpoint's inference.max_image_side, "
+                        "1536; 0: no limit)")
 
     p = command("sync-mlflow", "replay MLflow records a run could not send", cmd_sync_mlflow)
     p.add_argument("offline_file", help="the run's mlflow_offline.jsonl")
@@ -371,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
 
     p = command("bench", "print benchmark figures", cmd_bench)
-    p.add_argument("what", choices=["matching", "pseudo", "train"], help="which benchmark")
+    p.add_argument("what", choices=["matching", "pseudo", "train", "predict"],
+                   help="which benchmark")
     p.add_argument("--iterations", type=int, default=40, help="train: iterations per run")
     p.add_argument("--config", default=None,
                    help="train, pseudo: config to time (default: the toy set-up)")
@@ -386,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pseudo: open_clip model (random init) or 'tiny' for the test CLIP")
     p.add_argument("--device", default=None,
                    help="pseudo, train --in-process: cpu or cuda (default: cuda if present)")
+    p.add_argument("--size", type=int, default=6000,
+                   help="predict: side of the square PNG whose peak memory is measured")
+    p.add_argument("--max-image-side", type=int, default=None,
+                   help="predict: passed to `splitmatch predict` (default: the checkpoint's "
+                        "inference.max_image_side)")
     return parser
 
 

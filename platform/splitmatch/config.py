@@ -239,6 +239,11 @@ class InferenceConfig:
     # Resize each test image so its short side has this length first (ZegCLIP: 512); the
     # prediction is scored at the label's size. None: native size.
     short_side: int | None = None
+    # `splitmatch predict` and the pyfunc model only (eval scores at full size): a photo whose
+    # longer side exceeds this is segmented scaled down to it and its label map scaled back up
+    # (nearest), because the score maps grow with the pixels: 10.8 GB for a 6000x6000 PNG on the
+    # toy preset, 1.7 GB at 1536 (2.2 GB at 2048; `splitmatch bench predict`). None: no limit.
+    max_image_side: int | None = 1536
 
 
 @dataclass
@@ -394,6 +399,8 @@ def _positive(value: float, key: str, source: str, allow_zero: bool = False) -> 
         raise ConfigError(f"{source}: '{key}' must be {bound}, got {value}")
 
 
+MIN_IMAGE_SIDE = 32  # inference.max_image_side below this leaves no backbone feature map
+
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -475,6 +482,10 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                           f"'inference.crop_size' ({inf.crop_size})")
     if inf.short_side is not None:
         _positive(inf.short_side, "inference.short_side", source)
+    if inf.max_image_side is not None and inf.max_image_side < MIN_IMAGE_SIDE:
+        raise ConfigError(f"{source}: 'inference.max_image_side' must be at least "
+                          f"{MIN_IMAGE_SIDE} (the backbone's coarsest stride), or null for no "
+                          f"limit; got {inf.max_image_side}")
     _validate_calibration(cfg, source)
     for key in ("cost_class", "cost_mask", "cost_dice"):
         _positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)
@@ -700,6 +711,7 @@ RESULT_NEUTRAL_KEYS = (
     "train.loader_workers", "train.max_failures", "train.storage_path", "eval.batch_size",
     "pseudo_masks.cache_dir", "pseudo_masks.batch_size", "pseudo_masks.num_actors",
     "pseudo_masks.cpus_per_actor", "pseudo_masks.gpus_per_actor", "toy_clip.cache_dir",
+    "inference.max_image_side",  # read by predict only, never by training or eval
 )
 
 

@@ -226,7 +226,10 @@ class PseudoMaskCache:
 
     @classmethod
     def open(cls, cfg: Config, split: str, config_path: str = "CONFIG") -> "PseudoMaskCache":
-        """The complete cache for (cfg, split), or an error saying which command builds it."""
+        """The complete cache for (cfg, split), or an error saying which command builds it.
+
+        `config_path`: the config argument as the user gave it, their --set overrides included
+        (quoted for a shell), so that the command suggested builds the cache of this config."""
         root = cache_dir(cfg, split)
         if storage.is_remote(cfg.pseudo_masks.cache_dir):
             pull_cache(cache_location(cfg, split), root)
@@ -234,6 +237,15 @@ class PseudoMaskCache:
         try:
             manifest = read_manifest(root)
             if manifest is None or not manifest.get("complete"):
+                data_root = cfg.data.root
+                if cfg.data.dataset != "toyworld" and "://" not in data_root and \
+                        not Path(data_root).expanduser().is_dir():
+                    # Building the cache first would only fail on the images: name the cause.
+                    raise FileNotFoundError(
+                        f"data.root: no folder at {Path(data_root).expanduser().resolve()} (the "
+                        f"{cfg.data.dataset} images); point data.root at them (--set "
+                        f"data.root=PATH), then build the missing pseudo-mask cache with: "
+                        f"splitmatch pseudo {config_path}")
                 raise FileNotFoundError(f"pseudo-mask cache {root.name} for split '{split}' is "
                                         f"missing or incomplete at {root}; {rebuild}")
             return cls(root)
