@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from splitmatch.jobs import PROJECT_ROOT
 from splitmatch.tracking import default_tracking_uri
-from splitmatch.train import newest_checkpoint
+from splitmatch.checkpoints import newest_checkpoint
 from helpers import cli, job_config
 
 

@@ -2,6 +2,7 @@
 key (a longer budget is allowed and recorded), `eval` checks the config a checkpoint carries,
 and after Ctrl-C the run is KILLED and resumes from the newest complete checkpoint on disk, even
 one Ray Train's snapshot does not name."""
+import shutil
 import signal
 import time
 
@@ -10,8 +11,8 @@ import torch
 import yaml
 
 from splitmatch.tracking import default_tracking_uri
-from splitmatch.train import newest_checkpoint
-from helpers import finish, splitmatch, steps, the_run, write_config
+from splitmatch.checkpoints import CheckpointError, load_state, newest_checkpoint
+from helpers import cli, finish, splitmatch, steps, the_run, write_config
 
 
 def test_newest_checkpoint_is_the_highest_complete_iteration(tmp_path):
@@ -25,6 +26,58 @@ def test_newest_checkpoint_is_the_highest_complete_iteration(tmp_path):
     (tmp_path / "checkpoint_d").mkdir()  # and one whose file was never written
     assert newest_checkpoint(tmp_path) == (tmp_path / "checkpoint_c", 4)
     assert newest_checkpoint(tmp_path / "nothing") is None
+
+
+class Payload:
+    """A crafted pickle: loading it with the full unpickler would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def crafted_checkpoint(directory, marker):
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {}, "iteration": 8, "payload": Payload(marker)}, directory / "state.pt")
+    return directory
+
+
+def test_a_checkpoint_that_does_not_load_is_passed_over_and_named(tmp_path):
+    torch.save({"model": {}, "iteration": 4}, crafted_checkpoint(tmp_path / "checkpoint_a",
+                                                                 tmp_path / "x") / "state.pt")
+    crafted_checkpoint(tmp_path / "checkpoint_b", tmp_path / "ran")
+    passed_over = []
+    assert newest_checkpoint(tmp_path, passed_over) == (tmp_path / "checkpoint_a", 4)
+    assert [(d.name, why.split(":")[0]) for d, why in passed_over] == [
+        ("checkpoint_b", "UnpicklingError")]
+    assert "\n" not in passed_over[0][1]  # one line of torch's page-long refusal
+    with pytest.raises(CheckpointError, match=r"checkpoint_b/state.pt is not a checkpoint that "
+                                              r"loads \(UnpicklingError: "):
+        load_state(tmp_path / "checkpoint_b")
+    assert not (tmp_path / "ran").exists()  # refused, never run
+
+
+@pytest.mark.parametrize("content", ["crafted", "json"])
+def test_eval_and_predict_on_a_file_that_is_no_checkpoint_say_so_in_one_line(tmp_path, content):
+    path = tmp_path / "model.pt"
+    if content == "crafted":
+        torch.save({"model": Payload(tmp_path / "ran")}, path)
+    elif content == "json":
+        path.write_text('{"hIoU": 50.0}')
+    config = write_config(tmp_path, "bad")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")  # never read: the checkpoint is refused first
+    for args in (["eval", str(config), "--checkpoint", str(path)],
+                 ["predict", str(path), str(image), "--classes", "cat,dog", "--out",
+                  str(tmp_path / "out")]):
+        done = cli(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+        assert str(path) in lines[0] and ("not a checkpoint" in lines[0]
+                                          or "no checkpoint at" in lines[0]), lines[0]
+    assert not (tmp_path / "ran").exists()
 
 
 def run(*args, address, timeout=300):
@@ -81,6 +134,18 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
                             str(run_dir / "best_model.pt"), address=ray_cluster))
     assert "config checked against" in out
     assert newest  # the run kept its checkpoints through all of the above
+
+    # A newest checkpoint that does not load (here a crafted pickle; Ray's own snapshot names
+    # it) is passed over, by name, for the older one that does, and never run.
+    newest_dir, iteration = newest_checkpoint(run_dir)
+    older = run_dir / "checkpoint_0000-older"
+    shutil.copytree(newest_dir, older)
+    crafted_checkpoint(newest_dir, tmp_path / "ran")
+    out = finish(splitmatch("train", str(config), "--resume", "--set", "train.max_iters=8",
+                            address=ray_cluster))
+    assert f"passed over {newest_dir}: its state.pt does not load (UnpicklingError" in out, out
+    assert f"resuming res from {older.name} (iteration {iteration})" in out
+    assert not (tmp_path / "ran").exists() and newest_checkpoint(run_dir)[1] == 8
 
 
 @pytest.mark.slow

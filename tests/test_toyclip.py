@@ -297,7 +297,7 @@ def test_a_resolved_toy_clip_is_pinned_by_its_weights_not_its_key(tmp_path):
     from splitmatch.files import file_sha256
     from splitmatch.pseudo.cache import cache_key
     from splitmatch.toyclip import with_toy_clip
-    from splitmatch.train import check_run_config
+    from splitmatch.checkpoints import check_run_config
 
     data = to_dict(Config())
     data["clip"]["pretrained"] = "toy"

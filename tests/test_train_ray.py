@@ -144,7 +144,7 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
             time.sleep(0.2)
         server.stop()  # the server goes away mid-run
         out = finish(proc)
-        assert "unreachable" in out and "http://***@127.0.0.1" in out
+        assert "unreachable" in out and f"MLflow at {server.url} is unreachable" in out
         offline = tmp_path / "runs" / "outage" / "mlflow_offline.jsonl"
         assert offline.exists()
         for stored in (offline, tmp_path / "runs" / "outage" / "config.yaml"):
@@ -159,9 +159,12 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
                                 stderr=subprocess.STDOUT, text=True))
         run = client.get_run(run.info.run_id)
         assert steps(client, run, "loss") == list(range(1, 11))
-        assert run.data.params["tracking.uri"] == f"http://***@127.0.0.1:{port}"
+        assert run.data.params["tracking.uri"] == server.url  # the credentials went elsewhere
         # No selection split: the test split is evaluated once, at the end.
         assert steps(client, run, "hIoU") == [10] and run.info.status == "FINISHED"
+        # What the run could not log at its end comes with the replay: its page and its model.
+        logged = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"report.html", "model"} <= logged, logged
     finally:
         server.stop()
 
@@ -191,3 +194,34 @@ def test_a_deterministic_error_in_a_worker_is_one_line_and_not_retried(tmp_path,
     assert "restarting from the newest checkpoint" not in out  # the same input fails the same way
     text = error_log.read_text()
     assert text.count("worker group failed") == 1 and "ConfigError" in text
+
+
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_refused_whichever_starts_second(tmp_path, ray_cluster):
+    config = write_config(tmp_path, "twice", max_iters=4, num_workers=1, batch_size=2,
+                          checkpoint_every=2, eval_every=4, num_visualizations=0)
+    first = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+    time.sleep(1.0)  # a second apart: which one takes the folder is a race
+    second = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
+    run_dir = tmp_path / "runs" / "twice"
+    deadline = time.time() + 240
+    while not (run_dir / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    # Once the folder exists and its run goes on, a third start is refused as well.
+    third = subprocess.run([sys.executable, "-m", "splitmatch.cli", "train", str(config)],
+                           env=dict(os.environ, RAY_ADDRESS=ray_cluster), capture_output=True,
+                           text=True, timeout=120)
+    outcomes = []
+    for proc in (first, second):
+        out, _ = proc.communicate(timeout=400)
+        outcomes.append((proc.returncode, out))
+    (won, out_won), (lost, out_lost) = sorted(outcomes, key=lambda o: o[0])
+    assert won == 0 and "test split 'test': hIoU" in out_won and "nan" not in out_won, out_won
+    assert lost == 2, out_lost[-3000:]
+    for code, err in ((lost, out_lost), (third.returncode, third.stderr)):
+        line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(line) == 1, err[-3000:]
+        assert f"run 'twice' in {run_dir} is in use by pid " in line[0], line
+        assert "choose another name (--set name=...)" in line[0]
+    client, run = the_run(default_tracking_uri(tmp_path / "runs"))  # one MLflow run, finished
+    assert run.info.status == "FINISHED" and steps(client, run, "loss") == [1, 2, 3, 4]

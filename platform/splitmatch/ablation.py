@@ -157,7 +157,8 @@ def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
 def _finished_twin(base: Config, table: str, wanted: Config, seed: int, split: str,
                    family: str) -> Config | None:
     """The first twin row (`twin_rows`) whose training has finished, or None."""
-    from splitmatch.train import FINAL_METRICS, run_directory
+    from splitmatch.checkpoints import FINAL_METRICS
+    from splitmatch.train import run_directory
 
     return next((twin for twin in twin_rows(base, table, wanted, seed, split, family)
                  if (run_directory(twin) / FINAL_METRICS).is_file()), None)

@@ -62,7 +62,8 @@ def cmd_config(args) -> int:
 def cmd_train(args) -> int:
     from splitmatch import storage
     from splitmatch.config import resolve_paths
-    from splitmatch.train import BEST_MODEL, launch, publish_results, run_location
+    from splitmatch.checkpoints import BEST_MODEL
+    from splitmatch.train import launch, publish_results, run_location
     cfg = _config(args)
     result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
                     config_path=_as_typed(args), holdout=args.holdout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -623,9 +624,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     source = str(path)
     if overrides:
         apply_overrides(data, overrides, source=f"{path} (--set)")
-        source = f"{path} with --set {' '.join(overrides)}"
+        source = f"{path} with --set {' '.join(redact_text(o) for o in overrides)}"
     # A run's own config.yaml may predate a merge of keys; read it as today's schema does.
-    return config_from_dict(retire_keys(data, source), source)
+    return take_credentials(config_from_dict(retire_keys(data, source), source))
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -636,6 +637,7 @@ def resolve_paths(cfg: Config) -> Config:
             return path
         return str(Path(path).expanduser().resolve())
 
+    cfg = take_credentials(cfg)
     data = to_dict(cfg)
     data["data"]["root"] = absolute(cfg.data.root)
     data["train"]["storage_path"] = absolute(cfg.train.storage_path)
@@ -676,6 +678,50 @@ def redact(uri: str | None) -> str | None:
     query = urlencode([(k, "***" if hidden else v) for (k, v), hidden in zip(pairs, secret)],
                       safe="*")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+# Where MLflow's client takes a tracking server's basic-auth credentials from
+# (mlflow.environment_variables); Ray workers get them from `cluster.init_ray`.
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def take_credentials(cfg: Config) -> Config:
+    """`cfg` with tracking.uri's user:password@ moved out: into MLflow's own environment variables
+    of this process (CREDENTIAL_VARIABLES), the URI keeping only where the server is. Nothing made
+    from the config (config.yaml, checkpoints, MLflow params, logs, Tune's state, MLflow's own
+    "View run at" lines) can then hold them, and the credentials still reach every MLflow call."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    uri = cfg.tracking.uri
+    if not uri or "://" not in uri:
+        return cfg
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return cfg
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ[CREDENTIAL_VARIABLES[0]] = unquote(user)
+    if password:
+        os.environ[CREDENTIAL_VARIABLES[1]] = unquote(password)
+    clean = urlunsplit(parts._replace(netloc=host))
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=clean))
+
+
+def tracking_credentials() -> dict[str, str]:
+    """This process's MLflow credentials (CREDENTIAL_VARIABLES), for the processes it starts on
+    Ray: they travel in memory with the work (Ray Train's loop config, Tune's trial parameters),
+    never in a runtime environment, which Ray's agent writes to its log."""
+    return {name: os.environ[name] for name in CREDENTIAL_VARIABLES if name in os.environ}
+
+
+def use_credentials(credentials: dict[str, str] | None) -> None:
+    """In a Ray worker: take the credentials `tracking_credentials` gave the driver's work."""
+    os.environ.update(credentials or {})
+
+
+def redact_text(text: str) -> str:
+    """`text` with the credentials of every URI in it replaced by *** (`redact`)."""
+    return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact(m.group(0)) or "", text)
 
 
 def dump_config(cfg: Config) -> str:

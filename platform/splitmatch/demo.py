@@ -94,7 +94,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
 
 def _calibration_note(run_dir: Path, cfg: Config) -> str:
     """", seen-score calibration 0.05 (chosen on val)" as the run's final_metrics.json says."""
-    from splitmatch.train import FINAL_METRICS
+    from splitmatch.checkpoints import FINAL_METRICS
     try:
         used = json.loads((run_dir / FINAL_METRICS).read_text())["seen_score_calibration"]
     except (OSError, KeyError, ValueError):

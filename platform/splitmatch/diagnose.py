@@ -183,7 +183,7 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
     from splitmatch.data import build_dataset, collate
     from splitmatch.evaluation import ZSSEvaluator
     from splitmatch.model import build_segmentor
-    from splitmatch.train import load_state
+    from splitmatch.checkpoints import load_state
 
     val_set = build_dataset(cfg.data, cfg.data.select_split or cfg.data.test_split, train=False)
     text = classes.text
@@ -340,7 +340,8 @@ def run_diagnose(cfg, split: str = "dev0", seed: int | None = None, holdout: boo
     from splitmatch.config import ConfigError, config_from_dict, resolve_paths, to_dict
     from splitmatch.splits import DEV, HOLDOUT, family_split
     from splitmatch.storage import local_path
-    from splitmatch.train import check_run_config, result_checkpoint, run_directory
+    from splitmatch.checkpoints import check_run_config, result_checkpoint
+    from splitmatch.train import run_directory
 
     cfg = resolve_paths(cfg)
     seed = cfg.seed if seed is None else seed

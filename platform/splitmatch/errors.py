@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class RunFailed(Exception):
     """The work failed after what could be retried was; the message says where to look. Exit 1."""
+
+
+class RunInUse(UserError):
+    """A run folder that another live process is working on (see `train.run_lock`)."""

@@ -7,6 +7,7 @@ name, and what a dead process left behind can be recognised and removed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,3 +74,40 @@ def remove_stale(folder: Path, pattern: str) -> int:
             path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+class Busy(Exception):
+    """A lock that another live process holds: `holder` is what it wrote in the lock file."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def held_lock(path: str | Path, holder: str):
+    """Hold the lock file `path` (fcntl.flock, exclusive) for the `with` block, or raise Busy at
+    once when another process holds it. `holder` (who and since when) is written into the file
+    for that process's message. The kernel drops the lock when the process dies, so a crashed
+    run never leaves its folder locked; the file itself stays, harmless."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise Busy(path, handle.read().strip()) from None
+        try:  # who holds it, for the message of a process that finds it held
+            handle.seek(0)
+            handle.truncate()
+            handle.write(holder)
+            handle.flush()
+        except OSError:  # a full disk: the lock holds all the same
+            pass
+        yield path
+    finally:
+        handle.close()  # releases the lock

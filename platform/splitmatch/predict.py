@@ -72,7 +72,7 @@ class Segmenter:
         from splitmatch.clip import TEMPLATES, build_clip
         from splitmatch.model import build_segmentor
         from splitmatch.splits import class_names, default_unseen
-        from splitmatch.train import CALIBRATION, load_state
+        from splitmatch.checkpoints import CALIBRATION, load_state
 
         state = load_state(checkpoint)
         if "config" not in state:

@@ -140,15 +140,19 @@ def find_run(uri: str, experiment: str, run_key: str):
         return None
 
 
-def mark_killed(uri: str, experiment: str, run_key: str) -> bool:
-    """After Ctrl-C: the run is KILLED, not left RUNNING by workers that died with the driver.
-    Returns whether a running run was marked."""
+def mark_ended(uri: str, experiment: str, run_key: str, status: str, why: str) -> bool:
+    """Close a run that its workers could not close (Ctrl-C, a failure, a driver killed with -9):
+    `status` KILLED or FAILED, `why` in its tag splitmatch.status. Best effort, since the store
+    may be what failed; returns whether a running run was marked."""
     run = find_run(uri, experiment, run_key)
     if run is None or run.info.status != "RUNNING":
         return False
-    client = _client(uri)
-    client.set_tag(run.info.run_id, "splitmatch.status", "killed")
-    client.set_terminated(run.info.run_id, status="KILLED")
+    try:
+        client = _client(uri)
+        client.set_tag(run.info.run_id, "splitmatch.status", why)
+        client.set_terminated(run.info.run_id, status=status)
+    except Exception:  # noqa: BLE001 - the caller's own error says what went wrong
+        return False
     return True
 
 
@@ -281,7 +285,7 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
         raise FileNotFoundError(f"no offline MLflow records at {offline_path}")
     records = [json.loads(line) for line in offline_path.read_text().splitlines() if line.strip()]
     if not records:
-        return {"records": 0}
+        return {"records": 0, "finished": False}
     first = records[0]
     # The file keeps no credentials: a redacted user:password@ comes back from MLflow's own
     # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or pass --tracking-uri).
@@ -325,7 +329,8 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
             client.set_terminated(run_id, status=record["status"])
     offline_path.rename(offline_path.with_name(offline_path.name + ".synced"))
     log(f"replayed {len(records)} records into run {run_id} at {redact(uri)}: {counts}")
-    return {"records": len(records), "run_id": run_id, **counts}
+    finished = any(r["kind"] == "finish" and r["status"] == "FINISHED" for r in records)
+    return {"records": len(records), "run_id": run_id, "uri": uri, "finished": finished, **counts}
 
 
 _PORTS_GIVEN: set[int] = set()
@@ -372,11 +377,13 @@ class MlflowServer:
     credentials of its environment)."""
 
     def __init__(self, store_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
-                 artifacts: str | None = None):
+                 artifacts: str | None = None, admin_password: str | None = None):
         self.store_dir = Path(store_dir).resolve()
         self.artifacts = artifacts or str(self.store_dir / "mlartifacts")
         self.host = host
         self.port = port or free_port(host)
+        # With a password: MLflow's basic-auth app, user "admin" (its users in store_dir).
+        self.admin_password = admin_password
         self.process: subprocess.Popen | None = None
 
     @property
@@ -392,10 +399,18 @@ class MlflowServer:
                    "--backend-store-uri", f"sqlite:///{self.store_dir / 'mlflow.db'}",
                    "--artifacts-destination", self.artifacts,
                    "--host", self.host, "--port", str(self.port), "--workers", "1"]
+        env = None
+        if self.admin_password:
+            import secrets
+
+            command += ["--app-name", "basic-auth"]
+            env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
         log = open(self.store_dir / "mlflow_server.log", "ab")
-        # Its own session, so stopping it also stops the web workers it forks.
+        # Its own session, so stopping it also stops the web workers it forks. In store_dir: the
+        # basic-auth app keeps its users in ./basic_auth.db.
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, cwd=self.store_dir, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

@@ -7,6 +7,7 @@ alone talks to MLflow. `launch` builds the `TorchTrainer` on the driver and is w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,16 +28,23 @@ from splitmatch import storage
 from splitmatch.calibration import (METRIC_KEYS, Calibration, calibrate, calibration_metrics,
                                     fixed_at)
 from splitmatch.calibration import evaluate  # noqa: F401 - train.evaluate, for its callers
+from splitmatch.checkpoints import (BEST_MODEL, CALIBRATION, FINAL_METRICS, RESUME_MAY_GROW,
+                                    CheckpointError,
+                                    check_checkpoint_config, check_run_config, load_state,
+                                    newest_checkpoint, remove_unloadable_checkpoints,
+                                    result_checkpoint, save_checkpoint)
 from splitmatch.clip import TEMPLATES, build_clip
 from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, OptimConfig,
                                config_from_dict, dump_config, flatten, redact, resolve_paths,
-                               to_dict)
+                               to_dict, tracking_credentials, use_credentials)
 from splitmatch.criterion import SetCriterion, build_criterion, pseudo_label_map
 from splitmatch.data import build_dataset, collate
 from splitmatch.splits import class_names as dataset_classes
 from splitmatch.splits import HOLDOUT, check_split_use, default_unseen
 from splitmatch.splits import seen_ids as dataset_seen_ids
-from splitmatch.errors import RunFailed, UserError
+from splitmatch.errors import RunFailed, RunInUse, UserError
+from splitmatch.failures import StorageFailed, fit_with_restarts, storage_cause
+from splitmatch.files import Busy, held_lock, write_atomic
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
@@ -213,134 +221,9 @@ def _visualize(model, dataset, classes: ClassSpace, cfg: Config, device, out_dir
     return paths
 
 
-def _save_checkpoint(directory: Path, model: nn.Module, optimizer, iteration: int, epoch: int,
-                     best_hiou: float, config: dict, calibration: float | None = None) -> Path:
-    """Tensors and plain values only, so loading can use `torch.load(weights_only=True)`. The
-    config that made the weights travels with them: `eval` and `--resume` check it; so does the
-    seen-score calibration chosen for them (`calibration`), when they are a run's result."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "iteration": iteration, "epoch": epoch, "best_hiou": best_hiou, "config": config}
-    if calibration is not None:
-        state[CALIBRATION] = calibration
-    torch.save(state, directory / "state.pt")
-    return directory
-
-
-def load_state(path: str | Path) -> dict:
-    """A checkpoint directory (or its state.pt / a bare model state dict), loaded without pickles."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "state.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state if "model" in state else {"model": state}
-
-
-def newest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
-    """(directory, iteration) of the complete checkpoint with the highest iteration in `run_dir`.
-
-    Read from the disk rather than from Ray Train's snapshot: an interrupt can land after a
-    checkpoint was written but before the snapshot names it (or before there is a snapshot at
-    all), and that checkpoint is the newest progress. One whose state.pt does not load (cut
-    short mid-copy) is passed over.
-    """
-    newest = None
-    for directory in Path(run_dir).glob("checkpoint_*"):
-        try:  # memory-mapped: only the iteration is read here
-            iteration = torch.load(directory / "state.pt", map_location="cpu", weights_only=True,
-                                   mmap=True)["iteration"]
-        except (OSError, RuntimeError, EOFError, KeyError, ValueError):
-            continue
-        if newest is None or iteration > newest[1]:
-            newest = (directory, iteration)
-    return newest
-
-
-FINAL_METRICS = "final_metrics.json"
-BEST_MODEL = "best_model.pt"
-# The key of a result checkpoint's chosen seen-score calibration (what `predict` uses for auto).
-CALIBRATION = "seen_score_calibration"
 # Ray Train's controller poll interval unless the user sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 # (see `launch`).
 HEALTH_CHECK_INTERVAL_S = 0.25
-
-
-# What `--resume` may change in a run's config: a longer budget (the stored config and the MLflow
-# run record the change). Everything else that can change a result must match.
-RESUME_MAY_GROW = ("train.max_iters",)
-# What `eval` may change against the config stored with a checkpoint: how the model is evaluated
-# and on which device, not what it is or which classes it was trained on.
-EVAL_MAY_DIFFER = ("inference.", "eval.", "data.test_split", "data.select_split", "train.use_gpu",
-                   "train.num_workers", "train.cpus_per_worker", "data.root")
-
-
-def check_run_config(run_dir: Path, cfg: Config, may_grow: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """Refuse to reuse `run_dir` (its checkpoints, its final figures) when the config that made it
-    differs from `cfg` in anything that can change a result; the error names the keys.
-
-    Numeric keys in `may_grow` may be larger in `cfg`: those changes are returned as
-    {key: (stored, wanted)} for the caller to record.
-    """
-    import yaml
-
-    from splitmatch.config import config_differences, describe_differences
-
-    stored = Path(run_dir) / "config.yaml"
-    if not stored.is_file():
-        return {}
-    differences = config_differences(yaml.safe_load(stored.read_text()), cfg)
-    grown = _grown(differences, may_grow)
-    refused = {key: change for key, change in differences.items() if key not in grown}
-    if refused:
-        allowed = f" (only {', '.join(may_grow)} may grow)" if may_grow else ""
-        raise ConfigError(f"{run_dir} was made with another config ({describe_differences(refused)})"
-                          f"{allowed}; reusing it would mix results: choose another name "
-                          f"(--set name=...) or remove that directory")
-    return grown
-
-
-def _grown(differences: dict[str, tuple], may_grow: tuple[str, ...]) -> dict[str, tuple]:
-    return {key: (old, new) for key, (old, new) in differences.items()
-            if key in may_grow and isinstance(old, (int, float)) and new >= old}
-
-
-def check_checkpoint_config(checkpoint: str | Path, state: dict, cfg: Config) -> str:
-    """Refuse to evaluate a checkpoint under a config other than the one that trained it (another
-    unseen split, model or CLIP); returns where the stored config came from, or why none.
-
-    The config is stored in the checkpoint; older checkpoints fall back to their run's config.yaml.
-    """
-    import yaml
-
-    from splitmatch.config import config_differences, describe_differences
-
-    stored, source = state.get("config"), str(checkpoint)
-    if stored is None:
-        path = Path(checkpoint)
-        # checkpoint_*/ or checkpoint_*/state.pt, or a run's best_model.pt
-        run_dir = path.parent.parent if path.name == "state.pt" else path.parent
-        if (run_dir / "config.yaml").is_file():
-            stored, source = yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml")
-    if stored is None:
-        return f"{checkpoint} carries no config: not checked"
-    differences = config_differences(stored, cfg, neutral=(*RESULT_NEUTRAL_KEYS, *EVAL_MAY_DIFFER))
-    # A checkpoint from before a run's budget grew on --resume belongs to that run too.
-    differences = {k: v for k, v in differences.items() if k not in _grown(differences, RESUME_MAY_GROW)}
-    if differences:
-        raise ConfigError(f"{source}: the checkpoint was trained under another config "
-                          f"({describe_differences(differences)}); evaluate it with its run's "
-                          f"config.yaml")
-    return f"config checked against {source}"
-
-
-def final_checkpoint(run_dir: Path) -> Path:
-    """The last checkpoint of a finished run (ablation rows are compared at equal budget, not
-    best-of, and never selected on the split they report)."""
-    newest = newest_checkpoint(run_dir)
-    if newest is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    return newest[0]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -350,13 +233,6 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1024 ** 3
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
-
-
-def result_checkpoint(run_dir: Path) -> Path:
-    """The weights a finished run's figures belong to: those chosen on the selection split
-    (best_model.pt) when it had one, else its last checkpoint."""
-    best = Path(run_dir) / BEST_MODEL
-    return best if best.is_file() else final_checkpoint(run_dir)
 
 
 def run_location(cfg: Config) -> str:
@@ -485,7 +361,10 @@ def _restore(run_dir: Path, location: str, selecting: bool) -> tuple[dict | None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_state(directory)
+            try:
+                state = load_state(directory)
+            except CheckpointError:  # passed over, as on the disk below (the driver said so)
+                state = None
     on_disk = newest_checkpoint(run_dir)  # what Ray's snapshot may not name yet (see there)
     if on_disk is not None and (state is None or on_disk[1] > state["iteration"]):
         state = load_state(on_disk[0])
@@ -616,9 +495,10 @@ class _Worker:
     stored_config: dict  # the config as saved with every checkpoint
 
     def publish(self, name: str, write) -> None:
-        """Rank 0 writes the run file `name` with `write(path)` and shares it."""
+        """Rank 0 writes the run file `name` with `write(handle)` (whole or not at all) and
+        shares it."""
         if self.rank == 0:
-            write(self.run_dir / name)
+            write_atomic(self.run_dir / name, write)
             _share(self.run_dir, self.location, name)
 
 
@@ -640,6 +520,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---------------------------------------------------------------- set-up
     cfg = config_from_dict(config["cfg"], "<train loop>")
+    use_credentials(config.get("credentials"))  # before any MLflow call
     context = ray.train.get_context()
     rank, location = context.get_world_rank(), config["run_location"]
     worker = _Worker(rank, context.get_world_size(), ray.train.torch.get_device(),
@@ -717,8 +598,8 @@ def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
     if not math.isnan(hiou) and hiou > selection.best_hiou:
         selection.best_hiou = hiou
         selection.best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-        worker.publish(BEST_MODEL, lambda path: torch.save(
-            {"model": selection.best_state, "config": worker.stored_config}, path))
+        worker.publish(BEST_MODEL, lambda handle: torch.save(
+            {"model": selection.best_state, "config": worker.stored_config}, handle))
     selection.latest_hiou = -1.0 if math.isnan(hiou) else hiou
     return {f"select_{k}": result[k] for k in METRIC_KEYS}
 
@@ -742,9 +623,9 @@ def _test_once(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Work
     final, calibration = _test(core, selection.best_state, parts, cfg, worker, tell)
     selection.calibration = calibration.value
     if selection.best_state is not None:
-        worker.publish(BEST_MODEL, lambda path: torch.save(
+        worker.publish(BEST_MODEL, lambda handle: torch.save(
             {"model": selection.best_state, "config": worker.stored_config,
-             CALIBRATION: calibration.value}, path))
+             CALIBRATION: calibration.value}, handle))
     if worker.rank == 0:
         tested = dataclasses.replace(cfg, inference=fixed_at(cfg.inference, calibration.value))
         for path in _visualize(core, parts.test_set, parts.classes, tested, worker.device,
@@ -754,7 +635,7 @@ def _test_once(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Work
         # (a rerun ablation) read what was measured.
         figures = {"iteration": iteration, "selected": selection.best_state is not None, **final,
                    **calibration_metrics(calibration, "select_")}
-        worker.publish(FINAL_METRICS, lambda path: path.write_text(json.dumps(figures, indent=1)))
+        worker.publish(FINAL_METRICS, lambda handle: handle.write(json.dumps(figures, indent=1).encode()))
     # Logged as final_select_*: select_* is the series of the periodic evaluations.
     return {**final, **calibration_metrics(calibration, "final_select_", grid=True)}
 
@@ -780,7 +661,7 @@ def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Sele
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if worker.rank == 0:
-            ckpt = ray.train.Checkpoint.from_directory(_save_checkpoint(
+            ckpt = ray.train.Checkpoint.from_directory(save_checkpoint(
                 Path(tmp), core, optimizer, iteration, epoch, selection.best_hiou,
                 worker.stored_config,
                 # the final weights' calibration, when they are the result
@@ -825,20 +706,62 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     (splits.py) is refused unless `holdout` (the --holdout flag) says the run is for reporting.
     `tags` go on the MLflow run with the usual ones.
     """
+    cfg = resolve_paths(cfg)
+    family = check_split_use(cfg.data, "train", holdout)
+    tags = {**(tags or {}), "split_family": family,
+            **({"holdout_flag": "--holdout"} if family == HOLDOUT else {})}
+    with run_lock(cfg.name, storage.local_path(run_location(cfg))):
+        try:
+            return _launch(cfg, resume, build_pseudo_masks, config_path, parent_run_id,
+                           callbacks, may_grow, log, progress, tags)
+        except OSError as exc:  # the run's own files, before or after training
+            cause = storage_cause(exc)
+            if cause is None:
+                raise
+            raise StorageFailed(f"the run's storage {run_location(cfg)} failed: {cause}") from exc
+
+
+@contextlib.contextmanager
+def run_lock(name: str, run_dir: Path):
+    """Held while a process works on the run folder `run_dir`: a second `train` of the same name
+    (or a trial, or an ablation row) is refused in one line, whichever starts second, before it
+    touches the folder or Ray. On object storage it holds on this machine only (the local
+    mirror's folder)."""
+    import sys
+
+    holder = (f"pid {os.getpid()} ({Path(sys.argv[0]).name} {' '.join(sys.argv[1:2])}), "
+              f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    try:
+        with held_lock(run_dir / RUN_LOCK, holder):
+            yield
+    except Busy as busy:
+        raise RunInUse(f"run '{name}' in {run_dir} is in use by {busy.holder or 'another process'}:"
+                       f" wait for it to end, or choose another name (--set name=...)") from None
+
+
+RUN_LOCK = ".splitmatch.lock"
+
+
+def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: str,
+            parent_run_id: str | None, callbacks, may_grow: tuple[str, ...], log, progress: bool,
+            tags: dict[str, str]):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from splitmatch.cluster import check_fits, init_ray
     from splitmatch.rendezvous import LoopbackTorchConfig
-    from splitmatch.tracking import default_tracking_uri, mark_killed
+    from splitmatch.tracking import default_tracking_uri, mark_ended
 
-    cfg = resolve_paths(cfg)
-    family = check_split_use(cfg.data, "train", holdout)
-    tags = {**(tags or {}), "split_family": family,
-            **({"holdout_flag": "--holdout"} if family == HOLDOUT else {})}
     location = run_location(cfg)
     run_dir = run_directory(cfg)
+    tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
+    if (run_dir / "config.yaml").is_file() and mark_ended(
+            tracking_uri, cfg.tracking.experiment, run_key(cfg), "KILLED",
+            "left RUNNING by a process that is gone; closed by the next command"):
+        # We hold the run's lock: whoever left it RUNNING (a driver killed with -9) is gone.
+        log(f"the MLflow run of {cfg.name} was left RUNNING by a process that is gone: "
+            f"marked KILLED")
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")) and not resume:
         raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
@@ -854,7 +777,10 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
                "train.num_workers / train.cpus_per_worker / train.use_gpu")
     open_pseudo_masks(cfg, build_pseudo_masks, config_path, log)  # fails early if it is missing
     run_dir.mkdir(parents=True, exist_ok=True)
-    newest = newest_checkpoint(run_dir) if resume else None
+    passed_over: list[tuple[Path, str]] = []
+    newest = newest_checkpoint(run_dir, passed_over) if resume else None
+    for directory, why in passed_over:
+        log(f"passed over {directory}: its state.pt does not load ({why})")
     if resume:
         log(f"resuming {cfg.name} from {newest[0].name} (iteration {newest[1]})" if newest else
             f"resuming {cfg.name}: no complete checkpoint in {run_dir}, starting at iteration 0")
@@ -862,12 +788,12 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
         log(f"{key}: {old} -> {new} on resume (recorded in config.yaml and the MLflow run's tags)")
     if newest is None or updates or not (run_dir / "config.yaml").is_file():
         # Written before any worker starts: whatever the run leaves behind can be checked.
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_atomic(run_dir / "config.yaml", lambda handle: handle.write(dump_config(cfg).encode()))
         _share(run_dir, location, "config.yaml")
-    tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     loop_config = {"cfg": to_dict(cfg), "run_location": location, "tracking_uri": tracking_uri,
                    "run_key": run_key(cfg), "parent_run_id": parent_run_id, "tags": tags,
-                   "config_updates": {k: list(v) for k, v in updates.items()}}
+                   "config_updates": {k: list(v) for k, v in updates.items()},
+                   "credentials": tracking_credentials()}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -899,9 +825,25 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     if watcher is not None:
         callbacks = [*(callbacks or []), _controller_to_driver(watcher.queue)]
     try:
-        return _fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location,
+        return fit_with_restarts(trainer, cfg.train.max_failures, run_dir, location,
                                   watcher.note if watcher else log,
                                   abort=watcher.abort if watcher else lambda: None)
+    except (RunFailed, UserError) as failure:  # one line for the user; the run says FAILED
+        if watcher is not None:
+            watcher.stop()
+            watcher = None
+        removed = remove_unloadable_checkpoints(run_dir) if not storage.is_remote(location) else []
+        mark_ended(tracking_uri, cfg.tracking.experiment, run_key(cfg), "FAILED",
+                   " ".join(str(failure).split())[:500])
+        if isinstance(failure, StorageFailed):
+            newest = newest_checkpoint(run_dir)
+            raise StorageFailed(
+                f"{failure}; " + (f"{len(removed)} partial checkpoint(s) removed; " if removed
+                                  else "") + "the MLflow run is marked FAILED; " +
+                (f"the newest checkpoint is at iteration {newest[1]}" if newest
+                 else "there was no checkpoint yet") +
+                ": continue with --resume once the storage is back") from failure
+        raise
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (cluster.Terminated)
         # The run was aborted (its workers are gone) and nothing of Ray's is in use any more:
         # shutting Ray down while another thread waits in a Ray call can crash the process.
@@ -910,7 +852,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
             watcher = None
         ray.shutdown()
         # The workers could not close their MLflow run: close it here.
-        mark_killed(tracking_uri, cfg.tracking.experiment, run_key(cfg))
+        mark_ended(tracking_uri, cfg.tracking.experiment, run_key(cfg), "KILLED", "killed")
         newest = newest_checkpoint(run_directory(cfg))
         raise type(interrupt)(f"interrupted: the MLflow run of {cfg.name} is marked KILLED; " + (
             f"its newest checkpoint is at iteration {newest[1]}: continue with --resume" if newest
@@ -1056,65 +998,6 @@ class _Watcher:
             ray.kill(self.queue.actor)
         except Exception:  # noqa: BLE001 - already gone with the cluster
             pass
-
-
-def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path, location: str, log,
-                       abort=lambda: None):
-    """Fit; when the worker group fails, start it again from the newest checkpoint (up to
-    `max_failures` times) unless the failure is the input's (a UserError on any rank: the same
-    input fails the same way). Every failure's tracebacks go to `run_dir/error.log`. On Ctrl-C,
-    `abort()` stops the running fit before KeyboardInterrupt goes on."""
-    from ray.train import WorkerGroupError
-
-    failures = 0
-    while True:
-        try:
-            return _fit_in_thread(make_trainer(), abort)
-        except WorkerGroupError as exc:
-            errors = exc.worker_failures  # {rank: the exception raised there}
-            error_log = run_dir / "error.log"
-            with open(error_log, "a") as handle:
-                handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker group failed\n{exc}\n")
-            _share(run_dir, location, "error.log")
-            rank, first = min(errors.items(), key=lambda item: item[0]) if errors else (None, exc)
-            user = next(((r, e) for r, e in sorted(errors.items()) if isinstance(e, UserError)), None)
-            if user is not None:
-                raise type(user[1])(f"{user[1]} (rank {user[0]}; traceback in {error_log})") from exc
-            if failures >= max_failures:
-                raise RunFailed(f"training failed {failures + 1} time(s), last on rank {rank}: "
-                                f"{type(first).__name__}: {first} (train.max_failures="
-                                f"{max_failures}; tracebacks in {error_log})") from exc
-            failures += 1
-            log(f"the worker group failed on rank {rank} ({type(first).__name__}); restarting from "
-                f"the newest checkpoint ({failures} of train.max_failures={max_failures})")
-
-
-def _fit_in_thread(trainer, abort=lambda: None):
-    """`trainer.fit()`, with Ctrl-C left to us: in the main thread Ray Train installs its own SIGINT
-    handler, which aborts the run and exits the process (status 1) before the caller can close
-    the MLflow run or say where to resume. Off the main thread it installs none (as under Tune),
-    so on Ctrl-C we `abort()` the run as that handler would and wait for `fit` to return: the
-    caller then shuts Ray down with no thread inside a Ray call."""
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.5)  # short waits: the main thread must stay able to take the interrupt
-    except KeyboardInterrupt:
-        abort()
-        thread.join(60)
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_csv: str | Path | None = None,

@@ -18,7 +18,8 @@ import yaml
 
 from splitmatch import storage
 from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config,
-                               redact, resolve_paths, to_dict, yaml_value)
+                               redact, resolve_paths, to_dict, tracking_credentials,
+                               use_credentials, yaml_value)
 from splitmatch.selection import STOPPED_EARLY, describe_state, ranked, selection_figure
 from splitmatch.splits import check_split_use
 from splitmatch.tracking import (MlflowServer, artifact_root, default_tracking_uri, experiment_id,
@@ -47,12 +48,15 @@ def trial_config(base: dict, params: dict, name: str) -> Config:
 
 
 def run_trial(config: dict, base: dict, search: str, tracking_uri: str,
-              parent_run_id: str, holdout: bool = False) -> None:
+              parent_run_id: str, holdout: bool = False,
+              credentials: dict[str, str] | None = None) -> None:
     """Tune function trainable: one Ray Train run with this trial's values (`config`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from splitmatch.train import launch
+
+    use_credentials(credentials)
 
     cfg = trial_config(base, config, f"{search}-{tune.get_context().get_trial_name()}")
     cfg_dict = to_dict(cfg)
@@ -135,7 +139,8 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
         # resource request.
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, search=cfg.name, tracking_uri=uri,
-                                 parent_run_id=parent_id, holdout=holdout),
+                                 parent_run_id=parent_id, holdout=holdout,
+                                 credentials=tracking_credentials()),
             {"CPU": 0, "memory": 256 * 1024 ** 2})
         scheduler = asha_scheduler(cfg) if cfg.tune.scheduler == "asha" else None
         param_space = search_space(cfg.tune.space)

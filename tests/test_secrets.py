@@ -1,0 +1,78 @@
+"""A credential given in a URI is used, shown as ***, and never written at rest: not in a run's
+checkpoints, weights, config.yaml, logs or results page, not in MLflow's params, tags or
+artifacts (the model included), not in a search's Tune state, not in Ray's session logs."""
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from helpers import finish, search_config, splitmatch, write_config
+from splitmatch.tracking import MlflowServer
+
+SECRET = "s3cret-pw-7f3a"
+
+
+def files_holding(secret: str, *roots: Path, given: tuple[Path, ...] = ()) -> list[str]:
+    """Every file under `roots` whose bytes contain `secret` (pickles and SQLite pages too), but
+    the `given` ones (the user's own config files)."""
+    found = []
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink() and path not in given:
+                try:
+                    if secret.encode() in path.read_bytes():
+                        found.append(str(path))
+                except OSError:  # a socket or a file a daemon removed meanwhile
+                    continue
+    return found
+
+
+def ray_session_dir() -> Path:
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path())
+
+
+@pytest.mark.slow
+def test_a_tracking_password_is_never_written_at_rest(tmp_path, ray_cluster, monkeypatch):
+    # A server that refuses calls without the password: the credentials must reach every MLflow
+    # call, the Ray workers' on a cluster that does not share this environment included.
+    server = MlflowServer(tmp_path / "server", admin_password=SECRET).start()
+    try:
+        uri = server.url.replace("http://", f"http://admin:{SECRET}@")
+        config = write_config(tmp_path, "secret", max_iters=2, num_workers=1, batch_size=2,
+                              checkpoint_every=1, eval_every=2)
+        data = yaml.safe_load(config.read_text())
+        data["tracking"]["uri"] = uri
+        data["data"]["select_split"] = "val"  # so that there is a best_model.pt
+        config.write_text(yaml.safe_dump(data))
+        out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
+        assert "results page:" in out and "MLflow model:" in out, out[-3000:]
+        # A failing command writes its traceback to a log file: that one must be clean too.
+        failed = splitmatch("train", str(config), "--set", "train.max_iters=3",
+                            address=ray_cluster)
+        failed.communicate(timeout=300)
+        assert failed.returncode == 2
+        # A search: Tune keeps its own state (experiment state, each trial's params) on disk.
+        search = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [2]}})
+        data = yaml.safe_load(search.read_text())
+        data["tracking"]["uri"] = uri
+        search.write_text(yaml.safe_dump(data))
+        out += finish(splitmatch("tune", str(search), address=ray_cluster))
+        leaks = [line for line in out.splitlines() if SECRET in line]  # shown as ***
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+        client = MlflowClient(server.url)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert len(runs) >= 3  # the run, the search's parent and its trial
+        assert all(run.info.status == "FINISHED" for run in runs)
+        trained = next(run for run in runs if run.info.run_name == "secret")
+        assert client.get_metric_history(trained.info.run_id, "loss")  # the workers logged
+        leaks += [run.info.run_name for run in runs
+                  if SECRET in repr(run.data.params) + repr(run.data.tags)]
+        leaks += files_holding(SECRET, tmp_path, ray_session_dir(), given=(config, search))
+        assert leaks == [], "\n".join(leaks)
+    finally:
+        server.stop()
