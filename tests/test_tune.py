@@ -44,6 +44,13 @@ def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster
         "train.eval_every": {"grid": [1, 2]}}, scheduler="asha", grace_period=1)
     out = finish(splitmatch("tune", str(config), address=ray_cluster))
     assert "4 trials, 2 failed, 1 stopped early" in out
+    # A search reads like a training run: one display counted in trials, no Tune tables, no
+    # TensorBoard hint, no links to the server that stopped with the command; then where to look.
+    assert "search search: 4/4 trials (100%)" in out and "stopped early 1" in out, out[-3000:]
+    for noise in ("Trial status", "tensorboard", "View run", "View experiment", "+----"):
+        assert noise not in out, noise
+    assert f"splitmatch compare --parent " in out and "splitmatch ui --storage-path" in out
+    assert len(out.splitlines()) < 40, len(out.splitlines())
     # The embedded store was written through a local server; read the SQLite file directly now.
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -12,6 +12,8 @@ ones. Concurrent trials write MLflow through one local `mlflow server`, never on
 from __future__ import annotations
 
 import csv
+import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -20,6 +22,8 @@ from splitmatch import storage
 from splitmatch.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_config,
                                redact, resolve_paths, to_dict, tracking_credentials,
                                use_credentials, yaml_value)
+from splitmatch.progress import verbose
+from splitmatch.search_progress import SearchProgress
 from splitmatch.selection import STOPPED_EARLY, describe_state, ranked, selection_figure
 from splitmatch.splits import check_split_use
 from splitmatch.tracking import (MlflowServer, artifact_root, default_tracking_uri, experiment_id,
@@ -97,6 +101,7 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
     chooses, so a held-out split is refused unless `holdout` (--holdout, recorded as a tag)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from splitmatch.cluster import init_ray
 
@@ -114,6 +119,15 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
                               f"continue it, or choose another name (--set name=...)")
     if resume and not tune.Tuner.can_restore(search_dir):
         raise FileNotFoundError(f"no search to resume in {search_dir}")
+    # MLflow prints a "View run" link per run it ends; for the embedded store's server, which
+    # stops with this command, they would point at nothing. The end says where to look instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not verbose():
+        # Tune's default loggers include TensorBoard's, whose hint points into Ray's temporary
+        # folder; the CSV and JSON ones (a trial's history: `trial_selection_figure`) are given
+        # below. A failed trial is told by the display and the summary, not by Tune's traceback.
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     init_ray(cfg.storage)
     server = None
     uri = cfg.tracking.uri
@@ -153,8 +167,15 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
                 tune_config=tune.TuneConfig(metric="select_hIoU", mode="max", scheduler=scheduler,
                                             num_samples=cfg.tune.num_samples,
                                             max_concurrent_trials=cfg.tune.max_concurrent_trials),
-                run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.train.storage_path,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
+                run_config=tune.RunConfig(
+                    name=cfg.name, storage_path=cfg.train.storage_path,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    # One display counted in trials; Tune's own tables with --verbose.
+                    verbose=2 if verbose() else 0,
+                    callbacks=[] if verbose() else [
+                        CSVLoggerCallback(), JsonLoggerCallback(),
+                        SearchProgress(cfg.name, cfg.data.select_split, cfg.train.max_iters,
+                                       "ASHA" if cfg.tune.scheduler == "asha" else None)]))
         log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
             f"{parent_id} at {redact(uri)}")
         results = tuner.fit()
@@ -163,10 +184,25 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
             f"stopped early; best {summary['best_run_name']} {summary['best_params']}: best hIoU "
             f"{summary['best_select_hIoU']:.2f} on {cfg.data.select_split} (ranked on it, as "
             f"`compare` ranks), {summary['best_hIoU']:.2f} on {cfg.data.test_split} (reported)")
+        log(where_to_look(cfg, uri if server is None else None, client, parent_id,
+                          summary["table"]))
         return summary
     finally:
         if server is not None:
             server.stop()
+
+
+def where_to_look(cfg: Config, server_uri: str | None, client, parent_id: str, table: str) -> str:
+    """The end of a search's output: where its trials can be seen after the command, each place
+    one that still exists then (the embedded store's server stops with the command)."""
+    store = f" --storage-path {cfg.train.storage_path}"
+    if server_uri is None:
+        return (f"the trials: {table}; compared with plots: splitmatch compare --parent "
+                f"{parent_id}{store}; in MLflow's UI: splitmatch ui{store}")
+    experiment = client.get_run(parent_id).info.experiment_id
+    return (f"the trials: {table}; compared with plots: splitmatch compare --parent {parent_id} "
+            f"--tracking-uri {redact(server_uri)}; in MLflow: "
+            f"{redact(server_uri).rstrip('/')}/#/experiments/{experiment}/runs/{parent_id}")
 
 
 def asha_scheduler(cfg: Config):
