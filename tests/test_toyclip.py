@@ -1,8 +1,8 @@
-"""The toy CLIP: captions, loss, a few-step pretraining, its cache, loading through build_clip."""
+"""The toy CLIP: captions, loss, a few-step pretraining, its cache, loading through build_clip, the
+compact shipped weights and the golden outputs that stand for its key's format."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import RECIPE
+from toy_clip_golden import GOLDEN, TOLERANCE, golden_outputs, shipped_clip, toy_config
 from splitmatch import toyclip
 from splitmatch.clip import TEMPLATES, build_clip
 from splitmatch.config import (
@@ -26,10 +27,14 @@ from splitmatch.config import (
 )
 from splitmatch.data import render
 from splitmatch.files import remove_stale
+from splitmatch.toyclip.captions import caption_words
+from splitmatch.toyclip.compact import (EMBEDDING, compact_state_dict, expand_state_dict,
+                                        stand_in_rows, toy_vocabulary)
 from splitmatch.toyclip.training import batches_in_rounds
 from splitmatch.toyclip import (
     BACKGROUND_TEMPLATES,
     CLASS_NAMES,
+    TOY_CLIP_FORMAT,
     ToyClipRecipe,
     checkpoint_dir,
     checkpoint_info,
@@ -210,7 +215,7 @@ def test_second_call_is_a_cache_hit(built, toy_cfg, monkeypatch):
     assert all("cached" in line for line in lines)
 
 
-def test_key_follows_every_training_input_but_not_the_cache_folder(toy_cfg):
+def test_key_follows_every_training_input_but_not_the_cache_folder(toy_cfg, monkeypatch):
     key = checkpoint_key(toy_cfg, RECIPE)
     for change in ({"seed": 1}, {"steps": 4}, {"batch_size": 16}, {"lr": 2e-3},
                    {"image_size": 32}):
@@ -219,11 +224,17 @@ def test_key_follows_every_training_input_but_not_the_cache_folder(toy_cfg):
     assert checkpoint_key(toy_cfg, dataclasses.replace(RECIPE, zoom_fraction=0.0)) != key
     with pytest.raises(Exception, match="no model config"):
         checkpoint_key(dataclasses.replace(toy_cfg, model_name="no-such-model"), RECIPE)
-    # The library versions and the training code are inputs too (as the README says).
+    # What the weights are, not what made them: the format version stands for the toy world and
+    # the training code (guarded by the golden tests below), so a docstring edit or another build
+    # of the same torch keeps the key, and with it the shipped weights.
     inputs = checkpoint_inputs(toy_cfg, RECIPE)
-    assert inputs["torch"] == torch.__version__ and inputs["open_clip"] == open_clip.__version__
-    source = b"".join(Path(m.__file__).read_bytes() for m in (toyclip.captions, toyclip.training))
-    assert inputs["training_code_sha256"] == hashlib.sha256(source).hexdigest()
+    assert set(inputs) == {"format", "toy_clip", "model_config", "recipe", "templates"}
+    assert inputs["format"] == TOY_CLIP_FORMAT
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cpu")
+    monkeypatch.setattr(open_clip, "__version__", "3.3.1")
+    assert checkpoint_key(toy_cfg, RECIPE) == key
+    monkeypatch.setattr(toyclip.checkpoint, "TOY_CLIP_FORMAT", TOY_CLIP_FORMAT + 1)
+    assert checkpoint_key(toy_cfg, RECIPE) != key
 
 
 def test_interrupted_pretraining_leaves_nothing_that_looks_complete(toy_cfg, monkeypatch):
@@ -353,11 +364,14 @@ def test_the_toy_configs_toy_clip_comes_with_the_package(tmp_path, monkeypatch):
 
     toy = load_config(DEMO_CONFIG, [f"toy_clip.cache_dir={tmp_path / 'cache'}"]).toy_clip
     key = checkpoint_key(toy)
-    # Fails when the toy world or the toy CLIP's training code changes: the shipped weights were
-    # made by the old code. Rebuild them (`splitmatch toy-clip experiments/toyworld.yaml
-    # --pretrain`) and ship the new key's folder instead of the old one.
+    # Fails when TOY_CLIP_FORMAT, the toy config's section or the recipe change: the shipped
+    # weights were made another way. Rebuild them (`splitmatch toy-clip experiments/toyworld.yaml
+    # --pretrain`), ship the new key's folder (`python -m splitmatch.toyclip.ship CACHE/KEY`)
+    # instead of the old one, and record its golden outputs (tests/toy_clip_golden.py).
     assert [folder.name for folder in SHIPPED.iterdir()] == [key]
     assert json.loads((SHIPPED / key / INFO_NAME).read_text())["key"] == key
+    shipped_bytes = sum(path.stat().st_size for path in (SHIPPED / key).iterdir())
+    assert shipped_bytes < 5_000_000, shipped_bytes
 
     def no_training(*args, **kwargs):
         raise AssertionError("the shipped toy CLIP must not be pretrained again")
@@ -366,10 +380,100 @@ def test_the_toy_configs_toy_clip_comes_with_the_package(tmp_path, monkeypatch):
     lines: list[str] = []
     path = toy_clip_checkpoint(toy, log=lines.append)
     assert path == tmp_path / "cache" / key / CHECKPOINT_NAME
-    assert path.read_bytes() == (SHIPPED / key / CHECKPOINT_NAME).read_bytes()
     assert "comes with splitmatch" in lines[0] and "using cached checkpoint" in lines[1]
+    # Expanded to the same bytes by every install: `clip.sha256` pins runs to this file, so two
+    # machines (or two caches) must agree on it.
+    again = toy_clip_checkpoint(dataclasses.replace(toy, cache_dir=str(tmp_path / "again")),
+                                log=lines.append)
+    assert again != path and again.read_bytes() == path.read_bytes()
     clip = build_clip(ClipConfig(model_name=toy.model_name, pretrained=str(path)))
     assert clip.text_embeddings(["leaf"], ["a photo of a {}."]).shape[0] == 1
     with pytest.raises(AssertionError, match="must not be pretrained"):
         toy_clip_checkpoint(dataclasses.replace(toy, cache_dir=str(tmp_path / "other")),
                             log=lines.append, shipped=False)
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+
+def test_shipped_toy_clip_gives_its_golden_outputs(tmp_path):
+    """The shipped weights, expanded as a first run expands them, give the outputs recorded from
+    the full 29 MB build they were made from (tests/golden/toy_clip_outputs.pt), to TOLERANCE,
+    on every toy template, caption form and class name, on single objects and a scene: image
+    embeddings, dense features, masked CLS. Fails when the weights, the format or a library
+    changes what the toy CLIP computes."""
+    golden = torch.load(GOLDEN, weights_only=True)
+    toy = toy_config(tmp_path)
+    # Recorded for these weights: a new build is recorded anew (tests/toy_clip_golden.py).
+    assert golden["key"] == checkpoint_key(toy)
+    clip = build_clip(shipped_clip(toy))
+    outputs = golden_outputs(clip, golden["inputs"])
+    assert outputs.keys() == golden["outputs"].keys()
+    for name, expected in golden["outputs"].items():
+        torch.testing.assert_close(outputs[name], expected, rtol=0, atol=TOLERANCE, msg=name)
+    # The inputs name every class, every single-object and scene template and every background
+    # caption, so each token row the toy vocabulary has is read.
+    tokens = set(clip.tokenizer(golden["inputs"]["prompts"] + [
+        template.format(name) for template in toyclip.SINGLE_TEMPLATES for name in CLASS_NAMES
+    ]).unique().tolist())
+    assert tokens == set(toy_vocabulary(clip.tokenizer).tolist())
+
+
+def test_compact_weights_keep_every_toy_prompt_and_rebuild_the_rest(built, toy_cfg):
+    path, _ = built
+    clip = build_clip(ClipConfig(model_name=toy_cfg.model_name, pretrained=str(path)))
+    state = torch.load(path, weights_only=True)
+    vocab_size = state[EMBEDDING].shape[0]
+    # Only the token embedding spans the vocabulary (no tied output projection), so its unread
+    # rows reach no output.
+    assert [name for name, t in state.items() if vocab_size in t.shape] == [EMBEDDING]
+    rows = toy_vocabulary(clip.tokenizer)
+    # Every prompt the toy config gives it: templates, class names, background prompts.
+    from splitmatch.demo import DEMO_CONFIG
+    from splitmatch.config import load_config
+    cfg = load_config(DEMO_CONFIG)
+    prompts = [t.format(n) for t in TEMPLATES[cfg.clip.templates] for n in CLASS_NAMES]
+    assert set(clip.tokenizer(prompts + cfg.pseudo_masks.background_prompts).unique().tolist()) \
+        <= set(rows.tolist())
+
+    compact = compact_state_dict(state, rows)
+    expanded = expand_state_dict(compact)
+    assert list(expanded) == list(state)
+    for name, tensor in state.items():
+        if name != EMBEDDING:
+            assert torch.equal(expanded[name], tensor), name
+    assert torch.equal(expanded[EMBEDDING][rows], state[EMBEDDING][rows])
+    # The other rows: the same noise each time, of the std the unread rows had.
+    assert torch.equal(expand_state_dict(compact)[EMBEDDING], expanded[EMBEDDING])
+    assert torch.equal(stand_in_rows(4, 3, 0.02), stand_in_rows(4, 3, 0.02))
+    unread = torch.ones(vocab_size, dtype=torch.bool)
+    unread[rows] = False
+    assert expanded[EMBEDDING][unread].std().item() == pytest.approx(
+        state[EMBEDDING][unread].std().item(), rel=1e-3)
+
+    rebuilt = build_clip(ClipConfig(model_name=toy_cfg.model_name, pretrained=None))
+    rebuilt.model.load_state_dict(expanded, strict=True)
+    words = caption_words()
+    assert torch.equal(rebuilt.prompt_embeddings(words), clip.prompt_embeddings(words))
+    # Words outside the toy vocabulary read stand-ins: still one embedding per word.
+    others = rebuilt.prompt_embeddings(["a photo of a cat.", "a photo of a dog."])
+    assert not torch.allclose(others[0], others[1], atol=1e-3)
+
+
+# What a 3-step pretraining (the `built` fixture: seed 0, batches of 8, RECIPE) logs under
+# TOY_CLIP_FORMAT: its data (toy world, captions), initialisation, loss and optimiser in four
+# numbers. A change to any of them fails here: bump TOY_CLIP_FORMAT (the cache then retrains
+# rather than reusing weights made the old way), rebuild and ship the toy config's toy CLIP, and
+# record these again. Other CPUs and thread counts agree to about 1e-7.
+GOLDEN_TRAINING = {"format": 2, "loss": [2.2035332918167114, 3.416179895401001],
+                   "logit_scale": [14.257251739501953, 14.251144409179688]}
+
+
+def test_a_short_pretraining_matches_the_golden_run_of_its_format(built):
+    path, _ = built
+    history = checkpoint_info(path)["history"]
+    assert TOY_CLIP_FORMAT == GOLDEN_TRAINING["format"]
+    assert [entry["step"] for entry in history] == [2, 3]
+    assert [entry["loss"] for entry in history] == pytest.approx(GOLDEN_TRAINING["loss"], rel=1e-4)
+    assert [entry["logit_scale"] for entry in history] == pytest.approx(
+        GOLDEN_TRAINING["logit_scale"], rel=1e-4)

@@ -26,23 +26,24 @@ proportional to the Jaccard overlap of their class sets (identical sets count as
 
 The checkpoint is cached at `{cache_dir}/{key}/` (a local folder, or a prefix on object storage
 that each node mirrors, see `splitmatch.storage`) (`toy_clip.pt`: an open_clip state dict,
-`toy_clip.json`: what it was trained from and how well it classifies), the key a hash of
-everything that changes the weights. The folder is assembled under a temporary name and renamed
-into place, so an interrupted pretraining never leaves a folder that looks complete.
+`toy_clip.json`: what it was trained from and how well it classifies), the key a hash of what the
+weights are: a format version, the config section, the recipe. The folder is assembled under a
+temporary name and renamed into place, so an interrupted pretraining never leaves a folder that
+looks complete.
 
 Modules: `captions` (the training data and its recipe), `training` (loss, model, loop),
 `quality` (zero-shot accuracy, pseudo-mask quality), `checkpoint` (the cache and
-`with_toy_clip`), `command` (`splitmatch toy-clip`).
+`with_toy_clip`), `compact` (the shipped form: only the token rows toy captions read), `ship`
+(writes it), `command` (`splitmatch toy-clip`).
 """
 from splitmatch.toyclip.captions import (BACKGROUND_TEMPLATES, CLASS_NAMES, DEFAULT_RECIPE,
                                          SCENE_TEMPLATES, SINGLE_TEMPLATES, TEST_TEMPLATE,
                                          CaptionedImage, ToyClipRecipe, make_caption,
                                          training_batch, training_sample, visible_classes)
-from splitmatch.toyclip.checkpoint import (CHECKPOINT_NAME, INFO_NAME, checkpoint_dir,
-                                           checkpoint_info, checkpoint_inputs, checkpoint_key,
-                                           checkpoint_location, pretrain_toy_clip,
-                                           toy_clip_checkpoint, training_code_sha256,
-                                           with_toy_clip)
+from splitmatch.toyclip.checkpoint import (CHECKPOINT_NAME, INFO_NAME, TOY_CLIP_FORMAT,
+                                           checkpoint_dir, checkpoint_info, checkpoint_inputs,
+                                           checkpoint_key, checkpoint_location, pretrain_toy_clip,
+                                           toy_clip_checkpoint, with_toy_clip)
 from splitmatch.toyclip.command import main_toy_clip
 from splitmatch.toyclip.quality import (pseudo_mask_quality, zero_shot_accuracy, zero_shot_images,
                                         zero_shot_report)
@@ -51,11 +52,12 @@ from splitmatch.toyclip.training import (contrastive_loss, create_model, jaccard
 
 __all__ = [
     "BACKGROUND_TEMPLATES", "CHECKPOINT_NAME", "CLASS_NAMES", "DEFAULT_RECIPE", "INFO_NAME",
-    "SCENE_TEMPLATES", "SINGLE_TEMPLATES", "TEST_TEMPLATE", "CaptionedImage", "ToyClipRecipe",
+    "SCENE_TEMPLATES", "SINGLE_TEMPLATES", "TEST_TEMPLATE", "TOY_CLIP_FORMAT", "CaptionedImage",
+    "ToyClipRecipe",
     "checkpoint_dir", "checkpoint_info", "checkpoint_inputs", "checkpoint_key",
     "checkpoint_location", "contrastive_loss", "create_model", "jaccard_targets", "main_toy_clip",
     "make_caption", "pretrain_toy_clip", "pseudo_mask_quality", "toy_clip_checkpoint",
-    "train_toy_clip", "training_batch", "training_code_sha256", "training_sample",
+    "train_toy_clip", "training_batch", "training_sample",
     "visible_classes", "with_toy_clip", "zero_shot_accuracy", "zero_shot_images",
     "zero_shot_report",
 ]

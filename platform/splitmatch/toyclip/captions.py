@@ -1,8 +1,9 @@
 """The toy CLIP's training data: captioned toy images drawn on the fly, a pure function of
 (seed, step, slot in the batch), and the recipe that says how they are mixed.
 
-Part of the checkpoint key (`checkpoint.checkpoint_inputs` hashes this file): a change here
-retrains the toy CLIP rather than reusing weights made from other data.
+A change here that alters the captions or images bumps `checkpoint.TOY_CLIP_FORMAT`, so the toy
+CLIP is retrained rather than reused with weights made from other data (a golden training run in
+tests/test_toyclip.py fails until then).
 """
 from __future__ import annotations
 
@@ -127,6 +128,16 @@ def make_caption(class_ids: Sequence[int], rng: np.random.Generator) -> str:
     if template_id < len(SINGLE_TEMPLATES):
         return SINGLE_TEMPLATES[template_id].format(names[0])
     return SCENE_TEMPLATES[template_id - len(SINGLE_TEMPLATES)].format(_listing(names))
+
+
+def caption_words() -> list[str]:
+    """Texts holding every word a training caption can contain: each template with each class,
+    and a listing of several classes. Their tokens are the token-embedding rows the toy CLIP was
+    trained on; `compact` ships only those."""
+    scenes = [template.format(_listing(CLASS_NAMES[start:start + 3]))
+              for template in SCENE_TEMPLATES for start in range(0, len(CLASS_NAMES), 3)]
+    singles = [template.format(name) for template in SINGLE_TEMPLATES for name in CLASS_NAMES]
+    return singles + scenes + list(BACKGROUND_TEMPLATES)
 
 
 # ----------------------------------------------------------------------------- training data

@@ -1,9 +1,9 @@
-"""The toy CLIP's checkpoint cache: keyed by everything that changes the weights, built once,
-published in one rename, and resolved for configs that say `clip.pretrained: toy`."""
+"""The toy CLIP's checkpoint cache: keyed by what the weights are (a format version, the config,
+the recipe), built once, published in one rename, and resolved for configs that say
+`clip.pretrained: toy`."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -17,14 +17,12 @@ import torch
 from splitmatch import storage
 from splitmatch.clip import build_clip
 from splitmatch.config import ClipConfig, Config, ToyClipConfig
-from splitmatch.data import toyworld
 from splitmatch.files import (content_key, file_sha256, remove_stale, temporary_name,
                               write_atomic)
-import splitmatch.toyclip.captions as captions_module
-import splitmatch.toyclip.training as training_module
 from splitmatch.toyclip.captions import (BACKGROUND_TEMPLATES, DEFAULT_RECIPE, SCENE_TEMPLATES,
                                          SINGLE_TEMPLATES, TEST_TEMPLATE, TEST_TEMPLATE_PROB,
                                          ToyClipRecipe)
+from splitmatch.toyclip.compact import COMPACT_NAME, expand_state_dict, load_compact
 from splitmatch.toyclip.quality import zero_shot_report
 from splitmatch.toyclip.training import model_config_path, train_toy_clip
 
@@ -33,35 +31,34 @@ INFO_NAME = "toy_clip.json"
 # Builds that come with the package, one folder per key: the toy config's toy CLIP, so that a
 # first run loads pretrained weights as a user of real CLIP does instead of spending minutes
 # pretraining, and every kind of CPU gets the same weights (each builds its own, some weaker).
-# Used only for the key they were built under; any other key is pretrained as before.
+# Used only for the key they were built under; any other key is pretrained as before. Shipped
+# compact (`compact.py`: 4 MB instead of 29) and expanded into the cache when first used.
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 
-
-def training_code_sha256() -> str:
-    """One hash of the sources that make the weights: the training data and the training loop."""
-    digest = hashlib.sha256()
-    for module in (captions_module, training_module):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
+# What the weights of a key are, beyond the config and recipe it names. Bump it when the toy
+# world's drawing, the captions, the training loop or the shipped file's layout change, then
+# rebuild and ship the toy config's weights (tests/toy_clip_golden.py says how). It stands in for
+# hashes of those sources, which changed the key with every docstring, and for the torch and
+# open_clip versions, which kept a `+cpu` build or another platform from the shipped weights: what
+# a version would have guarded, tests/test_toyclip.py checks against golden files instead (the
+# shipped weights' outputs on toy prompts and images, and a short training run's losses).
+# 1: the keys hashed those sources and library versions (until issue 37).
+TOY_CLIP_FORMAT = 2
 
 
 def checkpoint_inputs(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE) -> dict:
-    """Everything the weights depend on: config (not where it is cached), architecture, data."""
+    """What the weights are: the format, the config (not where it is cached), the architecture,
+    the recipe and caption templates."""
     toy = dataclasses.asdict(cfg)
     del toy["cache_dir"]
     return {
+        "format": TOY_CLIP_FORMAT,
         "toy_clip": toy,
         "model_config": json.loads(model_config_path(cfg.model_name).read_text()),
         "recipe": dataclasses.asdict(recipe),
         "templates": {"single": SINGLE_TEMPLATES, "scene": SCENE_TEMPLATES,
                       "background": BACKGROUND_TEMPLATES,
                       "test": TEST_TEMPLATE, "test_prob": TEST_TEMPLATE_PROB},
-        # The toy world and the training code have no versions: their sources stand in for
-        # them, so a change to how images are drawn or how the model is fitted retrains rather
-        # than reusing weights made another way. The libraries count too (kernels, init, RNG).
-        "toyworld_sha256": hashlib.sha256(Path(toyworld.__file__).read_bytes()).hexdigest(),
-        "training_code_sha256": training_code_sha256(),
-        "torch": torch.__version__, "open_clip": open_clip.__version__,
     }
 
 
@@ -134,7 +131,7 @@ def _publish(staging: Path, final: Path, location: str, log: Callable[[str], Non
 
 
 def _install_shipped(key: str, final: Path, location: str, log: Callable[[str], None]) -> bool:
-    """Copy the package's build of `key` into the cache; False when the package has none."""
+    """Expand the package's build of `key` into the cache; False when the package has none."""
     shipped = SHIPPED / key
     if not (shipped / INFO_NAME).is_file():
         return False
@@ -145,13 +142,18 @@ def _install_shipped(key: str, final: Path, location: str, log: Callable[[str], 
     staging = temporary_name(final)
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        shutil.copytree(shipped, staging)
+        staging.mkdir()
+        # The full state dict, so the cache holds what open_clip loads strictly, as for a build
+        # made here; the same bytes on every machine with this torch (`stand_in_rows`).
+        state = expand_state_dict(load_compact(shipped / COMPACT_NAME))
+        write_atomic(staging / CHECKPOINT_NAME, lambda handle: torch.save(state, handle))
+        shutil.copyfile(shipped / INFO_NAME, staging / INFO_NAME)
         _publish(staging, final, location, log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"toy CLIP: the checkpoint of key {key} comes with splitmatch (pretrained "
-        f"{info['inputs']['toy_clip']['steps']} steps in {info['train_seconds']:.0f} s); copied "
-        f"to the cache")
+        f"{info['inputs']['toy_clip']['steps']} steps in {info['train_seconds']:.0f} s); expanded "
+        f"into the cache")
     return True
 
 

@@ -1,7 +1,8 @@
 """Contrastive pretraining of the toy CLIP: the soft-target loss, the model, the loop.
 
-Part of the checkpoint key (`checkpoint.checkpoint_inputs` hashes this file): a change to how the
-model is fitted retrains it rather than reusing weights made another way.
+A change to how the model is fitted bumps `checkpoint.TOY_CLIP_FORMAT`, so it is retrained rather
+than reused with weights made another way (a golden training run in tests/test_toyclip.py fails
+until then).
 """
 from __future__ import annotations
 
