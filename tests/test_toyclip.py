@@ -477,3 +477,29 @@ def test_a_short_pretraining_matches_the_golden_run_of_its_format(built):
     assert [entry["loss"] for entry in history] == pytest.approx(GOLDEN_TRAINING["loss"], rel=1e-4)
     assert [entry["logit_scale"] for entry in history] == pytest.approx(
         GOLDEN_TRAINING["logit_scale"], rel=1e-4)
+
+
+def test_ship_writes_the_compact_build_of_a_cache_folder(built, tmp_path):
+    """`python -m splitmatch.toyclip.ship CACHE/KEY`: the folder's build, compact, under its key,
+    expanding to the build's weights on every toy row."""
+    from splitmatch.toyclip.compact import COMPACT_NAME, load_compact
+    from splitmatch.toyclip.ship import ship_checkpoint
+
+    path, _ = built
+    target = ship_checkpoint(path.parent, shipped=tmp_path / "shipped")
+    assert target == tmp_path / "shipped" / path.parent.name
+    assert sorted(p.name for p in target.iterdir()) == [COMPACT_NAME, toyclip.INFO_NAME]
+    info = json.loads((target / toyclip.INFO_NAME).read_text())
+    assert info["key"] == path.parent.name and info["shipped"]["token_rows"] == 44
+    assert (target / COMPACT_NAME).stat().st_size < path.stat().st_size / 6
+    compact = load_compact(target / COMPACT_NAME)
+    state = torch.load(path, weights_only=True)
+    rows = compact["token_rows"]
+    assert torch.equal(expand_state_dict(compact)[EMBEDDING][rows], state[EMBEDDING][rows])
+
+    misnamed = tmp_path / "not-the-key"
+    misnamed.mkdir()
+    for name in (toyclip.CHECKPOINT_NAME, toyclip.INFO_NAME):
+        (misnamed / name).write_bytes((path.parent / name).read_bytes())
+    with pytest.raises(ValueError, match="names key"):
+        ship_checkpoint(misnamed, shipped=tmp_path / "shipped")
