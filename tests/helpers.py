@@ -10,8 +10,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from splitmatch.config import config_from_dict, dump_config
-from splitmatch.jobs import PROJECT_ROOT
 from splitmatch.toyclip import ToyClipRecipe
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository the tests run in
 
 TINY = {
     "model": {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,

@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from splitmatch.jobs import PROJECT_ROOT
-from helpers import ctrl_c_reaches_it
+from helpers import PROJECT_ROOT, ctrl_c_reaches_it
 
 PROBE = """
 import sys

@@ -10,10 +10,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from splitmatch.jobs import PROJECT_ROOT
 from splitmatch.tracking import default_tracking_uri
 from splitmatch.checkpoints import newest_checkpoint
-from helpers import cli, job_config
+from helpers import PROJECT_ROOT, cli, job_config
 
 
 @pytest.mark.slow

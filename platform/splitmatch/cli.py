@@ -12,7 +12,8 @@ from splitmatch.errors import RunFailed, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML (see experiments/)")
+    parser.add_argument("config", help="experiment YAML, or the name of a packaged one "
+                                        "(toyworld, voc_preset, ...: `splitmatch init` copies them)")
     _add_overrides(parser)
 
 
@@ -156,6 +157,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from splitmatch.examples import copy_examples
+    written = copy_examples(args.folder)
+    configs = [path for path in written if path.parent.name == "experiments"]
+    jobs = [path.name for path in written if path.parent.name == "jobs"]
+    folder = Path(args.folder)
+    print(f"{len(configs)} example configs in {folder / 'experiments'}, the cluster job files "
+          f"{', '.join(jobs)} in {folder / 'jobs'}")
+    print(f"edit them and run from {folder}, e.g. splitmatch train experiments/toyworld.yaml "
+          f"(splitmatch submit takes that folder to the cluster)")
+    return 0
+
+
 def cmd_ablation(args) -> int:
     from splitmatch.ablation import run_ablation
     result = run_ablation(_config(args), seeds=args.seeds, splits=args.splits,
@@ -189,7 +203,7 @@ def cmd_splits(args) -> int:
 def cmd_ui(args) -> int:
     import time
 
-    from splitmatch.tracking import MlflowServer
+    from splitmatch.tracking import MlflowServer, runs_view_urls
 
     store = Path(args.storage_path)
     if not (store / "mlflow.db").is_file():
@@ -197,6 +211,8 @@ def cmd_ui(args) -> int:
                                 f"or point --storage-path at train.storage_path of your runs")
     server = MlflowServer(store, port=args.port).start()
     print(f"MLflow UI for {store.resolve()}: {server.url} (Ctrl-C stops it)", flush=True)
+    for name, url in runs_view_urls(server.url).items():
+        print(f"  experiment {name!r}, runs with hIoU, sIoU, uIoU: {url}", flush=True)
     try:
         while server.process.poll() is None:
             time.sleep(0.5)
@@ -328,9 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "the whole method end to end on the toy world (CPU, local)", cmd_demo)
     p.add_argument("--quick", action="store_true", help="a smaller budget (smoke test, ~3 min)")
     p.add_argument("--config", default=None,
-                   help="default: experiments/toyworld.yaml, run on the demo's budget (ResNet-10, "
-                        "500 iterations at lr 6e-4; --set changes it)")
+                   help="default: the packaged toyworld config, run on the demo's budget "
+                        "(ResNet-10, 500 iterations at lr 6e-4; --set changes it)")
     _add_overrides(p)
+
+    p = command("init", "copy the example configs and cluster job files out for editing",
+                cmd_init)
+    p.add_argument("folder", nargs="?", default=".",
+                   help="where experiments/ and jobs/ go (nothing there is overwritten)")
 
     p = command("ablation", "an ablation table (rows alike, intervals over splits and seeds)",
                 cmd_ablation)

@@ -607,9 +607,24 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     return data
 
 
+def config_file(argument: str | Path) -> Path:
+    """The file a config argument names: a path, else one of the configs that ship with
+    splitmatch by its name (`toyworld`, `toyworld.yaml`, `experiments/toyworld.yaml`)."""
+    path = Path(argument)
+    if path.exists():
+        return path
+    from splitmatch.examples import config_names, packaged_config
+    packaged = packaged_config(path)
+    if packaged is None:
+        raise ConfigError(f"cannot read config file {path}: no such file, nor a packaged config "
+                          f"of that name (packaged: {', '.join(config_names())})")
+    return packaged
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML experiment file, apply `--set` style overrides, validate."""
-    path = Path(path)
+    """Read a YAML experiment file (or a packaged config by name), apply `--set` style
+    overrides, validate."""
+    path = config_file(path)
     try:
         text = path.read_text()
     except OSError as exc:

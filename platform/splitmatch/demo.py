@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from splitmatch.config import Config, config_from_dict, load_config, to_dict
+from splitmatch.examples import configs_folder
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = PROJECT_ROOT / "experiments" / "toyworld.yaml"
+DEMO_CONFIG = configs_folder() / "toyworld.yaml"  # the packaged one: the demo runs from any folder
 # The demo's budget on the toy config, applied before --quick and --set: ResNet-10 instead of
 # resnet18 and 500 iterations at twice the learning rate instead of 1000, so that a first run fits
 # in 6 minutes on 2 cores. Its toy CLIP is the toy config's, which comes with the package

@@ -1,9 +1,11 @@
 """`splitmatch submit` and `splitmatch jobs`: the same commands as cluster jobs (Ray Job API).
 
-A job runs `jobs/entrypoint.py KIND CONFIG ...` in a runtime environment made of this project's
-working directory (configs, entry points) and the `splitmatch` package, so the cluster runs exactly
-the code that submitted it. Ray 2.60 clusters use token authentication: the client sends the
-cluster's token (`--token`, `RAY_AUTH_TOKEN`, or Ray's own token file, ~/.ray/auth_token).
+A job runs `jobs/entrypoint.py KIND CONFIG ...` in a runtime environment made of the current
+folder (the repository, or a folder `splitmatch init` made: configs, entry point) and the
+`splitmatch` package, so the cluster runs exactly the code that submitted it. Each file travels
+once: the package as py_modules, the folder without the package's source (`platform/`). Ray 2.60
+clusters use token authentication: the client sends the cluster's token (`--token`,
+`RAY_AUTH_TOKEN`, or Ray's own token file, ~/.ray/auth_token).
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ from pathlib import Path
 import splitmatch
 from splitmatch.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(splitmatch.__file__).resolve().parent
+ENTRYPOINT = "jobs/entrypoint.py"
 KINDS = ("pseudo", "train", "tune", "eval")
-# Never shipped to the cluster: environments, local runs and caches, VCS data. Ray applies these
-# to the package too, so no name here may match a folder inside splitmatch/ (a bare "data" would
-# drop splitmatch/data); local datasets under ./data are kept out by .gitignore, which Ray honours
+# Never shipped to the cluster: environments, local runs and caches, VCS data, and the package's
+# source in a checkout (`/platform`: py_modules ships the package; with both, the toy CLIP's
+# weights travelled twice). Ray applies these to the package too, so no name here may match a
+# folder inside splitmatch/ (a bare "data" would drop splitmatch/data; "/platform" is anchored at
+# the folder Ray packs); local datasets under ./data are kept out by .gitignore, which Ray honours
 # for the working directory only.
 EXCLUDES = [".venv", "runs", ".git", ".whl", ".gl", "**/__pycache__", "*.egg-info",
-            ".pytest_cache"]
+            ".pytest_cache", "/platform"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -54,36 +58,53 @@ def client(address: str, token: str | None = None):
 def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown job kind {kind!r}; expected one of {KINDS}")
-    parts = ["python", "jobs/entrypoint.py", kind, config]
+    parts = ["python", ENTRYPOINT, kind, config]
     for item in overrides:
         parts += ["--set", item]
     return shlex.join(parts + list(extra))
 
 
+def runtime_env(project: Path, pip: list[str] | None = None) -> dict:
+    """The job's runtime environment: `project` (the working directory) and the package."""
+    env: dict = {"working_dir": str(project), "py_modules": [str(PACKAGE_DIR)],
+                 "excludes": EXCLUDES,
+                 # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default:
+                 # 3): time for the command to stop its fit and mark the MLflow run KILLED
+                 # (cluster._stop_on_sigterm).
+                 "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
+    if pip:
+        env["pip"] = pip
+    return env
+
+
+def travelling_config(config: str, project: Path) -> str:
+    """The config argument the job gets: a path inside `project`, which travels as the working
+    directory, or the name of a packaged config, which travels with the package."""
+    from splitmatch.config import config_file
+
+    path = config_file(config).resolve()
+    if path.is_relative_to(project):
+        return path.relative_to(project).as_posix()
+    if path.is_relative_to(PACKAGE_DIR):  # e.g. `toyworld` from an installed wheel
+        return path.stem
+    raise UserError(f"config {config} lies outside {project}, the folder the job takes to the "
+                    f"cluster: copy it there")
+
+
 def submit(kind: str, config: str, address: str, overrides: list[str] | None = None,
            extra: list[str] | None = None, token: str | None = None,
            submission_id: str | None = None, pip: list[str] | None = None) -> str:
-    """Submit `splitmatch KIND CONFIG` as a Ray Job; returns the job id."""
-    config_path = Path(config)
-    try:
-        relative = config_path.resolve().relative_to(PROJECT_ROOT)
-    except ValueError as exc:
-        raise ValueError(f"config {config} must lie inside the project ({PROJECT_ROOT}) so it "
-                         f"travels with the working directory") from exc
-    if not config_path.is_file():
-        raise FileNotFoundError(f"config file {config} not found")
-    runtime_env: dict = {"working_dir": str(PROJECT_ROOT), "py_modules": [str(PACKAGE_DIR)],
-                         "excludes": EXCLUDES,
-                         # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's
-                         # default: 3): time for the command to stop its fit and mark the MLflow
-                         # run KILLED (cluster._stop_on_sigterm).
-                         "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
-    if pip:
-        runtime_env["pip"] = pip
+    """Submit `splitmatch KIND CONFIG` as a Ray Job from the current folder; returns the job id."""
+    project = Path.cwd().resolve()
+    if not (project / ENTRYPOINT).is_file():
+        raise UserError(f"splitmatch submit takes the current folder ({project}) to the cluster "
+                        f"and runs its {ENTRYPOINT}, which it lacks: run it from the repository "
+                        f"or from a folder made by `splitmatch init`")
+    argument = travelling_config(config, project)
     return client(address, token).submit_job(
-        entrypoint=entrypoint(kind, relative.as_posix(), overrides or [], extra or []),
-        runtime_env=runtime_env, submission_id=submission_id,
-        metadata={"splitmatch.kind": kind, "config": relative.as_posix()})
+        entrypoint=entrypoint(kind, argument, overrides or [], extra or []),
+        runtime_env=runtime_env(project, pip), submission_id=submission_id,
+        metadata={"splitmatch.kind": kind, "config": argument})
 
 
 def follow(address: str, job_id: str, token: str | None = None, out=print) -> str:

@@ -1,0 +1,2 @@
+"""Installed as `splitmatch.job_specs`: `splitmatch init` copies these cluster job files out of an
+installed splitmatch."""
