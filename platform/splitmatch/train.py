@@ -731,15 +731,13 @@ def run_lock(name: str, run_dir: Path):
 
     holder = (f"pid {os.getpid()} ({Path(sys.argv[0]).name} {' '.join(sys.argv[1:2])}), "
               f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    try:
-        with held_lock(run_dir / RUN_LOCK, holder):
+    try:  # beside the folder, not in it: a command refused before it starts leaves no run folder
+        with held_lock(run_dir.parent / f".{name}.lock", holder):
             yield
     except Busy as busy:
         raise RunInUse(f"run '{name}' in {run_dir} is in use by {busy.holder or 'another process'}:"
                        f" wait for it to end, or choose another name (--set name=...)") from None
 
-
-RUN_LOCK = ".splitmatch.lock"
 
 
 def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: str,
