@@ -43,7 +43,7 @@ def test_demo_quick_end_to_end(tmp_path, ray_cluster):
                        r"(\d+) s, results page and model (\d+) s; total (\d+) s", out)
     assert timing, out[-3000:]
     assert sum(map(int, timing.groups()[:4])) <= int(timing.group(5)) + 4
-    assert "results page: " in out and "MLflow model: runs:/" in out
+    assert "results page: " in out and "MLflow model: models:/" in out
     assert "TrainingReport(" not in out and "core_worker.cc" not in out  # Ray's lines hidden
     run_dir = re.search(r"run directory: (\S+)", out).group(1)
     pictures = list((tmp_path / "runs").glob("*/viz/*.png"))

@@ -103,12 +103,49 @@ def test_pyfunc_model_predicts_without_the_command_line(tmp_path, checkpoint, im
     from mlflow.tracking import MlflowClient
 
     from splitmatch.pyfunc import log_model
+    from splitmatch.train import build_optimizer
+
+    # What a run without a selection split publishes: its final checkpoint, Adam moments and
+    # all, and a CLIP whose weights are a file.
+    state = torch.load(checkpoint, weights_only=True)
+    cfg = config_from_dict(state["config"])
+    model = build_segmentor(cfg.model, embed_dim=build_clip(cfg.clip).embed_dim)
+    model.load_state_dict(state["model"])
+    optimizer = build_optimizer(model, cfg.optim)
+    for weight in model.parameters():
+        weight.grad = torch.zeros_like(weight)
+    optimizer.step()
+    final = tmp_path / "checkpoint_000002" / "state.pt"
+    final.parent.mkdir()
+    torch.save({**state, "optimizer": optimizer.state_dict(), "iteration": 2}, final)
+    clip_file = tmp_path / "clip.pt"
+    torch.manual_seed(1)
+    torch.save(build_clip(cfg.clip).model.state_dict(), clip_file)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("models", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(experiment)
-    model_uri = log_model(uri, run.info.run_id, checkpoint, None, CLASSES)
+    client.log_metric(run.info.run_id, "hIoU", 12.5, step=2)
+    model_uri = log_model(uri, run.info.run_id, final.parent, str(clip_file), CLASSES, step=2)
+    # The run's MLflow 3 logged model, linked to the run and to its figures of that step.
+    [logged] = client.search_logged_models([experiment])
+    assert model_uri == f"models:/{logged.model_id}" and logged.source_run_id == run.info.run_id
+    assert [(m.key, m.value, m.step) for m in logged.metrics] == [("hIoU", 12.5, 2)]
+    assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [logged.model_id]
+    assert log_model(uri, run.info.run_id, final.parent, str(clip_file), CLASSES, step=2) == model_uri
+    # What it stores: the weights without optimizer state, the CLIP once, code without weights.
+    stored = tmp_path / "art" / "models" / logged.model_id / "artifacts"
+    files = {path.relative_to(stored).as_posix(): path.stat().st_size
+             for path in stored.rglob("*") if path.is_file()}
+    assert set(torch.load(stored / "artifacts" / "weights.pt", weights_only=True)) == {"model", "config"}
+    assert files["artifacts/weights.pt"] < final.stat().st_size / 2
+    assert [name for name, size in files.items() if size == clip_file.stat().st_size] == [
+        "artifacts/clip.pt"]
+    assert not [name for name in files if "/shipped/" in name or name.endswith((".pt", ".pyc"))
+                and not name.startswith("artifacts/")]
+    assert "code/splitmatch/pyfunc.py" in files
+
     _, paths = images
     image = np.asarray(Image.open(paths[0]).convert("RGB"))
     np.save(tmp_path / "batch.npy", np.stack([image, image[:, ::-1]]))
@@ -123,7 +160,7 @@ def test_pyfunc_model_predicts_without_the_command_line(tmp_path, checkpoint, im
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = np.load(tmp_path / "out.npy")
-    segmenter = Segmenter(checkpoint)
+    segmenter = Segmenter(checkpoint, clip_weights=str(clip_file))
     assert out.shape == (2, *image.shape[:2]) and out.dtype == np.uint8
     assert np.array_equal(out[0], segmenter.segment(image, ["zebra", "tomato"]))
     assert np.array_equal(out[1], segmenter.segment(np.ascontiguousarray(image[:, ::-1]),

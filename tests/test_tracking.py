@@ -1,13 +1,21 @@
 """The MLflow layer against a real SQLite store: run lookup by key, no duplicate steps, offline
 records and their replay."""
 import json
+import time
 import warnings
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from splitmatch.config import redact
-from splitmatch.tracking import Tracker, default_tracking_uri, find_run, literal, replay
+from splitmatch.tracking import (EXPERIMENT_KIND_TAG, MODEL_TRAINING, RUNS_VIEW, Tracker,
+                                 default_tracking_uri, experiment_id, find_run, literal, replay,
+                                 source_tags)
+
+# One split of a run as Tracker.log_inputs takes it (train.py's `_datasets` makes them).
+DATASET = {"name": "toyworld-train", "digest": "7d7f86e8683815b3", "context": "training",
+           "source_type": "code", "source": '{"name": "toyworld", "split": "train"}',
+           "profile": '{"images": 16}'}
 
 
 def steps(client, run_id, key):
@@ -35,7 +43,8 @@ def test_tracker_resumes_the_same_run_without_duplicate_steps(tmp_path):
     assert not (tmp_path / "offline.jsonl").exists()
 
 
-def test_unreachable_server_goes_offline_and_replays(tmp_path):
+def test_unreachable_server_goes_offline_and_replays(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     offline = tmp_path / "run" / "mlflow_offline.jsonl"
     # Nothing listens on port 9 of loopback: every call fails at once.
     tracker = Tracker("http://127.0.0.1:9", "exp", "runs/c", "c", offline, log=lambda *_: None)
@@ -45,18 +54,25 @@ def test_unreachable_server_goes_offline_and_replays(tmp_path):
         warnings.simplefilter("error")  # warned once: later failures are silent
         for step in (1, 2):
             tracker.log_metrics({"loss": 5.0 / step, "hIoU": 10.0 * step}, step)
+        tracker.log_inputs([DATASET])
+        tracker.start_system_metrics()
+        time.sleep(0.5)  # a few samples at the interval set above
         artifact = tmp_path / "config.yaml"
         artifact.write_text("seed: 3\n")
         tracker.log_artifact(artifact)
         tracker.finish()
-    kinds = [json.loads(line)["kind"] for line in offline.read_text().splitlines()]
-    assert kinds == ["open", "metrics", "metrics", "artifact", "finish"]
+    records = [json.loads(line) for line in offline.read_text().splitlines()]
+    system = [r for r in records if r["kind"] == "metrics" and "system/cpu_utilization_percentage" in r["values"]]
+    assert [r["step"] for r in system] == list(range(len(system))) and len(system) >= 2
+    assert [r["kind"] for r in records if r not in system] == [
+        "open", "metrics", "metrics", "inputs", "artifact", "finish"]
 
     uri = default_tracking_uri(tmp_path / "store")
     copy = offline.with_name("copy.jsonl")
     copy.write_text(offline.read_text())
     summary = replay(offline, uri=uri, log=lambda *_: None)
-    assert summary["metrics"] == 4 and summary["artifacts"] == 1
+    assert summary["metrics"] == 4 + sum(len(r["values"]) for r in system)
+    assert summary["artifacts"] == 1
     assert not offline.exists() and offline.with_name(offline.name + ".synced").exists()
     again = replay(copy, uri=uri, log=lambda *_: None)  # replaying twice adds nothing
     assert again["run_id"] == summary["run_id"] and again["metrics"] == 0
@@ -66,6 +82,64 @@ def test_unreachable_server_goes_offline_and_replays(tmp_path):
     assert run.data.params["seed"] == "3" and run.data.tags["dataset"] == "toyworld"
     assert run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    # The datasets and the system metrics come with the replay, once.
+    [logged] = run.inputs.dataset_inputs
+    assert logged.dataset.digest == DATASET["digest"] and logged.dataset.name == DATASET["name"]
+    assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+    assert steps(client, run.info.run_id, "system/system_memory_usage_megabytes") == list(range(len(system)))
+
+
+def test_system_metrics_sample_the_machine_and_continue_on_resume(tmp_path, monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = default_tracking_uri(tmp_path)
+    first = Tracker(uri, "exp", "runs/s", "s", tmp_path / "offline.jsonl")
+    run_id = first.open({}, {})
+    first.start_system_metrics()
+    busy = time.time() + 0.7
+    while time.time() < busy:  # work the system metrics must see
+        sum(i * i for i in range(10000))
+    first.finish()
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in history] == list(range(len(history))) and len(history) >= 3
+    assert max(m.value for m in history) > 100 / psutil.cpu_count() / 2  # one busy core, roughly
+    memory = client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert 0 < memory[-1].value < psutil.virtual_memory().total / 1e6
+    again = Tracker(uri, "exp", "runs/s", "s", tmp_path / "offline.jsonl")
+    assert again.open({}, {}) == run_id
+    again.start_system_metrics()
+    again.finish()  # one sample at least, after the first tracker's
+    after = steps(client, run_id, "system/cpu_utilization_percentage")
+    assert after[:len(history)] == list(range(len(history))) and after[-1] == len(after) - 1
+    assert not (tmp_path / "offline.jsonl").exists()
+
+
+def test_experiments_are_marked_model_training_with_a_runs_view_of_the_figures(tmp_path):
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    view = f"mlflow.sharedViewState.{RUNS_VIEW}"
+    made = client.get_experiment(experiment_id(client, "new"))
+    assert made.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    state = json.loads(json.loads(made.tags[view])["state"])  # a saved view as MLflow's UI writes
+    assert {"metrics.`hIoU`", "metrics.`sIoU`", "metrics.`uIoU`", "attributes.`Models`",
+            "attributes.`Dataset`"} <= set(state["selectedColumns"])
+    # An experiment from before the tags gets them, except where someone chose otherwise.
+    old = client.create_experiment("old", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert experiment_id(client, "old") == old
+    tags = client.get_experiment(old).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "genai_development" and view in tags
+
+
+def test_source_tags_name_the_command_not_its_arguments(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/venv/bin/splitmatch", "train", "--set",
+                                     "tracking.uri=http://alice:pw@host"])
+    tags = source_tags()
+    assert tags["mlflow.source.name"] == "splitmatch train" and tags["mlflow.source.type"] == "LOCAL"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and "pw" not in json.dumps(tags)
+    monkeypatch.setattr("sys.argv", ["/app/jobs/entrypoint.py", "tune", "experiments/x.yaml"])
+    assert source_tags()["mlflow.source.name"] == "splitmatch tune"
+    assert source_tags()["mlflow.source.type"] == "JOB"
 
 
 def test_replay_of_missing_file_names_it(tmp_path):

@@ -162,9 +162,15 @@ def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
         assert run.data.params["tracking.uri"] == server.url  # the credentials went elsewhere
         # No selection split: the test split is evaluated once, at the end.
         assert steps(client, run, "hIoU") == [10] and run.info.status == "FINISHED"
-        # What the run could not log at its end comes with the replay: its page and its model.
-        logged = {item.path for item in client.list_artifacts(run.info.run_id)}
-        assert {"report.html", "model"} <= logged, logged
+        # What the run could not log at its end comes with the replay: its page, its datasets,
+        # its system metrics and its model.
+        assert "report.html" in {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"toyworld-train",
+                                                                       "toyworld-test"}
+        assert "system/cpu_utilization_percentage" in run.data.metrics
+        [model] = client.search_logged_models([run.info.experiment_id])
+        assert model.source_run_id == run.info.run_id and {"hIoU", "sIoU", "uIoU"} <= {
+            m.key for m in model.metrics}
     finally:
         server.stop()
 

@@ -211,9 +211,9 @@ def cmd_ui(args) -> int:
                                 f"or point --storage-path at train.storage_path of your runs")
     server = MlflowServer(store, port=args.port).start()
     print(f"MLflow UI for {store.resolve()}: {server.url} (Ctrl-C stops it)", flush=True)
-    for name, url in runs_view_urls(server.url).items():
-        print(f"  experiment {name!r}, runs with hIoU, sIoU, uIoU: {url}", flush=True)
     try:
+        for name, url in runs_view_urls(server.url).items():
+            print(f"  experiment {name!r}, runs with hIoU, sIoU, uIoU: {url}", flush=True)
         while server.process.poll() is None:
             time.sleep(0.5)
         raise RuntimeError(f"the MLflow UI stopped; see {store / 'mlflow_server.log'}")

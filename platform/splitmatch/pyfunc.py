@@ -1,6 +1,7 @@
-"""A finished run's model as an MLflow pyfunc model (`<run>/model`), so that
+"""A finished run's model as an MLflow pyfunc model, logged as an MLflow 3 logged model of its run
+(the run's Models column and page), so that
 
-    mlflow.pyfunc.load_model("runs:/<run id>/model").predict(images, params={"classes": [...]})
+    mlflow.pyfunc.load_model("models:/<model id>").predict(images, params={"classes": [...]})
 
 segments uint8 RGB images [B, H, W, 3] into class indices [B, H, W] with any vocabulary, with no
 splitmatch command line and no file of the training machine: the model folder carries the weights,
@@ -50,29 +51,76 @@ finally:
 
 
 def log_model(tracking_uri: str, run_id: str, checkpoint: Path, clip_pretrained: str | None,
-              classes: list[str]) -> str:
-    """Save the pyfunc model of `checkpoint` and log it under the run; returns its model URI."""
-    import splitmatch
-    from mlflow.models import ModelSignature
+              classes: list[str], step: int = 0) -> str:
+    """Log the pyfunc model of `checkpoint` as an MLflow logged model of the run, linked to the
+    run's metrics of `step` (its final figures); returns its model URI (models:/<model id>).
+
+    It holds what predicting needs once each: the segmentor's weights, its config and calibration
+    (no optimizer state: a final checkpoint's Adam moments double the weights), the CLIP weights
+    (when they are a local file) and the package's code without the CLIP weights it ships. A run
+    that already has a model of the same weights gets no second one."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model, ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from splitmatch.checkpoints import CALIBRATION, load_state, save_weights
+    from splitmatch.files import file_sha256
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    state = load_state(checkpoint)
+    weights = {key: state[key] for key in ("model", "config", CALIBRATION) if key in state}
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),  # RGB images
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),  # class index per pixel
         params=ParamSchema([ParamSpec("classes", "string", classes, shape=(-1,))]))
     with tempfile.TemporaryDirectory() as tmp:
+        save_weights(Path(tmp) / "weights.pt", weights)
+        sha256 = file_sha256(Path(tmp) / "weights.pt")
+        found = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        for model in found:
+            if model.tags.get(WEIGHTS_TAG) == sha256 and model.status == LoggedModelStatus.READY:
+                return f"models:/{model.model_id}"
         (Path(tmp) / "classes.json").write_text(json.dumps(classes))
-        artifacts = {"checkpoint": str(checkpoint), "classes": str(Path(tmp) / "classes.json")}
+        artifacts = {"checkpoint": str(Path(tmp) / "weights.pt"),
+                     "classes": str(Path(tmp) / "classes.json")}
         if clip_pretrained and Path(clip_pretrained).is_file():
             artifacts["clip_weights"] = clip_pretrained
-        model_dir = Path(tmp) / ARTIFACT_PATH
         with warnings.catch_warnings():  # MLflow's advice on type hints and input examples
             warnings.simplefilter("ignore")
             logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-            mlflow.pyfunc.save_model(
-                model_dir, python_model=SplitMatchModel(), artifacts=artifacts, signature=signature,
-                code_paths=[str(Path(splitmatch.__file__).parent)],
-                pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS])
-        client = mlflow.tracking.MlflowClient(tracking_uri)
-        client.log_artifacts(run_id, str(model_dir), ARTIFACT_PATH)
-    return f"runs:/{run_id}/{ARTIFACT_PATH}"
+            # What mlflow.pyfunc.log_model does, for a run that is not this process's active
+            # one: Model.log links the model to the run (and to its metrics of `step`) when
+            # given the run's id, but would create it in the process's active experiment.
+            model = client.create_logged_model(
+                run.info.experiment_id, name=ARTIFACT_PATH, source_run_id=run_id,
+                params=run.data.params, tags={WEIGHTS_TAG: sha256}, model_type="segmentation")
+            with _use_tracking_uri(tracking_uri):  # Model.log's client is the process's
+                Model.log(None, name=ARTIFACT_PATH, flavor=mlflow.pyfunc, model_id=model.model_id,
+                          run_id=run_id, step=step, python_model=SplitMatchModel(),
+                          artifacts=artifacts, signature=signature,
+                          code_paths=[str(package_code(Path(tmp) / "code"))],
+                          pip_requirements=[f"{name}=={metadata.version(name)}"
+                                            for name in REQUIREMENTS])
+    return f"models:/{model.model_id}"
+
+
+WEIGHTS_TAG = "splitmatch.weights_sha256"
+
+
+def package_code(folder: Path) -> Path:
+    """A copy of the splitmatch package in `folder`, less the toy CLIP weights it ships (the
+    model's own CLIP weights are an artifact of it) and compiled files."""
+    import shutil
+
+    import splitmatch
+    from splitmatch.toyclip.checkpoint import SHIPPED
+
+    def left_out(directory: str, names: list[str]) -> list[str]:
+        return [name for name in names
+                if name == "__pycache__" or Path(directory, name).resolve() == SHIPPED]
+
+    return Path(shutil.copytree(Path(splitmatch.__file__).parent, folder / "splitmatch",
+                                ignore=left_out))

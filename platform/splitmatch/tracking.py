@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +36,19 @@ if not verbose():
     # "Creating initial MLflow database tables... / Updating database tables" whenever a
     # command first opens an embedded store: MLflow's INFO lines, like Ray's, wait for --verbose.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # "Skip logging GPU metrics" on every CPU run, from the rank-0 worker into the driver's output.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 RUN_KEY_TAG = "splitmatch.run_key"
+# What MLflow records of an experiment's kind: model training, not GenAI (traces, judges,
+# prompts). MLflow 3.17's UI opens every experiment as its sidebar's switch says (GenAI unless
+# the browser chose otherwise, or the URL says workflowType=machine_learning: `runs_view_url`).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# A saved view of an experiment's runs table (MLflow's "Views" menu, an experiment tag as the UI
+# writes it) with the figures a run is judged by: MLflow's default columns show no metric.
+RUNS_VIEW = "splitmatch"
+RUNS_VIEW_COLUMNS = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
+                     "metrics.`select_hIoU`", "metrics.`hIoU`", "metrics.`sIoU`", "metrics.`uIoU`"]
 
 
 def default_tracking_uri(storage_path: str | Path) -> str:
@@ -65,23 +78,84 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own tags of where a run comes from (its Source and User columns, the commit on the
+    run page), for the process that starts the run: the splitmatch command (its first word only:
+    later ones may carry credentials) and the git commit of the code."""
+    import getpass
+
+    program, words = Path(sys.argv[0]).name, sys.argv[1:2]
+    if program in ("splitmatch", "cli.py", "entrypoint.py") and words:  # entrypoint: a Ray Job
+        name = f"splitmatch {words[0]}"
+    elif program == "default_worker.py":  # only Tune trials start a run inside a Ray worker
+        name = "splitmatch tune"
+    else:
+        name = program or "python"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        user = "unknown"
+    tags = {"mlflow.source.name": name, "mlflow.user": user,
+            "mlflow.source.type": "JOB" if program == "entrypoint.py" else "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":  # outside a checkout (an installed package, a Ray Job's copy)
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(client, experiment: str, artifact_location: str | None = None) -> str:
-    """The id of `experiment`, created (with that artifact root) if it does not exist yet."""
+    """The id of `experiment`, created (with that artifact root) if it does not exist yet; marked
+    as model training for MLflow's UI unless someone chose otherwise."""
     exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(experiment, artifact_location=artifact_location)
-    except Exception:  # created concurrently by another process: look it up again
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(experiment, artifact_location=artifact_location,
+                                            tags=_experiment_tags())
+        except Exception:  # created concurrently by another process: look it up again
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+    _tag_experiment(client, exp)
+    return exp.experiment_id
+
+
+def _experiment_tags() -> dict[str, str]:
+    now = int(time.time() * 1000)
+    view = {"name": "splitmatch: hIoU, sIoU, uIoU", "createdAt": now, "updatedAt": now,
+            "state": json.dumps({"selectedColumns": RUNS_VIEW_COLUMNS})}
+    return {EXPERIMENT_KIND_TAG: MODEL_TRAINING,
+            f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(view)}
+
+
+def _tag_experiment(client, exp) -> None:
+    """Give an experiment from before them its kind and runs view (not over a user's choice)."""
+    for key, value in _experiment_tags().items():
+        if key not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+
+
+def runs_view_url(server_url: str, experiment_id: str, view: str = RUNS_VIEW) -> str:
+    """An experiment's runs in MLflow's model-training view, in its saved view `view`."""
+    return (f"{server_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={view}")
+
+
+def runs_view_urls(server_url: str) -> dict[str, str]:
+    """{experiment name: `runs_view_url`} of the store behind `server_url` (experiments from
+    before the view get it first); MLflow's own empty Default experiment is left out."""
+    client = _client(server_url)
+    urls = {}
+    for exp in client.search_experiments():
+        if exp.experiment_id == "0" and not client.search_runs(["0"], max_results=1):
+            continue
+        _tag_experiment(client, exp)
+        urls[exp.name] = runs_view_url(server_url, exp.experiment_id)
+    return urls
 
 
 def find_or_create_run(client, experiment: str, run_key: str, run_name: str,
@@ -108,7 +182,7 @@ def open_parent_run(client, uri: str, cfg, name: str, kind: str, tags: dict | No
     return find_or_create_run(
         client, cfg.tracking.experiment, storage.join(cfg.train.storage_path, name), name,
         tags={"splitmatch.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.dataset,
-              **(tags or {})}, artifact_location=artifact_root(uri))
+              **source_tags(), **(tags or {})}, artifact_location=artifact_root(uri))
 
 
 def _run_with_key(client, exp_id: str, run_key: str):
@@ -172,6 +246,9 @@ class Tracker:
         self.log = log
         self._floor: dict[str, int] = {}  # metric → last step the run already has (after resume)
         self._client = None
+        self._system: SystemMetrics | None = None
+        # The system-metrics thread logs too: one call (or offline record) at a time.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ failure handling
 
@@ -195,13 +272,14 @@ class Tracker:
             handle.write(json.dumps({**header, **record}) + "\n")
 
     def _do(self, record: dict, call) -> None:
-        if not self.offline:
-            try:
-                call()
-                return
-            except Exception as exc:  # the one place where "record and go on" is the requirement
-                self._go_offline(record["kind"], exc)
-        self._record(record)
+        with self._lock:
+            if not self.offline:
+                try:
+                    call()
+                    return
+                except Exception as exc:  # the one place where "record and go on" is the requirement
+                    self._go_offline(record["kind"], exc)
+            self._record(record)
 
     # ------------------------------------------------------------------ API
 
@@ -250,6 +328,19 @@ class Tracker:
                 Metric(k, v, timestamp, step) for k, v in fresh.items()])
         self._do({"kind": "metrics", "step": step, "timestamp": timestamp, "values": fresh}, call)
 
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """The run's datasets (MLflow's Dataset fields: name, digest, source_type, source, profile;
+        plus context: training, validation, test), as MLflow's `log_input` would log them."""
+        self._do({"kind": "inputs", "datasets": datasets},
+                 lambda: self._client.log_inputs(self.run_id, _dataset_inputs(datasets)))
+
+    def start_system_metrics(self) -> None:
+        """CPU, memory, disk, network and GPU figures as MLflow's system/* metrics, until finish."""
+        if self._system is None:
+            first = max((step for key, step in self._floor.items() if key.startswith("system/")),
+                        default=-1) + 1  # a resumed run's samples continue its own
+            self._system = SystemMetrics(self, first)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
         self._do({"kind": "artifact", "path": str(path), "artifact_path": artifact_path},
@@ -262,10 +353,71 @@ class Tracker:
         self._do({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}}, call)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system is not None:
+            self._system.stop()
+            self._system = None
+
         def call():
             self._client.set_tag(self.run_id, "splitmatch.status", status.lower())
             self._client.set_terminated(self.run_id, status=status)
         self._do({"kind": "finish", "status": status}, call)
+
+
+class SystemMetrics:
+    """MLflow's system metrics, sampled by MLflow's own monitors (at its sampling interval,
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, 10 s) on a thread of their own, but logged through
+    the Tracker: MLflow's monitor thread sends to the server itself and stops for good at the
+    first failure, so an outage would lose the rest of the run's figures instead of keeping
+    them for `sync-mlflow`. They are rank 0's node's figures (GPU ones where NVML finds one)."""
+
+    def __init__(self, tracker: Tracker, first_step: int):
+        import psutil
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Only its monitors and their aggregation are used: it logs nothing unless started.
+        self.monitor = SystemMetricsMonitor(tracker.run_id or "", tracking_uri=tracker.uri)
+        self.tracker, self.step, self.samples = tracker, first_step, 0
+        # The CPU figure is the use since the previous call (the first call says 0.0).
+        psutil.cpu_percent()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="splitmatch-system-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(float(self.monitor.sampling_interval)):
+            self._sample()
+            if self.samples >= int(self.monitor.samples_before_logging):
+                self._publish()
+
+    def _sample(self) -> None:
+        self.monitor.collect_metrics()
+        self.samples += 1
+
+    def _publish(self) -> None:
+        figures = self.monitor.aggregate_metrics()
+        for monitor in self.monitor.monitors:
+            monitor.clear_metrics()
+        self.samples = 0
+        if figures:
+            self.tracker.log_metrics({f"system/{k}": v for k, v in figures.items()}, self.step)
+            self.step += 1
+
+    def stop(self) -> None:
+        """The time since the last sample is sampled and logged too: a run shorter than the
+        interval gets one figure of each."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self._publish()
+
+
+def _dataset_inputs(datasets: list[dict]):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                         [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets]
 
 
 def _stringify(params: dict[str, Any]) -> dict[str, str]:
@@ -317,6 +469,8 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
                 counts["metrics"] += len(fresh)
                 for k in fresh:
                     floor[k] = record["step"]
+        elif kind == "inputs":
+            client.log_inputs(run_id, _dataset_inputs(record["datasets"]))
         elif kind == "artifact":
             client.log_artifact(run_id, record["path"], record["artifact_path"])
             counts["artifacts"] += 1
