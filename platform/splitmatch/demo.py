@@ -20,7 +20,7 @@ DEMO_CONFIG = configs_folder() / "toyworld.yaml"  # the packaged one: the demo r
 # (toyclip/checkpoint.py, SHIPPED): a shorter one pretrained on the spot was weaker on some CPUs.
 # At test time the seen classes' scores are calibrated as the toy config says (`auto`: the value
 # with the best hIoU on val, from inference.calibration_grid), as for every run of that config.
-# The measurements are in the README ("The toy world"), their one home.
+# The measurements are in docs/results/toyworld-demo-budget.md and docs/performance.md.
 BUDGET = ["model.backbone=resnet10", "train.max_iters=500", "optim.lr=6.0e-4",
           "train.checkpoint_every=500", "train.eval_every=500"]
 # --quick: the same pipeline, and the same toy CLIP, on a smaller budget (the smoke test CI runs,
