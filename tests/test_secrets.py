@@ -1,6 +1,7 @@
 """A credential given in a URI is used, shown as ***, and never written at rest: not in a run's
 checkpoints, weights, config.yaml, logs or results page, not in MLflow's params, tags or
 artifacts (the model included), not in a search's Tune state, not in Ray's session logs."""
+import secrets
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from mlflow.tracking import MlflowClient
 from helpers import finish, search_config, splitmatch, write_config
 from splitmatch.tracking import MlflowServer
 
-SECRET = "s3cret-pw-7f3a"
+# Made at run time, so that no file holds it before the test: the search for leaks reads Ray's
+# session folder, where other tests' job submissions unpack the repository, this file included.
+SECRET = f"pw-{secrets.token_hex(8)}"
 
 
 def files_holding(secret: str, *roots: Path, given: tuple[Path, ...] = ()) -> list[str]:

@@ -97,11 +97,16 @@ def test_system_metrics_sample_the_machine_and_continue_on_resume(tmp_path, monk
     first = Tracker(uri, "exp", "runs/s", "s", tmp_path / "offline.jsonl")
     run_id = first.open({}, {})
     first.start_system_metrics()
-    busy = time.time() + 0.7
-    while time.time() < busy:  # work the system metrics must see
-        sum(i * i for i in range(10000))
-    first.finish()
     client = MlflowClient(uri)
+    # Work the system metrics must see, until three samples are logged: counted, not timed, since
+    # a loaded machine runs the sampling thread late.
+    deadline = time.time() + 60
+    while (len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) < 3
+           and time.time() < deadline):
+        busy = time.time() + 0.2
+        while time.time() < busy:
+            sum(i * i for i in range(10000))
+    first.finish()
     history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
     assert [m.step for m in history] == list(range(len(history))) and len(history) >= 3
     assert max(m.value for m in history) > 100 / psutil.cpu_count() / 2  # one busy core, roughly
