@@ -79,9 +79,11 @@ def test_every_dependency_has_a_tested_range_and_the_lock_pins_inside_it():
 
 
 @pytest.mark.integration
-def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path, stop):
     import os
     import signal
+    import socket
     import urllib.request
 
     from mlflow.tracking import MlflowClient
@@ -104,9 +106,12 @@ def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
             assert response.status == 200 and b"MLflow" in response.read()
     finally:
-        ui.send_signal(signal.SIGINT)
+        ui.send_signal(getattr(signal, stop))
         code = ui.wait(timeout=60)
-    assert code == 130 and "interrupted" in ui.stderr.read()
+    assert (code, stop) in {(130, "SIGINT"), (143, "SIGTERM")}, ui.stderr.read()
+    assert ("terminated" if stop == "SIGTERM" else "interrupted") in ui.stderr.read()
+    with pytest.raises(ConnectionRefusedError):  # the MLflow server went with it
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
     missing = subprocess.run([sys.executable, "-m", "splitmatch.cli", "ui", "--storage-path",
                               str(tmp_path / "none")], capture_output=True, text=True, timeout=60,
                              env=dict(os.environ))

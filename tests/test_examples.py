@@ -1,6 +1,7 @@
 """The configs and job files that ship inside splitmatch: found by name from any folder, copied out
 by `splitmatch init`, and a submitted job packs each file once."""
 import collections
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -84,13 +85,23 @@ def _packed(runtime_env: dict, scratch: Path) -> tuple[collections.Counter, int]
 
 
 def test_a_job_from_the_repository_packs_each_file_once(tmp_path):
-    """The package travels as py_modules and the working directory without its source: the toy
-    CLIP's weights once, not twice."""
-    packed, size = _packed(jobs.runtime_env(PROJECT_ROOT), tmp_path)
+    """The package travels as py_modules, laid out as in the wheel, and the working directory
+    without its source: the toy CLIP's weights once, not twice."""
+    package = jobs.shipped_package()
+    try:
+        packed, size = _packed(jobs.runtime_env(PROJECT_ROOT, package=package), tmp_path)
+    finally:
+        shutil.rmtree(package.parent)
+    assert package != jobs.PACKAGE_DIR  # a checkout: dashboards/ etc. lie outside platform/
     assert max(packed.values()) == 1, [path for path, count in packed.items() if count > 1]
     weights = list((jobs.PACKAGE_DIR / "toyclip" / "shipped").glob("*/*.pt"))
-    assert weights and all(packed[path.resolve()] == 1 for path in weights)
+    shipped = [path for path in packed if path.name in {w.name for w in weights}]
+    assert weights and len(shipped) == len(weights), shipped
     assert (EXPERIMENTS / "toyworld.yaml").resolve() in packed  # the configs travel too
+    # What publishing a run's results and a packaged config name need on a cluster without
+    # the editable install (`splitmatch.dashboards` is the checkout's top-level dashboards/).
+    for name in ("dashboards/run_page.py", "experiments/toyworld.yaml", "job_specs/entrypoint.py"):
+        assert package / name in packed, name
     assert size < sum(path.stat().st_size for path in weights) + 5e6, size
 
 

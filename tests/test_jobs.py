@@ -31,6 +31,7 @@ def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head):
     assert status.stdout.strip() == "SUCCEEDED"
     logs = cli("jobs", "logs", job_id, "--address", address)
     assert "hIoU" in logs.stdout and "last checkpoint" in logs.stdout
+    assert "results page:" in logs.stdout and "MLflow model:" in logs.stdout
     listed = cli("jobs", "list", "--address", address)
     assert job_id in listed.stdout and "jobs/entrypoint.py train" in listed.stdout
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))

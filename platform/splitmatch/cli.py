@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from splitmatch.config import ConfigError, dump_config, load_config
-from splitmatch.errors import RunFailed, UserError
+from splitmatch.errors import RunFailed, Terminated, UserError, sigterm_as_interrupt
 
 
 
@@ -441,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     # `splitmatch submit ... -- --resume`: what follows a lone -- belongs to the submitted command.
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -449,11 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     if args.verbose:  # read by every process of the command, Ray workers and jobs included
         os.environ["SPLITMATCH_VERBOSE"] = "1"
+    if argv_given is None:  # a command, not a caller in this process: SIGTERM is its own to take
+        sigterm_as_interrupt()
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:  # what was done is kept; the message says where
         print(str(exc) or "interrupted", file=sys.stderr)
-        from splitmatch.cluster import Terminated
         return 143 if isinstance(exc, Terminated) else 130  # 128 + SIGTERM / SIGINT
     # The one place where user-facing failures become one line and an exit code.
     except (UserError, FileNotFoundError, FileExistsError) as exc:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import tempfile
-import threading
 
 from splitmatch.config import ConfigError, StorageConfig
+from splitmatch.errors import sigterm_as_interrupt
 
 
 # Ray's switch between a node of a possible cluster (on the machine's routable address, its gRPC
@@ -80,21 +79,11 @@ def _keep_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is (the CLI exits 143 instead of 130)."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated("terminated (SIGTERM)")
-
-
 def _stop_on_sigterm() -> None:
-    """SIGTERM (`kill`, `splitmatch jobs stop`) takes the Ctrl-C path: the running fit is stopped,
-    its MLflow run marked KILLED, and the message says where to resume. `ray.init` makes SIGTERM a
-    bare `sys.exit` in the driver, which took the workers down with the driver and left the run
-    RUNNING. Signal handlers live in the main thread only."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    """`ray.init` makes SIGTERM a bare `sys.exit` in the driver, which took the workers down with
+    the driver and left the run RUNNING: SIGTERM takes the Ctrl-C path again, so the running fit
+    is stopped, its MLflow run marked KILLED, and the message says where to resume."""
+    sigterm_as_interrupt()
 
 
 # What the core worker writes to standard error when it starts, whatever RAY_BACKEND_LOG_LEVEL

@@ -10,8 +10,11 @@ clusters use token authentication: the client sends the cluster's token (`--toke
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shlex
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +22,9 @@ import splitmatch
 from splitmatch.errors import UserError
 
 PACKAGE_DIR = Path(splitmatch.__file__).resolve().parent
+# Subpackages whose source lies outside splitmatch/ in a checkout (pyproject's package-dir): a
+# wheel holds them inside it, and so must the package a job takes to the cluster.
+MAPPED_SUBPACKAGES = ("dashboards", "experiments", "job_specs")
 ENTRYPOINT = "jobs/entrypoint.py"
 KINDS = ("pseudo", "train", "tune", "eval")
 # Never shipped to the cluster: environments, local runs and caches, VCS data, and the package's
@@ -64,9 +70,31 @@ def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -
     return shlex.join(parts + list(extra))
 
 
-def runtime_env(project: Path, pip: list[str] | None = None) -> dict:
+def shipped_package() -> Path:
+    """The package as a wheel lays it out: PACKAGE_DIR itself when every subpackage lies inside
+    it (an installed wheel), else a copy with the mapped ones put in place (a source checkout,
+    where `splitmatch.dashboards` is the top-level dashboards/ folder). Ray names an upload by
+    its content, so the same code uploads once however many copies are made."""
+    outside = {}
+    for name in MAPPED_SUBPACKAGES:
+        spec = importlib.util.find_spec(f"splitmatch.{name}")
+        source = Path(list(spec.submodule_search_locations)[0]).resolve()
+        if not source.is_relative_to(PACKAGE_DIR):
+            outside[name] = source
+    if not outside:
+        return PACKAGE_DIR
+    ignore = shutil.ignore_patterns("__pycache__")
+    staged = Path(tempfile.mkdtemp(prefix="splitmatch-job-")) / "splitmatch"
+    shutil.copytree(PACKAGE_DIR, staged, ignore=ignore)
+    for name, source in outside.items():
+        shutil.copytree(source, staged / name, ignore=ignore)
+    return staged
+
+
+def runtime_env(project: Path, pip: list[str] | None = None,
+                package: Path = PACKAGE_DIR) -> dict:
     """The job's runtime environment: `project` (the working directory) and the package."""
-    env: dict = {"working_dir": str(project), "py_modules": [str(PACKAGE_DIR)],
+    env: dict = {"working_dir": str(project), "py_modules": [str(package)],
                  "excludes": EXCLUDES,
                  # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default:
                  # 3): time for the command to stop its fit and mark the MLflow run KILLED
@@ -101,10 +129,16 @@ def submit(kind: str, config: str, address: str, overrides: list[str] | None = N
                         f"and runs its {ENTRYPOINT}, which it lacks: run it from the repository "
                         f"or from a folder made by `splitmatch init`")
     argument = travelling_config(config, project)
-    return client(address, token).submit_job(
-        entrypoint=entrypoint(kind, argument, overrides or [], extra or []),
-        runtime_env=runtime_env(project, pip), submission_id=submission_id,
-        metadata={"splitmatch.kind": kind, "config": argument})
+    jobs = client(address, token)
+    package = shipped_package()
+    try:
+        return jobs.submit_job(
+            entrypoint=entrypoint(kind, argument, overrides or [], extra or []),
+            runtime_env=runtime_env(project, pip, package), submission_id=submission_id,
+            metadata={"splitmatch.kind": kind, "config": argument})
+    finally:
+        if package != PACKAGE_DIR:  # uploaded by now
+            shutil.rmtree(package.parent, ignore_errors=True)
 
 
 def follow(address: str, job_id: str, token: str | None = None, out=print) -> str:

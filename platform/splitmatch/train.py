@@ -879,7 +879,7 @@ def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: st
                  else "there was no checkpoint yet") +
                 ": continue with --resume once the storage is back") from failure
         raise
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (cluster.Terminated)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (errors.Terminated)
         # The run was aborted (its workers are gone) and nothing of Ray's is in use any more:
         # shutting Ray down while another thread waits in a Ray call can crash the process.
         if watcher is not None:
