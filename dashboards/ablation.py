@@ -45,7 +45,7 @@ def is_ablation(parent_tags: dict) -> bool:
 
 
 def ablation_runs(frame: pd.DataFrame, parent_tags: dict) -> AblationRuns:
-    """The parent's children (`runs.load_runs`' frame, newest first) as `stats.summarise_rows`
+    """The parent's children (`runs.load_runs`' frame, newest first) as `stats.summarize_rows`
     takes them. A (row, split, seed) logged twice (a rerun) counts once: its newest run."""
     notes = []
     name, family = parent_tags.get("reported_split"), parent_tags.get("family")
@@ -56,13 +56,13 @@ def ablation_runs(frame: pd.DataFrame, parent_tags: dict) -> AblationRuns:
                          f"is {family!r} (expected one of {sorted(FAMILY_REPORTS)})")
     order = [name for name in parent_tags.get("row_order", "").split(ROW_SEPARATOR) if name]
     rows: dict[str, dict[tuple, dict[str, float]]] = {name: {} for name in order}
-    unlabelled = duplicates = without = 0
+    unlabeled = duplicates = without = 0
     # Oldest first, so that rows missing from row_order follow in the order they were run; a
     # newer run of the same (row, split, seed) replaces an older one.
     for child in reversed(frame.to_dict("records")):
         row, split, seed = child.get("tags.row"), child.get("tags.split"), child.get("params.seed")
         if not all(isinstance(v, str) for v in (row, split, seed)):
-            unlabelled += 1
+            unlabeled += 1
             continue
         figures = {m: _number(child.get(f"metrics.{REPORTED_KEYS[reported].format(m)}"))
                    for m in METRICS}
@@ -80,8 +80,8 @@ def ablation_runs(frame: pd.DataFrame, parent_tags: dict) -> AblationRuns:
                      f"still running): left out of the means.")
     if duplicates:
         notes.append(f"{duplicates} run(s) repeat a (row, split, seed): the newest is used.")
-    if unlabelled:
-        notes.append(f"{unlabelled} child run(s) without a row, split or seed are left out.")
+    if unlabeled:
+        notes.append(f"{unlabeled} child run(s) without a row, split or seed are left out.")
     label = f"{name or reported}, the {'test' if reported == 'test' else 'selection'} split"
     return AblationRuns(rows, label, len(frame), notes)
 

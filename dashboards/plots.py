@@ -115,9 +115,9 @@ def plot_unseen_class_iou(best: pd.DataFrame, path: str | Path) -> Path | None:
         fig = Figure(figsize=(min(22, max(9, 1.2 + 0.32 * n_runs * n_classes + 0.4 * n_classes)),
                               5.6), layout="constrained")
         ax = fig.subplots()
-        centres = np.arange(n_classes)
+        centers = np.arange(n_classes)
         for i, row in enumerate(best.itertuples()):
-            x = centres + (i - (n_runs - 1) / 2) * width
+            x = centers + (i - (n_runs - 1) / 2) * width
             heights = np.nan_to_num(values[i], nan=0.0)
             bars = ax.bar(x, heights, width * 0.92, color=run_color(i), label=run_label(row))
             if n_runs * n_classes <= 40:
@@ -127,7 +127,7 @@ def plot_unseen_class_iou(best: pd.DataFrame, path: str | Path) -> Path | None:
                 if math.isnan(value):
                     ax.text(xi, top * 0.02, "n/a", rotation=90, ha="center", va="bottom",
                             fontsize=8, color="0.4")
-        ax.set_xticks(centres, classes, rotation=30 if n_classes > 6 else 0,
+        ax.set_xticks(centers, classes, rotation=30 if n_classes > 6 else 0,
                       ha="right" if n_classes > 6 else "center")
         ax.set_xlabel("unseen class")
         ax.set_ylabel(f"IoU {IOU_UNIT}")
@@ -196,14 +196,14 @@ def plot_row_intervals(table: pd.DataFrame, path: str | Path, split: str) -> Pat
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(min(22, max(11, 4.2 * len(table))), 5.2), layout="constrained")
         axes = fig.subplots(1, 3)
-        for ax, metric, colour in zip(axes, metrics, ("tab:blue", "tab:orange", "tab:green")):
+        for ax, metric, color in zip(axes, metrics, ("tab:blue", "tab:orange", "tab:green")):
             mean = means[metric].to_numpy(dtype=float)
             low = pd.to_numeric(table[f"{metric} ci95 lo"], errors="coerce").to_numpy(dtype=float)
             high = pd.to_numeric(table[f"{metric} ci95 hi"], errors="coerce").to_numpy(dtype=float)
             # No interval (one run): no bar rather than a bar of zero length that looks certain.
             errors = np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0)
             ax.errorbar(positions, mean, yerr=errors, fmt="o", markersize=7, capsize=5,
-                        linewidth=1.8, color=colour)
+                        linewidth=1.8, color=color)
             for x, value in zip(positions, mean):
                 if not math.isnan(value):
                     ax.annotate(f"{value:.1f}", (x, value), textcoords="offset points",

@@ -120,7 +120,7 @@ def _ablation_report(client, scope: Scope, frame: pd.DataFrame, out_dir: str | P
     if not data.rows:
         return _nothing(f"no child run of ablation {scope.describe()} has the row / split / seed "
                         f"labels of `splitmatch ablation`")
-    summary = stats.summarise_rows(data.rows, ABLATION_METRICS)
+    summary = stats.summarize_rows(data.rows, ABLATION_METRICS)
     table, text = summary_table(summary), text_table(summary)
     skipped: dict[str, str] = {}
 

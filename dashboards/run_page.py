@@ -81,7 +81,7 @@ def pseudo_mask_examples(cfg: Config, count: int = 3) -> list[tuple[str, list[st
     from splitmatch.data import build_dataset
     from splitmatch.pseudo.cache import PseudoMaskCache
     from splitmatch.splits import class_names
-    from splitmatch.visualize import class_colours
+    from splitmatch.visualize import class_colors
 
     if cfg.matching.mode != "split":
         return []
@@ -89,7 +89,7 @@ def pseudo_mask_examples(cfg: Config, count: int = 3) -> list[tuple[str, list[st
     dataset = build_dataset(cfg.data, cfg.data.train_split, train=False)
     names = class_names(cfg.data.dataset)
     text = build_clip(cfg.clip).text_embeddings(names, TEMPLATES[cfg.clip.templates]).float()
-    colours = class_colours(16)
+    colors = class_colors(16)
     examples = []
     for index in range(len(dataset)):
         if len(examples) == count:
@@ -112,7 +112,7 @@ def pseudo_mask_examples(cfg: Config, count: int = 3) -> list[tuple[str, list[st
         overlay = np.zeros(cmap.shape + (4,))
         lines = []
         for k in range(embeds.shape[0]):
-            overlay[cmap == k] = (*colours[k % len(colours)], 0.7)
+            overlay[cmap == k] = (*colors[k % len(colors)], 0.7)
             lines.append(f"candidate {k}: nearest class {names[best.indices[k]]} "
                          f"(cosine {best.values[k]:.2f}, {int((cmap == k).sum())} pixels)")
         right.imshow(picture)

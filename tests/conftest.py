@@ -53,7 +53,7 @@ def node_ports() -> list[str]:
     """`ray start` options giving a node ports of its own: with Ray's defaults, a second Ray on
     the machine (another test cluster, a user's local instance) takes the dashboard agent's port
     and this node never gets the agent that the Job API needs."""
-    from splitmatch.tracking import free_port
+    from splitmatch.network import free_port
 
     options = []
     for option in ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
@@ -80,7 +80,7 @@ def start_worker_node(gcs: str, num_cpus: int = 1):
 def start_head(num_cpus: int = 2):
     """`ray start --head` on loopback with its own temp dir and ports; returns (GCS address,
     dashboard URL, markers): every process of this cluster names one of the markers."""
-    from splitmatch.tracking import free_port
+    from splitmatch.network import free_port
 
     port, dashboard, client = free_port(), free_port(), free_port()
     # A temp dir of its own: every daemon's command line names it, so teardown stops this cluster
@@ -166,7 +166,7 @@ class TwoNodeCluster:
     def __init__(self, cpus_per_node: int = 1, node_env: tuple[dict, dict] | None = None):
         from ray.cluster_utils import Cluster
 
-        from splitmatch.tracking import free_port
+        from splitmatch.network import free_port
 
         from ray._common.utils import get_ray_address_file
 
@@ -219,7 +219,7 @@ class TwoNodeCluster:
     @staticmethod
     def _ports() -> dict:
         """The node's daemons on ports of their own (see node_ports)."""
-        from splitmatch.tracking import free_port
+        from splitmatch.network import free_port
 
         return {name: free_port() for name in (
             "metrics_export_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
@@ -269,7 +269,7 @@ class S3Server:
     def __init__(self, log_dir: Path, bucket: str = "splitmatch"):
         import urllib.request
 
-        from splitmatch.tracking import free_port
+        from splitmatch.network import free_port
 
         port = free_port()
         self.endpoint, self.bucket = f"http://127.0.0.1:{port}", bucket

@@ -13,7 +13,7 @@ from splitmatch.errors import UserError
 from splitmatch.pseudo.kernel import build_kernel
 from splitmatch.pseudo.pipeline import run_pseudo
 from splitmatch.targets import embedding_center
-from splitmatch.train import build_parts
+from splitmatch.engine import build_parts
 from helpers import write_config
 
 
@@ -63,9 +63,9 @@ def test_in_process_train_bench_reads_the_cached_pseudo_masks(tmp_path, ray_clus
     check_one_workers_loop(path, ["matching.mode=split"])
     # Centred classes (model.center_embeddings) train through the same loop; the model keeps the
     # seen texts' mean as its centre (no unseen text in it) and the candidates are read centred.
-    centred = ["matching.mode=split", "model.center_embeddings=true"]
-    check_one_workers_loop(path, centred)
-    parts = build_parts(load_config(path, centred), 0, 1, torch.device("cpu"))
+    centered = ["matching.mode=split", "model.center_embeddings=true"]
+    check_one_workers_loop(path, centered)
+    parts = build_parts(load_config(path, centered), 0, 1, torch.device("cpu"))
     assert torch.allclose(parts.model.text_center, embedding_center(parts.classes.seen_text))
     assert not torch.allclose(parts.model.text_center, embedding_center(parts.classes.text))
     assert parts.candidates.center is not None

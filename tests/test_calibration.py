@@ -19,7 +19,7 @@ from splitmatch.model import build_segmentor
 from splitmatch.splits import TOYWORLD_CLASSES, seen_ids, unseen_ids
 from splitmatch.targets import seen_lookup
 from splitmatch.checkpoints import CALIBRATION
-from splitmatch.train import ClassSpace
+from splitmatch.engine import ClassSpace
 
 GRID = [0.0, 0.05, 0.1, 0.15, 0.2]
 
@@ -172,7 +172,7 @@ def test_predict_uses_the_value_stored_with_auto_weights_and_refuses_without(tmp
 @pytest.mark.integration
 def test_a_run_with_auto_chooses_on_val_and_eval_chooses_the_same(tmp_path, ray_cluster):
     from splitmatch.checkpoints import load_state, result_checkpoint
-    from splitmatch.train import evaluate_checkpoint
+    from splitmatch.checkpoint_evaluation import evaluate_checkpoint
     from splitmatch.tracking import default_tracking_uri
 
     config = write_config(tmp_path, "auto", **{**SHORT, "num_workers": 2})  # DDP: 2 ranks

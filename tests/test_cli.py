@@ -88,7 +88,7 @@ def test_ui_serves_the_run_store_on_loopback_until_interrupted(tmp_path, stop):
 
     from mlflow.tracking import MlflowClient
 
-    from splitmatch.tracking import free_port
+    from splitmatch.network import free_port
 
     store = tmp_path / "runs"
     store.mkdir()

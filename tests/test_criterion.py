@@ -5,7 +5,8 @@ from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from splitmatch.criterion import (SetCriterion, TargetCounts, dice_loss, iou_loss, pseudo_label_map,
                                   sigmoid_focal_loss, uncertain_point_coords)
-from splitmatch.matcher import HungarianMatcher, SplitMatcher
+from splitmatch.config import LossConfig, MatchingConfig
+from splitmatch.matcher import SplitMatcher, build_hungarian_matcher
 from splitmatch.targets import (UnseenLabelError, build_targets, class_embedding_sets,
                                 seen_lookup)
 
@@ -84,15 +85,28 @@ def test_importance_sampling_prefers_uncertain_points():
     assert (coords[0, :75, 0] < 0.5).float().mean() > 0.95
 
 
+def hungarian(num_points: int):
+    """The default config's matcher, on `num_points` points."""
+    return build_hungarian_matcher(MatchingConfig(), LossConfig(num_points=num_points))
+
+
 def criterion(matcher, **kw):
-    return SetCriterion(matcher, num_points=64, **kw)
+    """The default loss config's criterion on 64 points, baseline-style (no query groups);
+    `kw` changes its settings."""
+    loss = LossConfig(num_points=64)
+    settings = {name: getattr(loss, name) for name in (
+        "class_weight", "iou_weight", "dice_weight", "cos_weight", "mfe_weight", "focal_alpha",
+        "focal_gamma", "num_points", "oversample_ratio", "importance_sample_ratio",
+        "deep_supervision")}
+    return SetCriterion(matcher, **{**settings, "ignore_index": 255, "candidate_queries_from": None,
+                                    "groups_normalized_from": None, **kw})
 
 
 def test_split_losses_and_padding_ignored():
     labels, cmaps, cand, text, outputs = make_batch()
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
     _, valid = class_embedding_sets(text, cand, 2)
-    crit = criterion(SplitMatcher(HungarianMatcher(num_points=64), 4, 2), deep_supervision=False)
+    crit = criterion(SplitMatcher(hungarian(64), 4, 2), deep_supervision=False)
     torch.manual_seed(0)
     losses = crit(outputs, targets, valid, candidate_embeds=cand, num_seen_classes=3)
     assert set(losses) == {"loss_cls", "loss_iou", "loss_dice", "loss_cos"}
@@ -107,13 +121,13 @@ def test_split_losses_and_padding_ignored():
     assert outputs["pred_logits"].grad.abs().sum() > 0 and outputs["pred_embeds"].grad.abs().sum() > 0
 
 
-def test_candidate_queries_skip_the_seen_columns_and_groups_normalise_when_asked():
+def test_candidate_queries_skip_the_seen_columns_and_groups_normalize_when_asked():
     """Brute force: the focal loss summed by hand, query by query and column by column, divided
     by all targets (joint) or by each query group's own targets (per group)."""
     labels, cmaps, cand, text, outputs = make_batch()
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
     _, valid = class_embedding_sets(text, cand, 2)
-    matcher = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)
+    matcher = SplitMatcher(hungarian(64), 4, 2)
     matches = matcher(outputs, targets)
     logits = outputs["pred_logits"].detach()
     num_candidate = sum(int(t["is_candidate"].sum()) for t in targets)
@@ -151,7 +165,7 @@ def test_candidate_queries_skip_the_seen_columns_and_groups_normalise_when_asked
 def test_cosine_loss_is_zero_when_embeddings_equal_cls():
     labels, cmaps, cand, text, outputs = make_batch()
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
-    matcher = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)
+    matcher = SplitMatcher(hungarian(64), 4, 2)
     crit = criterion(matcher)
     matches = matcher(outputs, targets)
     embeds = outputs["pred_embeds"].detach().clone()
@@ -170,7 +184,7 @@ def test_baseline_mode_ignores_candidates():
     outputs["pred_logits"] = outputs["pred_logits"][..., :3].detach().requires_grad_()
     targets = build_targets(labels, seen_lookup(SEEN))
     _, valid = class_embedding_sets(text, None, 2)
-    crit = criterion(HungarianMatcher(num_points=64))
+    crit = criterion(hungarian(64))
     losses = crit(outputs, targets, valid)
     assert "loss_cos" not in losses and all(torch.isfinite(v) for v in losses.values())
 
@@ -182,7 +196,7 @@ def test_deep_supervision_and_mfe_terms():
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
     _, valid = class_embedding_sets(text, cand, 2)
     yp = pseudo_label_map(labels, seen_lookup(SEEN), cmaps, 3)
-    crit = criterion(SplitMatcher(HungarianMatcher(num_points=64), 4, 2))
+    crit = criterion(SplitMatcher(hungarian(64), 4, 2))
     losses = crit(outputs, targets, valid, candidate_embeds=cand, num_seen_classes=3, pseudo_labels=yp)
     for name in ("loss_cls_aux0", "loss_dice_aux1", "loss_cos_aux1", "loss_mfe_ce", "loss_mfe_focal"):
         assert name in losses
@@ -196,10 +210,10 @@ def test_deep_supervision_and_mfe_terms():
     assert ce.item() < 1e-4 and focal.item() < 1e-4
 
 
-def test_mask_pairs_are_divided_by_their_own_group_under_per_group_normalisation():
+def test_mask_pairs_are_divided_by_their_own_group_under_per_group_normalization():
     labels, cmaps, cand, text, outputs = make_batch()
     targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
-    matches = SplitMatcher(HungarianMatcher(num_points=64), 4, 2)(outputs, targets)
+    matches = SplitMatcher(hungarian(64), 4, 2)(outputs, targets)
     is_candidate = torch.cat([targets[b]["is_candidate"][t] for b, (_, t) in enumerate(matches)])
     num_candidate = sum(int(t["is_candidate"].sum()) for t in targets)
     num_all = sum(t["labels"].numel() for t in targets)

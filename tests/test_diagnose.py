@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from splitmatch.class_report import per_class_pseudo_quality
 from splitmatch.config import Config, config_differences, describe_differences, to_dict
-from splitmatch.diagnose import (candidate_composition, ownership_counts, per_class_pseudo_quality,
-                                 query_groups, winning_queries)
+from splitmatch.diagnose import candidate_composition, ownership_counts, query_groups, winning_queries
 
 
 def test_config_differences_name_result_keys_only():

@@ -3,8 +3,15 @@ import itertools
 import pytest
 import torch
 
+from splitmatch.config import LossConfig, MatchingConfig
 from splitmatch.matcher import (HungarianMatcher, SplitMatcher, batch_dice_cost,
-                                batch_sigmoid_ce_cost, focal_class_cost, point_sample)
+                                batch_sigmoid_ce_cost, build_hungarian_matcher, focal_class_cost,
+                                point_sample)
+
+
+def hungarian(num_points: int) -> HungarianMatcher:
+    """The default config's matcher, on `num_points` points."""
+    return build_hungarian_matcher(MatchingConfig(), LossConfig(num_points=num_points))
 
 
 def brute_force_min(cost):
@@ -57,7 +64,7 @@ def test_batch_costs_equal_per_image_costs():
     outputs, targets = random_problem(2, b=3)
     targets[1] = {"labels": torch.empty(0, dtype=torch.long), "masks": torch.empty(0, 16, 16),
                   "is_candidate": torch.empty(0, dtype=torch.bool)}
-    matcher = HungarianMatcher(num_points=64)
+    matcher = hungarian(64)
     costs = matcher.batch_costs(outputs, targets, 5, torch.Generator().manual_seed(7))
     for cost, ref in zip(costs, image_costs(matcher, outputs, targets, 7, num_queries=5)):
         assert cost.shape == tuple(ref.shape)
@@ -66,7 +73,7 @@ def test_batch_costs_equal_per_image_costs():
 
 def test_forward_is_optimal_on_its_sampled_costs():
     outputs, targets = random_problem(0)
-    matcher = HungarianMatcher(num_points=64)
+    matcher = hungarian(64)
     matches = matcher(outputs, targets, generator=torch.Generator().manual_seed(5))
     for (rows, cols), cost in zip(matches, image_costs(matcher, outputs, targets, 5)):
         assert cost[rows, cols].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-4)
@@ -76,7 +83,7 @@ def test_split_never_crosses_groups_and_is_optimal_per_group():
     ks, ku = 4, 3
     for seed in range(5):
         outputs, targets = random_problem(seed, q=ks + ku)
-        matcher = HungarianMatcher(num_points=64)
+        matcher = hungarian(64)
         split = SplitMatcher(matcher, ks, ku)
         matches = split(outputs, targets, generator=torch.Generator().manual_seed(seed))
         costs = image_costs(matcher, outputs, targets, seed)
@@ -94,7 +101,7 @@ def test_split_never_crosses_groups_and_is_optimal_per_group():
 
 def test_zero_candidate_queries_equals_plain_matcher():
     outputs, targets = random_problem(3, q=6, u=0)
-    matcher = HungarianMatcher(num_points=128)
+    matcher = hungarian(128)
     plain = matcher(outputs, targets, generator=torch.Generator().manual_seed(1))
     split = SplitMatcher(matcher, 6, 0)(outputs, targets, generator=torch.Generator().manual_seed(1))
     for (r1, c1), (r2, c2) in zip(plain, split):
@@ -104,7 +111,7 @@ def test_zero_candidate_queries_equals_plain_matcher():
 
 def test_candidate_targets_unmatched_without_candidate_queries():
     outputs, targets = random_problem(4, q=6)
-    matches = SplitMatcher(HungarianMatcher(num_points=32), 6, 0)(outputs, targets)
+    matches = SplitMatcher(hungarian(32), 6, 0)(outputs, targets)
     for b, (_, cols) in enumerate(matches):
         assert not targets[b]["is_candidate"][cols].any()
 
@@ -113,7 +120,7 @@ def test_empty_targets():
     outputs, targets = random_problem(0)
     targets[0] = {"labels": torch.empty(0, dtype=torch.long), "masks": torch.empty(0, 16, 16),
                   "is_candidate": torch.empty(0, dtype=torch.bool)}
-    for m in (HungarianMatcher(num_points=32), SplitMatcher(HungarianMatcher(num_points=32), 4, 3)):
+    for m in (hungarian(32), SplitMatcher(hungarian(32), 4, 3)):
         rows, cols = m(outputs, targets)[0]
         assert rows.numel() == 0 and cols.numel() == 0
 
@@ -138,7 +145,7 @@ def test_cost_functions_against_loops():
     assert cost[2, 1].item() == pytest.approx(ref.item(), abs=1e-5)
 
 
-def test_point_sample_reads_pixel_centres():
+def test_point_sample_reads_pixel_centers():
     masks = torch.arange(16.0).view(1, 4, 4)
     coords = torch.tensor([[0.125, 0.125], [0.875, 0.375]])  # centres of pixel (0,0) and (y=1, x=3)
     assert point_sample(masks, coords).tolist() == [[0.0, 7.0]]

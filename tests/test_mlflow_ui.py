@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from helpers import ctrl_c_reaches_it, finish, splitmatch, the_run, write_config
-from splitmatch.tracking import default_tracking_uri, free_port
+from splitmatch.network import free_port
+from splitmatch.tracking import default_tracking_uri
 
 
 def rendered_text(url: str, out_dir, width: int = 2400) -> str:

@@ -484,7 +484,7 @@ def test_predict_resizes_the_short_side_and_answers_at_input_size(model):
 # ----------------------------------------------------------------------------- centred classes
 
 
-def test_predict_classifies_texts_in_the_centred_space():
+def test_predict_classifies_texts_in_the_centered_space():
     """model.center_embeddings: predict centres the texts it is given with the stored seen-text
     mean, i.e. it equals scoring forward's logits against the centred texts by hand."""
     torch.manual_seed(0)
@@ -492,14 +492,14 @@ def test_predict_classifies_texts_in_the_centred_space():
     text = class_embeddings()
     seen = text[:4]
     model.text_center.copy_(F.normalize(seen, dim=-1).mean(0))
-    centred = F.normalize(text - seen.mean(0), dim=-1)
-    assert torch.allclose(model.class_space(text), centred, atol=1e-6)
+    centered = F.normalize(text - seen.mean(0), dim=-1)
+    assert torch.allclose(model.class_space(text), centered, atol=1e-6)
     # Centring makes the classes farther apart: their mean pairwise cosine drops.
     off_diagonal = ~torch.eye(NUM_CLASSES, dtype=torch.bool)
-    assert (centred @ centred.T)[off_diagonal].mean() < (text @ text.T)[off_diagonal].mean()
+    assert (centered @ centered.T)[off_diagonal].mean() < (text @ text.T)[off_diagonal].mean()
     x = images(height=64, width=64)
     with torch.no_grad():
-        output = model(x, centred)
+        output = model(x, centered)
     by_hand = semantic_inference(output["pred_logits"], output["pred_masks"], (64, 64)).argmax(1)
     assert torch.equal(model.predict(x, text, InferenceConfig(num_random_queries=0)), by_hand)
     # Uncentred scoring would differ: the centre changes which class wins somewhere.
@@ -509,7 +509,7 @@ def test_predict_classifies_texts_in_the_centred_space():
                                               (64, 64)).argmax(1), by_hand)
 
 
-def test_text_center_is_saved_and_old_checkpoints_load_uncentred():
+def test_text_center_is_saved_and_old_checkpoints_load_uncentered():
     torch.manual_seed(0)
     model = build_segmentor(tiny_config(), EMBED_DIM)
     model.text_center.copy_(torch.full((EMBED_DIM,), 0.1))

@@ -103,7 +103,7 @@ def test_pyfunc_model_predicts_without_the_command_line(tmp_path, checkpoint, im
     from mlflow.tracking import MlflowClient
 
     from splitmatch.pyfunc import log_model
-    from splitmatch.train import build_optimizer
+    from splitmatch.engine import build_optimizer
 
     # What a run without a selection split publishes: its final checkpoint, Adam moments and
     # all, and a CLIP whose weights are a file.
@@ -190,7 +190,7 @@ def wide_photo(path, size=(240, 384)):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_a_large_image_is_segmented_scaled_down_and_labelled_at_its_own_size(
+def test_a_large_image_is_segmented_scaled_down_and_labeled_at_its_own_size(
         tmp_path, checkpoint, monkeypatch, capsys):
     image = wide_photo(tmp_path / "big.png")  # 384x240: over the checkpoint's 64-pixel limit
     sharp = save_checkpoint(tmp_path / "sharp.pt", {"max_image_side": 64}, mask_gain=100.0)

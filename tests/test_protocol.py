@@ -12,7 +12,7 @@ from splitmatch.splits import (DEV, HOLDOUT, LEGACY_TOYWORLD_SPLITS, TOYWORLD_CL
                                TOYWORLD_UNSEEN, HeldOutSplit, check_split_use, class_set_family,
                                draw_family, family_split, split_family, world_seed_family)
 from splitmatch.stats import (estimate, format_estimate, paired_difference, rounded,
-                              summarise_rows)
+                              summarize_rows)
 from helpers import cli, write_config
 
 
@@ -98,7 +98,7 @@ def test_paired_differences_are_shown_only_when_the_interval_excludes_zero():
     # Only the pairs both rows have are compared.
     assert paired_difference(better, {(0, 0): base[(0, 0)]})["n"] == 1
 
-    rows = summarise_rows({"baseline": {p: {"hIoU": v} for p, v in base.items()},
+    rows = summarize_rows({"baseline": {p: {"hIoU": v} for p, v in base.items()},
                            "+SM": {p: {"hIoU": v} for p, v in better.items()},
                            "+MFE": {p: {"hIoU": v} for p, v in noisy.items()}}, ["hIoU"])
     assert "delta_vs_baseline" not in rows["baseline"]

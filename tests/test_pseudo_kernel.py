@@ -46,10 +46,10 @@ def test_eq1_seeds_use_the_index_sets_of_the_paper(h, w, s, rows, cols):
 
 def test_batched_kmeans_matches_sklearn_per_problem():
     g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, 8, generator=g) * 3
+    centers = torch.randn(4, 8, generator=g) * 3
     problems, seeds = [], []
     for p in range(3):
-        pts = centres[torch.randint(0, 4, (120,), generator=g)] + 0.5 * torch.randn(120, 8, generator=g)
+        pts = centers[torch.randint(0, 4, (120,), generator=g)] + 0.5 * torch.randn(120, 8, generator=g)
         problems.append(pts)
         seeds.append(pts[torch.randperm(120, generator=g)[:5]])
     points, init = torch.stack(problems), torch.stack(seeds)

@@ -115,7 +115,7 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     from splitmatch.clip import build_clip
     from splitmatch.pseudo.background import background_candidates, background_embedding
     from splitmatch.pseudo.training_candidates import TrainingCandidates, training_candidates
-    from splitmatch.train import build_class_space
+    from splitmatch.engine import build_class_space
     prompts = ["a photo of the background.", "an empty scene."]
     bg_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts})
     assert cache_key(bg_cfg, "train") == cache_key(cfg, "train")
@@ -129,15 +129,15 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     assert all(torch.equal(plain_reads.get(i)[1], cache.get(i)[1]) for i in range(12))
     # With model.center_embeddings the same candidates are read less the mean of every kept Cu
     # (the cache and its key are unchanged: centring happens on read).
-    centre_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts},
+    center_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts},
                             model={"center_embeddings": True})
-    assert cache_key(centre_cfg, "train") == cache_key(cfg, "train")
-    centred_reads = training_candidates(centre_cfg, clip, seen_text)
+    assert cache_key(center_cfg, "train") == cache_key(cfg, "train")
+    centered_reads = training_candidates(center_cfg, clip, seen_text)
     kept = [bg_reads.get(i) for i in cache.indices()]
     mean = torch.nn.functional.normalize(torch.cat([e for _, e in kept]).float(), dim=-1).mean(0)
-    assert torch.allclose(centred_reads.center, mean, atol=1e-6)
+    assert torch.allclose(centered_reads.center, mean, atol=1e-6)
     for i in cache.indices():
-        cmap_c, embeds_c = centred_reads.get(i)
+        cmap_c, embeds_c = centered_reads.get(i)
         assert torch.equal(cmap_c, kept[i][0])
         expected = torch.nn.functional.normalize(kept[i][1].float() - mean, dim=-1)
         assert torch.allclose(embeds_c, expected, atol=1e-6)
@@ -178,7 +178,7 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     from splitmatch.data import collate
     from splitmatch.matcher import build_matcher
     from splitmatch.model import build_segmentor
-    from splitmatch.train import training_step
+    from splitmatch.engine import training_step
     small = config_from_dict({**yaml.safe_load(dump_config(cfg)), "model": {
         "backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
         "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 1,
@@ -188,7 +188,7 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     classes = build_class_space(small, build_clip(small.clip))
     model = build_segmentor(small.model, classes.text.shape[1])
     criterion = build_criterion(small.loss, build_matcher(small.matching, small.loss, 6, 6),
-                                num_seen_queries=6)
+                                small.data.ignore_index, num_seen_queries=6)
     batch = next(iter(DataLoader(augmented, batch_size=4, collate_fn=collate)))
     losses = training_step(model, criterion, batch, classes, True, torch.device("cpu"))
     assert losses["loss_cos"] > 0

@@ -80,7 +80,7 @@ class Proxy:
     objects intact."""
 
     def __init__(self, target_port: int):
-        from splitmatch.tracking import free_port
+        from splitmatch.network import free_port
 
         self.target, self.port = target_port, free_port()
         self.server = None

@@ -177,13 +177,13 @@ def test_credentials_are_redacted():
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
     import socket
 
-    from splitmatch.tracking import _ephemeral_ports_start, free_port
+    from splitmatch.network import ephemeral_ports_start, free_port
 
     # A node takes a dozen ports at once: none may repeat (the OS's port 0 once gave a Ray head
     # the same port for its GCS and its node manager).
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)
-    low = _ephemeral_ports_start()
+    low = ephemeral_ports_start()
     if low > 21000:
         assert all(20000 <= port < low for port in ports)
     for port in ports[:5]:

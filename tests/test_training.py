@@ -14,8 +14,10 @@ from splitmatch.data.toyworld import render
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.targets import seen_lookup
-from splitmatch.train import (ClassSpace, _teller, build_optimizer, evaluate, lr_factor,
-                              set_learning_rate, training_step)
+from splitmatch.calibration import evaluate
+from splitmatch.engine import (ClassSpace, build_optimizer, lr_factor, set_learning_rate,
+                               training_step)
+from splitmatch.progress_relay import teller
 
 TINY_MODEL = {"backbone": "resnet18", "pixel_decoder": "fpn", "hidden_dim": 32, "mask_dim": 32,
               "num_heads": 2, "dim_feedforward": 64, "enc_layers": 0, "dec_layers": 2,
@@ -53,7 +55,7 @@ def test_no_unseen_label_reaches_the_loss():
     classes = toy_classes(clip)
     model = build_segmentor(cfg.model, clip.embed_dim)
     criterion = RecordingCriterion(build_criterion(cfg.loss, build_matcher(
-        cfg.matching, cfg.loss, 8, 4)))
+        cfg.matching, cfg.loss, 8, 4), cfg.data.ignore_index, None))
     dataset = build_dataset(cfg.data, "train", train=True)
     raw_unseen_pixels = 0
     for i in range(len(dataset)):  # the generator really draws unseen objects into these images
@@ -105,7 +107,7 @@ def test_overfits_a_fixed_batch_with_split_matching():
     batch = fixed_toy_batch(clip)
     model = build_segmentor(cfg.model, clip.embed_dim)
     criterion = build_criterion(cfg.loss, build_matcher(cfg.matching, cfg.loss, 8, 4),
-                                num_seen_queries=8)
+                                cfg.data.ignore_index, num_seen_queries=8)
     optimizer = build_optimizer(model, cfg.optim)
     curve, terms = [], {}
     for step in range(300):
@@ -143,7 +145,7 @@ def test_lr_schedules():
 
 def test_progress_sends_bare_counts_at_most_every_second_and_every_figure_and_note():
     line = queue.Queue()
-    tell = _teller(line)
+    tell = teller(line)
     for iteration in range(1, 51):  # microseconds apart
         tell({"iteration": iteration})
     tell({"iteration": 51, "loss": 2.5})

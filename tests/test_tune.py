@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from splitmatch.config import config_from_dict
 from splitmatch.dashboards.report import build_report
 from splitmatch.tracking import MlflowServer, artifact_root, default_tracking_uri
-from splitmatch.tune import _summarise
+from splitmatch.tune import _summarize
 from helpers import children, finish, search_config, splitmatch, tiny_config
 
 
@@ -193,7 +193,7 @@ def test_the_search_summary_and_compare_name_the_same_best_trial(tmp_path):
     results.append(tune_result("fail_00003", {"model.num_candidate_queries": 0}, [],
                                error=RuntimeError("trial toy failed: no weights")))
 
-    summary = _summarise(results, cfg, client, parent, str(tmp_path / "runs" / "toy"))
+    summary = _summarize(results, cfg, client, parent, str(tmp_path / "runs" / "toy"))
     assert summary["best_run_name"] == "toy-run_trial_ku0_00000"
     assert summary["best_params"] == {"model.num_candidate_queries": 0}
     assert summary["best_select_hIoU"] == 2.91 and summary["best_hIoU"] == 5.0

@@ -53,7 +53,8 @@ def screenshot(url: str, out: Path, profile: Path) -> None:
 def main() -> None:
     from mlflow.tracking import MlflowClient
 
-    from splitmatch.tracking import RUNS_VIEW_COLUMNS, free_port, runs_view_url
+    from splitmatch.network import free_port
+    from splitmatch.tracking import RUNS_VIEW_COLUMNS, runs_view_url
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=None)

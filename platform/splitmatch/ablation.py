@@ -32,12 +32,14 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 from splitmatch import splits as split_families
 from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, apply_overrides,
-                               config_differences, config_from_dict, flatten, to_dict)
+                               config_differences, config_from_dict, flatten, resolve_paths,
+                               to_dict)
 from splitmatch.splits import DEV, HOLDOUT, Split
-from splitmatch.stats import INTERVAL, format_estimate, rounded, summarise_rows
+from splitmatch.stats import INTERVAL, format_estimate, rounded, summarize_rows
 from splitmatch.tracking import Tracker, default_tracking_uri, open_parent_run
 
 METRICS = ("hIoU", "sIoU", "uIoU")
@@ -157,8 +159,7 @@ def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
 def _finished_twin(base: Config, table: str, wanted: Config, seed: int, split: str,
                    family: str) -> Config | None:
     """The first twin row (`twin_rows`) whose training has finished, or None."""
-    from splitmatch.checkpoints import FINAL_METRICS
-    from splitmatch.train import run_directory
+    from splitmatch.checkpoints import FINAL_METRICS, run_directory
 
     return next((twin for twin in twin_rows(base, table, wanted, seed, split, family)
                  if (run_directory(twin) / FINAL_METRICS).is_file()), None)
@@ -212,11 +213,44 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 0, holdout: int = 0,
     and interval of each metric, paired differences) of the reported split, and the runs."""
     from mlflow.tracking import MlflowClient
 
-    from splitmatch.config import resolve_paths
-    from splitmatch.diagnose import class_report, format_class_report
-
     cfg = resolve_paths(cfg)
-    table = str(table)
+    plan = _plan(cfg, str(table), seeds, splits, holdout, log)
+    client = MlflowClient(plan.uri)
+    plan.parent_id, _ = open_parent_run(client, plan.uri, cfg, plan.parent, "ablation", {
+        "table": plan.table, "family": plan.family, "reported_split": plan.reported_name,
+        "row_order": " | ".join(plan.rows), "splits": " | ".join(s.describe() for s in plan.drawn),
+        **({"holdout": f"--holdout {holdout}"} if plan.family == HOLDOUT else {})})
+    # runs[row][(split label, seed)]: {"test": {...}, "select": {...}, "calibration", "per_class"}
+    runs: dict[str, dict[tuple[str, int], dict]] = {row: {} for row in plan.rows}
+    reports = [_run_split(cfg, plan, split, runs, client, log) for split in plan.drawn]
+    summary = summarize_rows({row: {pair: r[plan.reported] for pair, r in by_pair.items()}
+                              for row, by_pair in runs.items()}, METRICS)
+    text, result = _record_summary(cfg, plan, runs, summary, reports, client)
+    client.set_terminated(plan.parent_id, status="FINISHED")
+    log(text)
+    log(json.dumps(result))
+    return {"rows": result, "summary": summary, "runs": runs, "family": plan.family,
+            "splits": plan.drawn, "class_reports": reports, "parent_run_id": plan.parent_id}
+
+
+@dataclass
+class _Plan:
+    """What an ablation runs: the table's rows on which splits and seeds, what it reports, and
+    where it records."""
+
+    table: str
+    rows: tuple[str, ...]
+    family: str
+    drawn: list[Split]
+    seeds: int
+    reported: str  # "test" or "select": which figures of each run the tables show
+    reported_name: str  # that split's name
+    uri: str
+    parent: str
+    parent_id: str = ""
+
+
+def _plan(cfg: Config, table: str, seeds: int, splits: int, holdout: int, log) -> _Plan:
     if table not in TABLES:
         raise ConfigError(f"--table {table}: the ablation tables are {sorted(TABLES)}")
     rows = tuple(TABLES[table])
@@ -226,81 +260,86 @@ def run_ablation(cfg: Config, seeds: int = 1, splits: int = 0, holdout: int = 0,
     family, drawn = ablation_splits(cfg, splits, holdout)
     if table == "paper":
         rows = deviation_rows(cfg, log)
-    reported = "test" if family == HOLDOUT else "select"
-    reported_name = cfg.data.test_split if family == HOLDOUT else (cfg.data.select_split or "val")
-    uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
-    client = MlflowClient(uri)
-    parent = parent_name(cfg, table, family)
-    parent_id, _ = open_parent_run(client, uri, cfg, parent, "ablation", {
-        "table": table, "family": family, "reported_split": reported_name,
-        "row_order": " | ".join(rows), "splits": " | ".join(s.describe() for s in drawn),
-        **({"holdout": f"--holdout {holdout}"} if family == HOLDOUT else {})})
-    # runs[row][(split label, seed)]: {"test": {...}, "select": {...}, "calibration", "per_class"}
-    runs: dict[str, dict[tuple[str, int], dict]] = {row: {} for row in rows}
-    reports = []
-    for split in drawn:
-        base = on_split(cfg, split)
-        where = split.describe()
-        for offset in range(seeds):
-            seed = cfg.seed + offset
-            for row in rows:
-                result = _run_row(base, table, row, seed, split, family, parent, parent_id, uri,
-                                  log)
-                runs[row][(split.label, seed)] = result
-                log(f"[{where}, seed {seed}] {row}: " + _figures(result))
-        per_split = {row: {pair: r for pair, r in runs[row].items() if pair[0] == split.label}
-                     for row in rows}
-        report = class_report(base, {row: [r["per_class"] for r in per_split[row].values()]
-                                     for row in rows})
-        reports.append(report)
-        text = (f"{where}, {seeds} seed(s), {reported_name} split:\n"
-                f"{format_table(per_split, reported, deltas=False)}\n"
-                f"{format_class_report(report)}")
-        log(text)
-        client.log_text(parent_id, text, f"{split.label}_table.txt")
+    return _Plan(table, rows, family, drawn, seeds,
+                 reported="test" if family == HOLDOUT else "select",
+                 reported_name=(cfg.data.test_split if family == HOLDOUT
+                                else (cfg.data.select_split or "val")),
+                 uri=cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path),
+                 parent=parent_name(cfg, table, family))
 
-    summary = summarise_rows({row: {pair: r[reported] for pair, r in by_pair.items()}
-                              for row, by_pair in runs.items()}, METRICS)
-    settings = row_settings(cfg, table, runs)
-    text = (f"{table_name(table)} on {len(drawn)} {family} split(s) x {seeds} seed(s), "
-            f"{reported_name} figures; mean [95% interval] over the {len(drawn) * seeds} "
-            f"(split, seed) pairs ({INTERVAL}); a difference is paired over the same pairs and "
-            f"'not shown' when its interval contains 0:\n"
-            f"{format_table(runs, reported, summary=summary)}\nrow settings:\n"
+
+def _run_split(cfg: Config, plan: _Plan, split: Split, runs: dict, client, log) -> dict:
+    """Every row for every seed on one split, into `runs`; logs the split's table and returns its
+    per-class report."""
+    from splitmatch.class_report import class_report, format_class_report
+
+    base = on_split(cfg, split)
+    where = split.describe()
+    for offset in range(plan.seeds):
+        seed = cfg.seed + offset
+        for row in plan.rows:
+            result = _run_row(base, plan.table, row, seed, split, plan.family, plan.parent,
+                              plan.parent_id, plan.uri, log)
+            runs[row][(split.label, seed)] = result
+            log(f"[{where}, seed {seed}] {row}: " + _figures(result))
+    per_split = {row: {pair: r for pair, r in runs[row].items() if pair[0] == split.label}
+                 for row in plan.rows}
+    report = class_report(base, {row: [r["per_class"] for r in per_split[row].values()]
+                                 for row in plan.rows})
+    text = (f"{where}, {plan.seeds} seed(s), {plan.reported_name} split:\n"
+            f"{format_table(per_split, plan.reported, deltas=False)}\n"
+            f"{format_class_report(report)}")
+    log(text)
+    client.log_text(plan.parent_id, text, f"{split.label}_table.txt")
+    return report
+
+
+def _record_summary(cfg: Config, plan: _Plan, runs: dict, summary: dict, reports: list[dict],
+                    client) -> tuple[str, dict]:
+    """The parent run's table, JSON and per-row metrics; returns the table and the rows' JSON."""
+    settings = row_settings(cfg, plan.table, runs)
+    pairs = len(plan.drawn) * plan.seeds
+    text = (f"{table_name(plan.table)} on {len(plan.drawn)} {plan.family} split(s) x "
+            f"{plan.seeds} seed(s), {plan.reported_name} figures; mean [95% interval] over the "
+            f"{pairs} (split, seed) pairs ({INTERVAL}); a difference is paired over the same "
+            f"pairs and 'not shown' when its interval contains 0:\n"
+            f"{format_table(runs, plan.reported, summary=summary)}\nrow settings:\n"
             + "\n".join(f"  {row}: {line}" for row, line in settings.items()))
-    client.log_text(parent_id, text, "ablation_table.txt")
+    client.log_text(plan.parent_id, text, "ablation_table.txt")
     result = {row: _json_row(entry) for row, entry in summary.items()}
-    client.log_dict(parent_id, {
-        "table": table, "family": family, "reported_split": reported_name, "interval": INTERVAL,
-        "splits": [s.__dict__ for s in drawn], "seeds": list(range(cfg.seed, cfg.seed + seeds)),
+    client.log_dict(plan.parent_id, {
+        "table": plan.table, "family": plan.family, "reported_split": plan.reported_name,
+        "interval": INTERVAL, "splits": [s.__dict__ for s in plan.drawn],
+        "seeds": list(range(cfg.seed, cfg.seed + plan.seeds)),
         "rows": result, "settings": settings, "class_reports": reports,
         "runs": {row: [{"split": label, "seed": seed, **_plain(r)}
                        for (label, seed), r in by_pair.items()] for row, by_pair in runs.items()}},
         "ablation.json")
-    for row in rows:
-        prefix = metric_prefix(row)
-        for k in METRICS:  # MLflow names allow no "+": "+SM+MFE/hIoU" is logged as "SM_MFE/hIoU"
-            entry = summary[row][k]
-            if math.isfinite(entry["mean"]):
-                client.log_metric(parent_id, f"{prefix}/{k}", entry["mean"])
-            if entry["ci95"] is not None:
-                client.log_metric(parent_id, f"{prefix}/{k}_ci95_lo", entry["ci95"][0])
-                client.log_metric(parent_id, f"{prefix}/{k}_ci95_hi", entry["ci95"][1])
-            delta = summary[row].get("delta_vs_baseline", {}).get(k)
-            if delta is not None and math.isfinite(delta["mean"]):
-                client.log_metric(parent_id, f"{prefix}/{k}_vs_baseline", delta["mean"])
-    client.set_terminated(parent_id, status="FINISHED")
-    log(text)
-    log(json.dumps(result))
-    return {"rows": result, "summary": summary, "runs": runs, "family": family,
-            "splits": drawn, "class_reports": reports, "parent_run_id": parent_id}
+    for row in plan.rows:
+        _log_row_metrics(client, plan.parent_id, metric_prefix(row), summary[row])
+    return text, result
+
+
+def _log_row_metrics(client, parent_id: str, prefix: str, entry: dict) -> None:
+    """A row's mean, interval and difference to the baseline as the parent run's metrics."""
+    for k in METRICS:  # MLflow names allow no "+": "+SM+MFE/hIoU" is logged as "SM_MFE/hIoU"
+        if math.isfinite(entry[k]["mean"]):
+            client.log_metric(parent_id, f"{prefix}/{k}", entry[k]["mean"])
+        if entry[k]["ci95"] is not None:
+            client.log_metric(parent_id, f"{prefix}/{k}_ci95_lo", entry[k]["ci95"][0])
+            client.log_metric(parent_id, f"{prefix}/{k}_ci95_hi", entry[k]["ci95"][1])
+        delta = entry.get("delta_vs_baseline", {}).get(k)
+        if delta is not None and math.isfinite(delta["mean"]):
+            client.log_metric(parent_id, f"{prefix}/{k}_vs_baseline", delta["mean"])
 
 
 def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family: str,
              parent: str, parent_id: str, uri: str, log) -> dict:
     """One row on one (split, seed): trained (or kept, or a twin's figures), or evaluated again."""
-    from splitmatch.train import (FINAL_METRICS, check_run_config, evaluate_checkpoint, launch,
-                                  result_checkpoint, run_directory, run_location)
+    from splitmatch.checkpoint_evaluation import evaluate_checkpoint
+    from splitmatch.checkpoints import (FINAL_METRICS, check_run_config, result_checkpoint,
+                                        run_directory, run_location)
+    from splitmatch.train import launch
 
     tag = f"[{split.describe()}, seed {seed}]"
     row_cfg = row_config(base, row, seed, parent, split.label)
@@ -398,7 +437,7 @@ def format_table(runs: dict[str, dict], reported: str, summary: dict | None = No
     """One line per row: each metric's mean [95% interval]; with `deltas`, the paired
     differences of hIoU and uIoU to the baseline and to the row before."""
     if summary is None:
-        summary = summarise_rows({row: {p: r[reported] for p, r in by_pair.items()}
+        summary = summarize_rows({row: {p: r[reported] for p, r in by_pair.items()}
                                   for row, by_pair in runs.items()}, METRICS)
     width = max(len(row) for row in runs) + 2
     header = f"{'row':<{width}}" + "".join(f"{k:>24}" for k in METRICS)

@@ -1,5 +1,6 @@
-"""A run's weights on disk: how they are written, found again, loaded and checked against the
-config that is about to reuse them.
+"""A run's folder and the weights in it: where the run lives (`run_location`, a local mirror of a
+remote one), who holds it (`run_lock`), and how its weights are written, found again, loaded and
+checked against the config that is about to reuse them.
 
 A run folder holds `checkpoint_*/state.pt` (Ray Train's checkpoints: weights, optimizer, where the
 loop was, the config), `best_model.pt` (the weights chosen on the selection split) and
@@ -10,16 +11,22 @@ that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from splitmatch import storage
 from splitmatch.config import (RESULT_NEUTRAL_KEYS, Config, ConfigError, config_differences,
                                describe_differences)
-from splitmatch.errors import UserError
-from splitmatch.files import write_atomic
+from splitmatch.errors import RunInUse, UserError
+from splitmatch.files import Busy, held_lock, write_atomic
 
 FINAL_METRICS = "final_metrics.json"
 BEST_MODEL = "best_model.pt"
@@ -192,3 +199,61 @@ def check_checkpoint_config(checkpoint: str | Path, state: dict, cfg: Config) ->
                           f"({describe_differences(differences)}); evaluate it with its run's "
                           f"config.yaml")
     return f"config checked against {source}"
+
+
+def run_location(cfg: Config) -> str:
+    """Where the run `cfg.name` lives: a folder under `train.storage_path`, or a prefix on object
+    storage (Ray Train writes its checkpoints there itself)."""
+    return storage.join(cfg.train.storage_path, cfg.name)
+
+
+def run_directory(cfg: Config) -> Path:
+    """The run's local folder: the run itself, or this node's mirror of a remote one, holding
+    what the driver needs to check and report it (`pull_run`)."""
+    run_dir = storage.local_path(run_location(cfg))
+    if storage.is_remote(cfg.train.storage_path):
+        pull_run(run_location(cfg), run_dir)
+    return run_dir
+
+
+def pull_run(location: str, run_dir: Path) -> None:
+    """Mirror a remote run's config, selected weights, final figures and checkpoints (only those
+    the remote still has: a mirrored checkpoint the run has since dropped must not look newest)."""
+    for name in ("config.yaml", BEST_MODEL, FINAL_METRICS):
+        storage.pull(storage.join(location, name), run_dir / name, refresh=True)
+    remote = {name for name in storage.listdir(location) if name.startswith("checkpoint_")}
+    for stale in run_dir.glob("checkpoint_*"):
+        if stale.name not in remote:
+            shutil.rmtree(stale, ignore_errors=True)
+    for name in remote:
+        storage.pull(storage.join(location, name, "state.pt"), run_dir / name / "state.pt")
+
+
+def run_key(cfg: Config) -> str:
+    """What the run's MLflow run is tagged with (tracking.RUN_KEY_TAG): the same from every
+    machine for a run on object storage, the local folder otherwise."""
+    location = run_location(cfg)
+    return location if storage.is_remote(location) else str(storage.local_path(location))
+
+
+def share(run_dir: Path, location: str, *names: str) -> None:
+    """Push files written in a remote run's local folder to the run's remote prefix."""
+    if storage.is_remote(location):
+        for name in names:
+            storage.push(run_dir / name, storage.join(location, name))
+
+
+@contextlib.contextmanager
+def run_lock(name: str, run_dir: Path):
+    """Held while a process works on the run folder `run_dir`: a second `train` of the same name
+    (or a trial, or an ablation row) is refused in one line, whichever starts second, before it
+    touches the folder or Ray. On object storage it holds on this machine only (the local
+    mirror's folder)."""
+    holder = (f"pid {os.getpid()} ({Path(sys.argv[0]).name} {' '.join(sys.argv[1:2])}), "
+              f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    try:  # beside the folder, not in it: a command refused before it starts leaves no run folder
+        with held_lock(run_dir.parent / f".{name}.lock", holder):
+            yield
+    except Busy as busy:
+        raise RunInUse(f"run '{name}' in {run_dir} is in use by {busy.holder or 'another process'}:"
+                       f" wait for it to end, or choose another name (--set name=...)") from None

@@ -64,7 +64,9 @@ def cmd_train(args) -> int:
     from splitmatch import storage
     from splitmatch.config import resolve_paths
     from splitmatch.checkpoints import BEST_MODEL
-    from splitmatch.train import launch, publish_results, run_location
+    from splitmatch.checkpoints import run_location
+    from splitmatch.publish import publish_results
+    from splitmatch.train import launch
     cfg = _config(args)
     result = launch(cfg, resume=args.resume, build_pseudo_masks=args.build_pseudo_masks,
                     config_path=_as_typed(args), holdout=args.holdout)
@@ -185,7 +187,7 @@ def cmd_diagnose(args) -> int:
 
 def cmd_eval(args) -> int:
     from splitmatch.splits import check_split_use
-    from splitmatch.train import evaluate_checkpoint
+    from splitmatch.checkpoint_evaluation import evaluate_checkpoint
     cfg = _config(args)
     check_split_use(cfg.data, "eval", args.holdout)
     evaluate_checkpoint(cfg, args.checkpoint, args.out)
@@ -230,7 +232,7 @@ def cmd_predict(args) -> int:
 
 def cmd_sync_mlflow(args) -> int:
     from splitmatch.tracking import replay
-    from splitmatch.train import publish_results
+    from splitmatch.publish import publish_results
     replayed = replay(args.offline_file, uri=args.tracking_uri)
     if replayed["finished"]:  # what the run could not log at its end: its page and its model
         config = Path(args.offline_file).with_name("config.yaml")

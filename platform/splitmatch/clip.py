@@ -150,11 +150,11 @@ class FrozenClip(nn.Module):
         """uint8 [B, 3, H, W] RGB -> normalised float [B, 3, h, w] on the module's device."""
         _check_images(images)
         pixels = images.to(self.device, torch.float32)
-        return self._normalise(pixels, image_size)
+        return self._normalize(pixels, image_size)
 
-    def _normalise(self, pixels: Tensor, image_size: Size | None) -> Tensor:
+    def _normalize(self, pixels: Tensor, image_size: Size | None) -> Tensor:
         size = _pair(image_size) if image_size is not None else self.image_size
-        return normalise(pixels, self.mean, self.std, size).to(self.dtype)
+        return normalize(pixels, self.mean, self.std, size).to(self.dtype)
 
     # ------------------------------------------------------------------ text
 
@@ -263,9 +263,9 @@ class FrozenClip(nn.Module):
             if cls_input != "crop":
                 pixels = pixels * mask[:, None]
             if cls_input == "masked":
-                pixels = self._normalise(pixels, None)
+                pixels = self._normalize(pixels, None)
             else:
-                pixels = torch.cat([self._normalise(crop_square(p, m)[None], None)
+                pixels = torch.cat([self._normalize(crop_square(p, m)[None], None)
                                     for p, m in zip(pixels, mask)])
             embeddings.append(self.model.encode_image(pixels, normalize=True))
         return torch.cat(embeddings) if embeddings else self._empty()
@@ -371,7 +371,7 @@ def _value_path_block(block: nn.Module, tokens: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------- factory
 
-def normalise(pixels: Tensor, mean: Tensor, std: Tensor, size: tuple[int, int]) -> Tensor:
+def normalize(pixels: Tensor, mean: Tensor, std: Tensor, size: tuple[int, int]) -> Tensor:
     """0..255 pixels [B, 3, H, W] -> CLIP input: resized to `size` (antialiased bilinear), scaled
     to 0..1, mean/std-normalised. What the frozen CLIP sees, and what the toy CLIP trains on."""
     pixels = pixels.float()

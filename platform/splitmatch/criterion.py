@@ -65,13 +65,11 @@ def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_rati
 class SetCriterion(nn.Module):
     """Computes the weighted loss terms; `sum(losses.values())` is the training loss."""
 
-    def __init__(self, matcher: nn.Module, *, class_weight: float = 2.0, iou_weight: float = 5.0,
-                 dice_weight: float = 5.0, cos_weight: float = 1.0, mfe_weight: float = 1.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, num_points: int = 12544,
-                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 deep_supervision: bool = True, ignore_index: int = 255,
-                 candidate_queries_from: int | None = None,
-                 groups_normalised_from: int | None = None):
+    def __init__(self, matcher: nn.Module, *, class_weight: float, iou_weight: float,
+                 dice_weight: float, cos_weight: float, mfe_weight: float, focal_alpha: float,
+                 focal_gamma: float, num_points: int, oversample_ratio: float,
+                 importance_sample_ratio: float, deep_supervision: bool, ignore_index: int,
+                 candidate_queries_from: int | None, groups_normalized_from: int | None):
         super().__init__()
         self.matcher = matcher
         self.class_weight = class_weight
@@ -96,7 +94,7 @@ class SetCriterion(nn.Module):
         # normalisation, Split Matching only): queries before it are divided by the seen targets,
         # the rest by the candidate targets, so the many candidates of an image do not drown its
         # few seen objects (docs/method.md, "Loss normalisation").
-        self.groups_normalised_from = groups_normalised_from
+        self.groups_normalized_from = groups_normalized_from
 
     # --------------------------------------------------------------------------- terms
 
@@ -177,7 +175,7 @@ class SetCriterion(nn.Module):
                 pseudo_labels: Tensor | None = None) -> dict[str, Tensor]:
         """Weighted loss terms. `class_valid` [B, K] marks real columns of the padded class set."""
         num_masks = TargetCounts.of(targets, outputs["pred_logits"].device,
-                                    self.groups_normalised_from)
+                                    self.groups_normalized_from)
         losses: dict[str, Tensor] = {}
         layers = [("", outputs)]
         if self.deep_supervision:
@@ -248,8 +246,8 @@ def pseudo_label_map(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None,
     return out
 
 
-def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
-                    num_seen_queries: int | None = None) -> SetCriterion:
+def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int,
+                    num_seen_queries: int | None) -> SetCriterion:
     """`num_seen_queries` is Ks under Split Matching (None in baseline mode: no candidate queries)."""
     candidate_from = num_seen_queries if loss_cfg.candidate_negatives == "candidates" else None
     return SetCriterion(
@@ -261,5 +259,5 @@ def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int = 255,
         importance_sample_ratio=loss_cfg.importance_sample_ratio,
         deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index,
         candidate_queries_from=candidate_from,
-        groups_normalised_from=(num_seen_queries if loss_cfg.normalization == "per_group"
+        groups_normalized_from=(num_seen_queries if loss_cfg.normalization == "per_group"
                                 else None))

@@ -16,7 +16,7 @@ from splitmatch.examples import configs_folder
 DEMO_CONFIG = configs_folder() / "toyworld.yaml"  # the packaged one: the demo runs from any folder
 # The demo's budget on the toy config, applied before --quick and --set: ResNet-10 instead of
 # resnet18 and 500 iterations at twice the learning rate instead of 1000, so that a first run fits
-# in 6 minutes on 2 cores. Its toy CLIP is the toy config's, which comes with the package
+# in minutes on a laptop's CPU. Its toy CLIP is the toy config's, which comes with the package
 # (toyclip/checkpoint.py, SHIPPED): a shorter one pretrained on the spot was weaker on some CPUs.
 # At test time the seen classes' scores are calibrated as the toy config says (`auto`: the value
 # with the best hIoU on val, from inference.calibration_grid), as for every run of that config.
@@ -46,7 +46,8 @@ def run_demo(config: str | Path = DEMO_CONFIG, quick: bool = False,
     from splitmatch.splits import default_unseen
     from splitmatch.toyclip import with_toy_clip
     from splitmatch.tracking import default_tracking_uri
-    from splitmatch.train import launch, open_pseudo_masks, publish_results
+    from splitmatch.publish import publish_results
+    from splitmatch.train import launch, open_pseudo_masks
 
     start = time.perf_counter()
     phases: dict[str, float] = {}

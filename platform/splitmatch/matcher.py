@@ -61,8 +61,8 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
 class HungarianMatcher(nn.Module):
     """Mask2Former's matcher: class + mask BCE + dice costs on points shared by all masks of an image."""
 
-    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
-                 num_points: int = 12544, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(self, *, cost_class: float, cost_mask: float, cost_dice: float, num_points: int,
+                 focal_alpha: float, focal_gamma: float):
         super().__init__()
         self.cost_class = cost_class
         self.cost_mask = cost_mask
@@ -84,7 +84,8 @@ class HungarianMatcher(nn.Module):
 
         Each image draws its own uniform random points, shared by all its predicted and target
         masks, as Mask2Former does; but the whole batch is sampled and costed in a handful of
-        calls: per-image loops cost a training step of the toy config 19% of its time in small ops.
+        calls: per-image loops cost a training step of the toy config a large share of its time
+        in small ops.
         The costs are computed for every query against every target of the batch and each image
         keeps its own block (B times the arithmetic of the blocks, still a few small matmuls).
         """
@@ -164,11 +165,18 @@ def _empty_match() -> Match:
     return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
 
 
+def build_hungarian_matcher(matching_cfg, loss_cfg) -> HungarianMatcher:
+    """The plain matcher of a config: its costs (`matching`), its points and focal terms (`loss`,
+    shared with the mask losses as in Mask2Former)."""
+    return HungarianMatcher(cost_class=matching_cfg.cost_class, cost_mask=matching_cfg.cost_mask,
+                            cost_dice=matching_cfg.cost_dice, num_points=loss_cfg.num_points,
+                            focal_alpha=loss_cfg.focal_alpha, focal_gamma=loss_cfg.focal_gamma)
+
+
 def build_matcher(matching_cfg, loss_cfg, num_seen_queries: int,
                   num_candidate_queries: int) -> nn.Module:
     """`SplitMatcher` in "split" mode; in "baseline" mode the plain matcher over all queries."""
-    matcher = HungarianMatcher(matching_cfg.cost_class, matching_cfg.cost_mask, matching_cfg.cost_dice,
-                               loss_cfg.num_points, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+    matcher = build_hungarian_matcher(matching_cfg, loss_cfg)
     if matching_cfg.mode == "baseline":
         return matcher
     return SplitMatcher(matcher, num_seen_queries, num_candidate_queries)

@@ -167,12 +167,12 @@ def write_outputs(image: np.ndarray, label: np.ndarray, classes: Sequence[str], 
     from matplotlib.patches import Patch
     from PIL import Image
 
-    from splitmatch.visualize import class_colours
+    from splitmatch.visualize import class_colors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     label_path = out_dir / f"{stem}.png"
     Image.fromarray(label).save(label_path)
-    colours = class_colours(len(classes))
+    colors = class_colors(len(classes))
     fig = Figure(figsize=(6, 6 * image.shape[0] / image.shape[1] + 0.8), layout="constrained")
     ax = fig.subplots()
     present = [int(c) for c in np.unique(label)]  # at full size: a small class keeps its legend
@@ -180,9 +180,9 @@ def write_outputs(image: np.ndarray, label: np.ndarray, classes: Sequence[str], 
     if shown != label.shape:
         image, label = resize(image, shown), resize(label, shown, nearest=True)
     ax.imshow(image)
-    ax.imshow(colours[label], alpha=0.55)
+    ax.imshow(colors[label], alpha=0.55)
     ax.set_xticks([]), ax.set_yticks([])
-    fig.legend(handles=[Patch(color=colours[c], label=classes[c]) for c in present],
+    fig.legend(handles=[Patch(color=colors[c], label=classes[c]) for c in present],
                loc="outside lower center", ncol=min(4, len(present)), frameon=False)
     overlay_path = out_dir / f"{stem}_overlay.png"
     fig.savefig(overlay_path, dpi=90)

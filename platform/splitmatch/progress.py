@@ -71,7 +71,7 @@ class Progress:
             self.first = (time.monotonic(), done)
             if self.bar is not None:
                 # The bar's clock starts here too: counted from construction, a demo's first
-                # iteration (after 12 s of Ray Train start-up) showed an ETA of 1:43:50.
+                # iteration (after Ray Train's start-up) showed an ETA of hours.
                 self.bar.unpause()
         self.fields.update({k: (f"{v:.4g}" if isinstance(v, float) else str(v))
                             for k, v in fields.items()})

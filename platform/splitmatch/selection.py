@@ -1,9 +1,9 @@
 """How runs are ranked and what became of them: one rule for `tune`'s summary and `compare`'s page.
 
-A run's result is the weights chosen on the selection split: train.py keeps the evaluation with the
-best select_hIoU as best_model.pt and tests those. So a run's *selection figure* is its best
-select_hIoU over its evaluations (what the tag best_select_hIoU records), not its last one, and
-never its test hIoU, which is reported beside it. `ranked` orders runs on it, so the search's best
+A run's result is the weights chosen on the selection split: train_loop.py keeps the evaluation
+with the best select_hIoU as best_model.pt and tests those. So a run's *selection figure* is its
+best select_hIoU over its evaluations (what the tag best_select_hIoU records), not its last one,
+and never its test hIoU, which is reported beside it. `ranked` orders runs on it, so the search's best
 trial is the page's first row.
 
 Pure Python: no Ray, no MLflow.
@@ -16,7 +16,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-NO_FIGURE = -1.0  # train.py's select_hIoU before any evaluation gave a number (and Tune's NaN)
+NO_FIGURE = -1.0  # train_loop.py's select_hIoU before any evaluation gave a number (and Tune's NaN)
 STOPPED_EARLY = "stopped_early"  # tag splitmatch.status of a trial its scheduler stopped
 
 

@@ -77,7 +77,7 @@ def shown(result: dict) -> bool:
     return ci is not None and (ci[0] > 0 or ci[1] < 0)
 
 
-def summarise_rows(rows: Mapping[str, Mapping[Pair, Mapping[str, float]]],
+def summarize_rows(rows: Mapping[str, Mapping[Pair, Mapping[str, float]]],
                    metrics: Sequence[str]) -> dict[str, dict]:
     """Per row (in the given order): each metric's `estimate`, and `delta_vs_baseline` (the first
     row) and `delta_vs_previous` (the row before), each a `paired_difference` per metric.

@@ -72,7 +72,7 @@ def class_embedding_sets(seen_text: Tensor, candidate_embeds: list[Tensor] | Non
     return embeds, valid
 
 
-def centred(embeds: Tensor, center: Tensor) -> Tensor:
+def centered(embeds: Tensor, center: Tensor) -> Tensor:
     """L2-normalised `embeds` [..., C] less `center` [C] (model.center_embeddings); a zero
     center leaves normalised embeddings as they are."""
     return F.normalize(embeds.float() - center.to(embeds.device, torch.float32), dim=-1)

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from splitmatch.config import ConfigError, redact
+from splitmatch.network import free_port
 from splitmatch.progress import verbose
 
 # Fail fast against a dead server instead of MLflow's default of minutes of retries: training must
@@ -485,42 +486,6 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
     log(f"replayed {len(records)} records into run {run_id} at {redact(uri)}: {counts}")
     finished = any(r["kind"] == "finish" and r["status"] == "FINISHED" for r in records)
     return {"records": len(records), "run_id": run_id, "uri": uri, "finished": finished, **counts}
-
-
-_PORTS_GIVEN: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on `host` now and that this process has not handed out before.
-
-    Drawn below the OS's ephemeral range: asking the OS for port 0 twice in a row can give the
-    same port twice (a Ray node was once started with its GCS and node manager on one port), and a
-    port of that range can be taken, between choosing and binding, by an outgoing connection or by
-    a Ray worker whose port the OS picks."""
-    import random
-    import socket
-
-    low = _ephemeral_ports_start()
-    draw = random.SystemRandom()  # not the seeded module state: two processes would draw alike
-    for _ in range(200):
-        port = draw.randrange(20000, low) if low > 21000 else 0
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            port = sock.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
-    raise OSError(f"no free port found on {host}")
-
-
-def _ephemeral_ports_start() -> int:
-    try:  # Linux; elsewhere the OS picks (port 0)
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class MlflowServer:

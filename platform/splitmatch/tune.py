@@ -86,7 +86,7 @@ def _mark_failed(uri: str, cfg: Config, parent_run_id: str, error) -> None:
     """The child run of a failed trial says so (the trial's rank 0 may never have finished it)."""
     from mlflow.tracking import MlflowClient
 
-    from splitmatch.train import run_key
+    from splitmatch.checkpoints import run_key
 
     client = MlflowClient(uri)
     run_id, _ = find_or_create_run(client, cfg.tracking.experiment, run_key(cfg), cfg.name, parent_run_id,
@@ -179,7 +179,7 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
         log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
             f"{parent_id} at {redact(uri)}")
         results = tuner.fit()
-        summary = _summarise(results, cfg, client, parent_id, search_dir)
+        summary = _summarize(results, cfg, client, parent_id, search_dir)
         log(f"{summary['trials']} trials, {summary['errors']} failed, {summary['stopped_early']} "
             f"stopped early; best {summary['best_run_name']} {summary['best_params']}: best hIoU "
             f"{summary['best_select_hIoU']:.2f} on {cfg.data.select_split} (ranked on it, as "
@@ -228,7 +228,7 @@ def asha_scheduler(cfg: Config):
 SUMMARY_METRICS = ("hIoU", "sIoU", "uIoU", "mIoU", "iteration")
 
 
-def _summarise(results, cfg: Config, client, parent_id: str, search_dir: str) -> dict:
+def _summarize(results, cfg: Config, client, parent_id: str, search_dir: str) -> dict:
     """Summary table, ranked as `compare` ranks the trials (selection.ranked), + the best trial's
     config on the parent run; trials their scheduler stopped are closed in MLflow as such."""
     searched = list(cfg.tune.space)

@@ -15,7 +15,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 
-def class_colours(num_classes: int) -> np.ndarray:
+def class_colors(num_classes: int) -> np.ndarray:
     """Distinct, stable colours per class id [N, 3] in 0..1 (tab20, then golden-ratio hues)."""
     base = plt.get_cmap("tab20")(np.arange(20))[:, :3]
     if num_classes <= 20:
@@ -25,10 +25,10 @@ def class_colours(num_classes: int) -> np.ndarray:
                                                   np.full_like(hues, 0.9)], axis=1))
 
 
-def _paint(label: np.ndarray, colours: np.ndarray, ignore_index: int) -> np.ndarray:
+def _paint(label: np.ndarray, colors: np.ndarray, ignore_index: int) -> np.ndarray:
     out = np.full(label.shape + (3,), 0.15)  # ignore pixels: dark grey
     valid = label != ignore_index
-    out[valid] = colours[label[valid]]
+    out[valid] = colors[label[valid]]
     return out
 
 
@@ -40,13 +40,13 @@ def prediction_figure(image: torch.Tensor, target: torch.Tensor, pred: torch.Ten
     image uint8 [3, H, W]; target / pred [H, W] class ids; candidate_owner [H, W]: the index of the
     candidate query whose mask wins the pixel (−1 where a seen or random query wins).
     """
-    colours = class_colours(len(class_names))
+    colors = class_colors(len(class_names))
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.8), constrained_layout=True)
     axes[0].imshow(image.permute(1, 2, 0).cpu().numpy())
     axes[0].set_title("image")
-    axes[1].imshow(_paint(target.cpu().numpy(), colours, ignore_index))
+    axes[1].imshow(_paint(target.cpu().numpy(), colors, ignore_index))
     axes[1].set_title("ground truth")
-    axes[2].imshow(_paint(pred.cpu().numpy(), colours, ignore_index))
+    axes[2].imshow(_paint(pred.cpu().numpy(), colors, ignore_index))
     axes[2].set_title("prediction")
     owner = candidate_owner.cpu().numpy()
     cmap = ListedColormap(plt.get_cmap("tab10")(np.arange(10))[:, :3])
@@ -58,7 +58,7 @@ def prediction_figure(image: torch.Tensor, target: torch.Tensor, pred: torch.Ten
         ax.set_xticks([]), ax.set_yticks([])
     present = sorted((set(np.unique(target.cpu().numpy())) | set(np.unique(pred.cpu().numpy())))
                      - {ignore_index})
-    handles = [Patch(color=colours[c], label=class_names[c] + (" (unseen)" if class_names[c] in unseen
+    handles = [Patch(color=colors[c], label=class_names[c] + (" (unseen)" if class_names[c] in unseen
                                                                else "")) for c in present]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(6, max(1, len(handles))),
                fontsize=8, frameon=False)

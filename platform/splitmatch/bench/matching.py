@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from splitmatch.bench.timing import best_of
-from splitmatch.matcher import HungarianMatcher, SplitMatcher
+from splitmatch.config import LossConfig, MatchingConfig
+from splitmatch.matcher import SplitMatcher, build_hungarian_matcher
 
 
 def make_inputs(batch: int = 2, seen_queries: int = 100, candidate_queries: int = 50,
@@ -31,7 +32,7 @@ def make_inputs(batch: int = 2, seen_queries: int = 100, candidate_queries: int 
 
 def run(repeats: int = 7, num_points: int = 12544, step_share: bool = True) -> dict:
     outputs, targets = make_inputs()
-    plain = HungarianMatcher(num_points=num_points)
+    plain = build_hungarian_matcher(MatchingConfig(), LossConfig(num_points=num_points))
     split = SplitMatcher(plain, 100, 50)
     # Interleave the two so drifting machine load hits both alike.
     t_plain, t_split = [], []

@@ -60,8 +60,8 @@ def run_in_process(iterations: int = 40, config: Path = TOY_CONFIG,
                    overrides: list[str] | None = None, device: str | None = None,
                    log=print) -> dict:
     from splitmatch.toyclip import with_toy_clip
-    from splitmatch.train import (StepTimer, build_optimizer, build_parts, optimisation_step,
-                                  peak_memory_gb, training_batches)
+    from splitmatch.engine import (StepTimer, build_optimizer, build_parts, optimization_step,
+                                   peak_memory_gb, training_batches)
 
     cfg = with_toy_clip(load_config(config, overrides), log=log)
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,7 +74,7 @@ def run_in_process(iterations: int = 40, config: Path = TOY_CONFIG,
     timer = StepTimer(parts.matcher, device_t)
     model.train()
     for iteration, (_, batch) in enumerate(training_batches(parts, 0, iterations, timer), 1):
-        optimisation_step(model, optimizer, parts, cfg, batch, iteration - 1, device_t, amp, timer)
+        optimization_step(model, optimizer, parts, cfg, batch, iteration - 1, device_t, amp, timer)
         if iteration == iterations // 2:  # the first half is warm-up
             timer.reset()
             if device_t.type == "cuda":

@@ -14,7 +14,7 @@ from splitmatch.demo import DEMO_CONFIG
 from splitmatch.matcher import build_matcher
 from splitmatch.model import build_segmentor
 from splitmatch.toyclip import with_toy_clip
-from splitmatch.train import TimedMatcher, build_class_space, build_optimizer, training_step
+from splitmatch.engine import TimedMatcher, build_class_space, build_optimizer, training_step
 
 TOY_CONFIG = DEMO_CONFIG  # the toy world of the demo
 

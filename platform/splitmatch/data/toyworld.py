@@ -78,32 +78,32 @@ def _hash(i: np.ndarray, j: np.ndarray, salt: float) -> np.ndarray:
 def _tomato(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     body = u * u + (v * 1.08) ** 2 <= 1.0
     light = np.clip(((u + 0.35) ** 2 + (v + 0.35) ** 2) / 1.7, 0.0, 1.0)
-    colour = _mix(light, _rgb(240, 70, 55), _rgb(150, 20, 20))
+    color = _mix(light, _rgb(240, 70, 55), _rgb(150, 20, 20))
     calyx = (u / 0.42) ** 2 + ((v + 0.86) / 0.15) ** 2 <= 1.0
     stem = (np.abs(u) < 0.07) & (v > -1.12) & (v < -0.8)
     top = calyx | stem
-    colour[top] = _rgb(45, 125, 40)
-    return body | top, colour
+    color[top] = _rgb(45, 125, 40)
+    return body | top, color
 
 
 def _lemon(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     body = u * u + (v / 0.66) ** 2 <= 1.0
     tips = ((np.abs(u) - 0.93) / 0.17) ** 2 + (v / 0.13) ** 2 <= 1.0
     light = np.clip(((u + 0.3) ** 2 + (v + 0.3) ** 2) / 1.5, 0.0, 1.0)
-    colour = _mix(light, _rgb(255, 235, 90), _rgb(215, 175, 20))
-    colour *= (1.0 + 0.05 * np.sin(u * 37.0) * np.sin(v * 41.0))[..., None]
-    return body | tips, colour
+    color = _mix(light, _rgb(255, 235, 90), _rgb(215, 175, 20))
+    color *= (1.0 + 0.05 * np.sin(u * 37.0) * np.sin(v * 41.0))[..., None]
+    return body | tips, color
 
 
 def _leaf(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     # Intersection of two discs (radius 1.25, centres at v = +-0.75): a lens with tips at u = +-1.
     blade = (u * u + (v - 0.75) ** 2 <= 1.5625) & (u * u + (v + 0.75) ** 2 <= 1.5625)
     stem = (u > 0.9) & (u < 1.28) & (np.abs(v) < 0.045)
-    colour = _mix(np.clip(np.abs(v) / 0.5, 0.0, 1.0), _rgb(85, 170, 65), _rgb(30, 100, 30))
+    color = _mix(np.clip(np.abs(v) / 0.5, 0.0, 1.0), _rgb(85, 170, 65), _rgb(30, 100, 30))
     side = (u + 1.1 * np.abs(v)) * 3.5
     veins = blade & (u < 0.95) & ((np.abs(v) < 0.035) | (np.abs(side - np.round(side)) < 0.08))
-    colour[veins | stem] = _rgb(165, 210, 120)
-    return blade | stem, colour
+    color[veins | stem] = _rgb(165, 210, 120)
+    return blade | stem, color
 
 
 def _brick(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
@@ -114,17 +114,17 @@ def _brick(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     col = np.floor(cols)
     mortar = (rows - row < 0.14) | (cols - col < 0.08)
     tone = (_hash(row, col, 1.7) - 0.5) * 30.0  # bricks differ a little from each other
-    colour = _rgb(170, 78, 40) + tone[..., None].astype(np.float32) * _rgb(1.0, 0.6, 0.4)
-    colour[mortar] = _rgb(205, 200, 188)
-    return body, colour
+    color = _rgb(170, 78, 40) + tone[..., None].astype(np.float32) * _rgb(1.0, 0.6, 0.4)
+    color[mortar] = _rgb(205, 200, 188)
+    return body, color
 
 
 def _checkerboard(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     body = (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
     cell = 1.7 / rng.integers(4, 8)
     parity = (np.floor((u + 0.85) / cell) + np.floor((v + 0.85) / cell)) % 2
-    colour = _mix(parity, _rgb(235, 235, 228), _rgb(200, 28, 40))
-    return body, colour
+    color = _mix(parity, _rgb(235, 235, 228), _rgb(200, 28, 40))
+    return body, color
 
 
 def _starfish(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
@@ -132,11 +132,11 @@ def _starfish(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing
     phi = np.arctan2(v, u)
     reach = 0.42 + 0.58 * ((1.0 + np.cos(5.0 * phi)) / 2.0) ** 1.6
     body = rho <= reach
-    colour = _mix(np.clip(rho / reach, 0.0, 1.0), _rgb(225, 95, 25), _rgb(250, 140, 50))
+    color = _mix(np.clip(rho / reach, 0.0, 1.0), _rgb(225, 95, 25), _rgb(250, 140, 50))
     gu, gv = u * 5.5, v * 5.5
     dots = (gu - np.round(gu)) ** 2 + (gv - np.round(gv)) ** 2 < 0.06
-    colour[dots] = _rgb(255, 220, 165)
-    return body, colour
+    color[dots] = _rgb(255, 220, 165)
+    return body, color
 
 
 def _zebra(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
@@ -145,11 +145,11 @@ def _zebra(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     wobble = 0.9 + 0.07 * np.sin(3.0 * phi + phase[0]) + 0.05 * np.sin(5.0 * phi + phase[1])
     body = np.sqrt(u * u + (v / 0.75) ** 2) <= wobble
     stripes = np.sin(u * rng.uniform(9.0, 13.0) + 1.2 * np.sin(v * 2.5 + phase[2])) > 0.0
-    colour = _mix(stripes, _rgb(240, 240, 232), _rgb(18, 18, 18))
-    return body, colour
+    color = _mix(stripes, _rgb(240, 240, 232), _rgb(18, 18, 18))
+    return body, color
 
 
-_SPRINKLE_COLOURS = np.array([[250, 120, 180], [255, 255, 255], [80, 150, 240], [250, 220, 60],
+_SPRINKLE_COLORS = np.array([[250, 120, 180], [255, 255, 255], [80, 150, 240], [250, 220, 60],
                               [120, 220, 120]], dtype=np.float32)
 
 
@@ -158,9 +158,9 @@ def _donut(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     phi = np.arctan2(v, u)
     ring = (rho >= 0.42) & (rho <= 1.0)
     icing = (rho >= 0.5) & (rho <= 0.86 + 0.05 * np.sin(7.0 * phi))
-    colour = _mix(np.clip(np.abs(rho - 0.71) / 0.29, 0.0, 1.0), _rgb(225, 170, 100),
+    color = _mix(np.clip(np.abs(rho - 0.71) / 0.29, 0.0, 1.0), _rgb(225, 170, 100),
                   _rgb(185, 125, 60))
-    colour[icing] = _rgb(100, 52, 28)
+    color[icing] = _rgb(100, 52, 28)
     # Sprinkles: one short dash per 0.2-wide cell, orientation/presence/colour hashed from the cell.
     salt = rng.uniform(0.0, 100.0)
     gu, gv = u / 0.2, v / 0.2
@@ -171,9 +171,9 @@ def _donut(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     across = fv * np.cos(angle) - fu * np.sin(angle)
     present = _hash(ci, cj, salt + 3.1) < 0.7
     sprinkle = icing & present & (np.abs(along) < 0.32) & (np.abs(across) < 0.1)
-    which = (_hash(ci, cj, salt + 7.3) * len(_SPRINKLE_COLOURS)).astype(np.int64)
-    colour[sprinkle] = _SPRINKLE_COLOURS[which[sprinkle]]
-    return ring, colour
+    which = (_hash(ci, cj, salt + 7.3) * len(_SPRINKLE_COLORS)).astype(np.int64)
+    color[sprinkle] = _SPRINKLE_COLORS[which[sprinkle]]
+    return ring, color
 
 
 def _grape(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
@@ -190,11 +190,11 @@ def _grape(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
     cluster = (cv >= -0.75) & (cv <= 0.8) & (np.abs(cu) <= 0.7 * (0.85 - cv) / 1.6 + 0.05)
     berries = cluster & (dist <= 0.97)
     stem = (np.abs(u) < 0.05) & (v > -1.05) & (v < -0.7)
-    colour = _mix(np.clip(dist, 0.0, 1.0), _rgb(140, 70, 165), _rgb(70, 25, 90))
+    color = _mix(np.clip(dist, 0.0, 1.0), _rgb(140, 70, 165), _rgb(70, 25, 90))
     hx, hy = (u - cu) / (0.5 * spacing) + 0.35, (v - cv) / (0.5 * spacing) + 0.35
-    colour[berries & (hx * hx + hy * hy < 0.09)] = _rgb(200, 160, 215)
-    colour[stem] = _rgb(90, 110, 40)
-    return berries | stem, colour
+    color[berries & (hx * hx + hy * hy < 0.09)] = _rgb(200, 160, 215)
+    color[stem] = _rgb(90, 110, 40)
+    return berries | stem, color
 
 
 def _ice_cube(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing:
@@ -203,11 +203,11 @@ def _ice_cube(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> Drawing
     outside = np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
     sdf = outside + np.minimum(np.maximum(qx, qy), 0.0) - 0.22
     body = sdf <= 0.0
-    colour = _mix(np.clip((u + v + 1.8) / 3.6, 0.0, 1.0), _rgb(200, 240, 250), _rgb(140, 205, 230))
-    colour[body & (sdf > -0.1)] = _rgb(215, 245, 252)  # bevelled rim
+    color = _mix(np.clip((u + v + 1.8) / 3.6, 0.0, 1.0), _rgb(200, 240, 250), _rgb(140, 205, 230))
+    color[body & (sdf > -0.1)] = _rgb(215, 245, 252)  # bevelled rim
     highlight = (np.abs(u + v + 0.75) < 0.12) & (np.abs(u - v) < 0.55)
-    colour[highlight | ((u + 0.15) ** 2 + (v + 0.55) ** 2 < 0.01)] = _rgb(252, 253, 255)
-    return body, colour
+    color[highlight | ((u + 0.15) ** 2 + (v + 0.55) ** 2 < 0.01)] = _rgb(252, 253, 255)
+    return body, color
 
 
 DRAWERS: dict[str, Callable[[np.ndarray, np.ndarray, np.random.Generator], Drawing]] = {
@@ -242,8 +242,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Muted gradient + low-frequency colour noise + one faint texture: [size, size, 3] float32."""
     xs = _pixel_coords(size)
     y, x = xs[:, None], xs[None, :]
-    grey = rng.uniform(70.0, 190.0, (2, 1))
-    ends = (grey + rng.normal(0.0, 18.0, (2, 3))).astype(np.float32)  # low saturation: muted
+    gray = rng.uniform(70.0, 190.0, (2, 1))
+    ends = (gray + rng.normal(0.0, 18.0, (2, 3))).astype(np.float32)  # low saturation: muted
     angle = rng.uniform(0.0, 2.0 * np.pi)
     t = (x * np.cos(angle) + y * np.sin(angle)) / size
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
@@ -291,9 +291,9 @@ def _draw_object(image: np.ndarray, label: np.ndarray, class_id: int, radius: fl
     cos, sin = np.float32(np.cos(tilt)), np.float32(np.sin(tilt))
     u = (cos * dx + sin * dy) / (radius * stretch_u)  # [h, w]
     v = (cos * dy - sin * dx) / (radius * stretch_v)
-    mask, colour = DRAWERS[name](u, v, rng)
-    colour = colour * rng.uniform(0.88, 1.12) + rng.normal(0.0, 8.0, 3).astype(np.float32)
-    np.copyto(image[y0:y1, x0:x1], colour, where=mask[..., None])
+    mask, color = DRAWERS[name](u, v, rng)
+    color = color * rng.uniform(0.88, 1.12) + rng.normal(0.0, 8.0, 3).astype(np.float32)
+    np.copyto(image[y0:y1, x0:x1], color, where=mask[..., None])
     label[y0:y1, x0:x1][mask] = class_id
 
 
@@ -364,8 +364,8 @@ class ToyWorld(SegmentationDataset):
         self.cfg = cfg
         self.split = split
         self.length = split_size(cfg, split)
-        # Rendering costs ~8% of a CPU training step and a split is small (256 toy images are
-        # 16 MB): each image is drawn once per process and kept.
+        # Rendering is a visible share of a CPU training step and a split is small (256 toy
+        # images are 16 MB): each image is drawn once per process and kept.
         self._rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:

@@ -159,13 +159,13 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], num_levels: 
     No padding masks are used (all valid ratios are 1), so a token's reference point is the same
     normalised location on every level.
     """
-    centres = []
+    centers = []
     for h, w in spatial_shapes:
         y = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
         x = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
         grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
-        centres.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))
-    points = torch.cat(centres, dim=0)  # [S, 2]
+        centers.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))
+    points = torch.cat(centers, dim=0)  # [S, 2]
     return points[None, :, None, :].expand(1, points.shape[0], num_levels, 2)
 
 

@@ -17,7 +17,7 @@ from splitmatch.model.backbone import ResNetBackbone
 from splitmatch.model.mfe import MultiScaleFeatureEnhancement
 from splitmatch.model.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
 from splitmatch.model.transformer_decoder import MaskedTransformerDecoder
-from splitmatch.targets import centred
+from splitmatch.targets import centered
 
 # torchvision's ImageNet statistics, on the 0..255 scale of the uint8 input.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -106,7 +106,7 @@ class Segmentor(nn.Module):
     def class_space(self, text: Tensor) -> Tensor:
         """CLIP text embeddings [..., C] as the classifier compares them (centred with
         model.center_embeddings, else only L2-normalised)."""
-        return centred(text, self.text_center)
+        return centered(text, self.text_center)
 
     def forward(self, images: Tensor, class_embeds: Tensor, num_random_queries: int = 0) -> dict:
         """images uint8 [B, 3, H, W]; class_embeds [K, C] or [B, K, C], L2-normalised, in the

@@ -102,7 +102,7 @@ class PseudoMaskActor:
                 "num_candidates": arrays["num_candidates"], "shard": np.array([shard] * len(indices))}
 
 
-def _summarise(records: dict[int, dict], num_images: int, with_quality: bool) -> dict:
+def _summarize(records: dict[int, dict], num_images: int, with_quality: bool) -> dict:
     ok = [r for r in records.values() if r["ok"]]
     counts = np.array([r["num_candidates"] for r in ok]) if ok else np.zeros(0)
     stats = {"images": num_images, "processed": len(records), "succeeded": len(ok),
@@ -197,7 +197,7 @@ def _build(cfg: Config, split: str, root: Path, remote: str | None, log) -> dict
     if remote is not None:
         storage.pull_tree(storage.join(remote, "shards"), shard_dir)  # others' shards
     records = scan_shards(shard_dir, log=log)
-    summary = _summarise(records, num_images, with_quality)
+    summary = _summarize(records, num_images, with_quality)
     failures = [{"index": i, "path": r["path"], "error": r["error"]}
                 for i, r in sorted(records.items()) if not r["ok"]]
     allowed = 0 if cfg.data.on_error == "raise" else cfg.pseudo_masks.max_failed_fraction * num_images

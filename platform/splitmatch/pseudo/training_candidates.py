@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from splitmatch.pseudo.background import background_candidates, background_embedding, drop_candidates
-from splitmatch.targets import centred, embedding_center
+from splitmatch.targets import centered, embedding_center
 
 # Training reads every image's candidates once an epoch, and the cache keeps them compressed in
 # shards of which only a few stay open: a toy-world step spent two thirds of its data time
@@ -47,7 +47,7 @@ class TrainingCandidates:
             drop = background_candidates(embeds, self.seen_text, self.background_text)
             candidate_map, embeds = drop_candidates(candidate_map, embeds, drop)
         if self.center is not None:
-            embeds = centred(embeds, self.center)
+            embeds = centered(embeds, self.center)
         size = candidate_map.nbytes + embeds.nbytes
         if self._remembered_bytes + size <= REMEMBER_BYTES:
             self._remembered[index] = (candidate_map.clone(), embeds.clone())
@@ -55,10 +55,10 @@ class TrainingCandidates:
         return candidate_map, embeds
 
 
-def candidate_center(uncentred: TrainingCandidates) -> Tensor:
-    """[C]: the mean L2-normalised Cu of every candidate that `uncentred` reads. Images only: no
+def candidate_center(uncentered: TrainingCandidates) -> Tensor:
+    """[C]: the mean L2-normalised Cu of every candidate that `uncentered` reads. Images only: no
     label of any kind is involved, so no unseen class either."""
-    embeds = [uncentred.get(i)[1] for i in uncentred.cache.indices()]
+    embeds = [uncentered.get(i)[1] for i in uncentered.cache.indices()]
     return embedding_center(torch.cat(embeds))
 
 
@@ -70,7 +70,7 @@ def training_candidates(cfg, clip, seen_text: Tensor) -> TrainingCandidates:
     cache = PseudoMaskCache.open(cfg, cfg.data.train_split)
     prompts = cfg.pseudo_masks.background_prompts
     background = background_embedding(clip, prompts) if prompts else None
-    uncentred = TrainingCandidates(cache, seen_text, background)
+    uncentered = TrainingCandidates(cache, seen_text, background)
     if not cfg.model.center_embeddings:
-        return uncentred
-    return TrainingCandidates(cache, seen_text, background, candidate_center(uncentred))
+        return uncentered
+    return TrainingCandidates(cache, seen_text, background, candidate_center(uncentered))

@@ -18,7 +18,7 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
-from splitmatch.clip import PACKAGE_MODEL_CONFIGS, normalise, register_config_dir
+from splitmatch.clip import PACKAGE_MODEL_CONFIGS, normalize, register_config_dir
 from splitmatch.config import ConfigError, ToyClipConfig
 from splitmatch.progress import Progress, verbose
 from splitmatch.toyclip.captions import DEFAULT_RECIPE, ToyClipRecipe, training_batch
@@ -111,10 +111,10 @@ def batches_in_rounds(cfg: ToyClipConfig, recipe: ToyClipRecipe, processes: int,
     """The training batches in step order, drawn `round_size` at a time by `processes` drawers
     while the model waits, then trained on while the drawers wait.
 
-    With one loader process drawing beside the model, 800 steps took 213 s on 2 cores (the model
-    alone: 0.16 s a step): the loader took a core from the model's two threads, which then waited
-    on each other. In turns, each uses every core: 167 s. The batches are the same either way,
-    so the weights do not depend on how they were drawn."""
+    With one loader process drawing beside the model, the loader took a core from the model's
+    threads, which then waited on each other; in turns, each uses every core, and pretraining is
+    faster. The batches are the same either way, so the weights do not depend on how they were
+    drawn."""
     batches = _Batches(cfg, recipe)
     if processes <= 1:
         yield from map(batches, range(cfg.steps))
@@ -158,8 +158,8 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # Fused AdamW: one kernel over all tensors (~4 ms a step on 2 cores instead of ~17 ms with
-    # the per-tensor loop), most of it for the 49408-row token embedding.
+    # Fused AdamW: one kernel over all tensors instead of a loop per tensor, most of the work
+    # being the 49408-row token embedding.
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     warmup = max(1, round(recipe.warmup_fraction * cfg.steps))
     max_log_scale = math.log(recipe.max_logit_scale)
@@ -172,7 +172,7 @@ def train_toy_clip(cfg: ToyClipConfig, recipe: ToyClipRecipe = DEFAULT_RECIPE,
         lr = _learning_rate(step, cfg.steps, cfg.lr, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image_embeds = model.encode_image(normalise(images.to(device), mean, std, input_size),
+        image_embeds = model.encode_image(normalize(images.to(device), mean, std, input_size),
                                           normalize=True)                   # [B, C]
         text_embeds = model.encode_text(tokens.to(device), normalize=True)  # [B, C]
         class_sets = class_sets.to(device)
