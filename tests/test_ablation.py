@@ -122,6 +122,16 @@ def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ra
         assert sum(map(sum, row["ownership"])) == confusion_pixels > 0
     for row in ROWS[:3]:  # rows evaluated without random queries give them no pixel
         assert all(counts[2] == 0 for counts in report["rows"][row]["ownership"]), row
+        # Scored as the run was (its calibration included), the diagnosis finds the row's val
+        # figures; and how each group named its pixels accounts for every pixel it won.
+        (child,) = [r for r in by_row[row] if r.data.tags["split"] == "dev1"]
+        for metric in ("hIoU", "sIoU", "uIoU"):
+            assert math.isclose(report["rows"][row]["metrics"][metric],
+                                child.data.metrics[f"final_select_{metric}"], abs_tol=0.011), \
+                (row, metric)
+        assert [[sum(by_group) for by_group in by_class] for by_class in
+                report["rows"][row]["naming"]] == report["rows"][row]["ownership"]
+    assert "unseen pixels, by the group that won them" in diag and "before -> after" in diag
     assert 0 <= report["candidates"]["background_pixel_share"] <= 1
     refused = splitmatch("diagnose", str(config), "--split", "holdout0", address=ray_cluster)
     text, _ = refused.communicate(timeout=300)

@@ -6,7 +6,8 @@ import torch
 
 from splitmatch.class_report import per_class_pseudo_quality
 from splitmatch.config import Config, config_differences, describe_differences, to_dict
-from splitmatch.diagnose import candidate_composition, ownership_counts, query_groups, winning_queries
+from splitmatch.diagnose import (candidate_composition, naming_counts, ownership_counts, query_groups,
+                                 winning_queries)
 
 
 def test_config_differences_name_result_keys_only():
@@ -46,6 +47,35 @@ def test_winning_query_is_the_largest_term_of_the_predicted_class():
                 k = int(terms.sum(0).argmax())
                 assert pred[b, y, x] == k
                 assert owner[b, y, x] == int(terms[:, k].argmax())
+
+
+def test_winning_query_is_scored_with_the_runs_calibration():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 3, generator=g)
+    masks = torch.randn(2, 5, 4, 4, generator=g)
+    seen, value = [0, 2], 0.3
+    pred, owner = winning_queries(logits, masks, (4, 4), seen, value)
+    probs, m = logits.sigmoid(), masks.sigmoid()
+    probs[..., seen] -= value
+    for b in range(2):
+        for y in range(4):
+            for x in range(4):
+                terms = probs[b] * m[b, :, y, x][:, None]
+                k = int(terms.sum(0).argmax())
+                assert pred[b, y, x] == k and owner[b, y, x] == int(terms[:, k].argmax())
+    assert not torch.equal(pred, winning_queries(logits, masks, (4, 4))[0])  # it mattered
+
+
+def test_naming_counts_split_each_groups_pixels_by_how_it_named_them():
+    # Classes 0, 1 seen, 2, 3 unseen; groups 0 seen, 1 candidate, 2 random.
+    target = torch.tensor([[2, 2, 2, 2, 0, 255]])
+    pred = torch.tensor([[2, 0, 3, 2, 3, 1]])
+    group = torch.tensor([[1, 1, 1, 0, 1, 0]])
+    counts = naming_counts(group, pred, target, num_classes=4, seen_class_ids=[0, 1])
+    assert counts.shape == (4, 3, 3)
+    assert counts[2].tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]  # right / as seen / as unseen
+    assert counts[0].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 0]]
+    assert int(counts.sum()) == 5  # the ignored pixel is not counted
 
 
 def test_ownership_and_groups():

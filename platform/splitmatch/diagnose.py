@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from splitmatch.class_report import per_class_pseudo_quality
+from splitmatch.model.segmentor import mask_probabilities
 from splitmatch.targets import centered, embedding_center
 
 GROUPS = ("seen", "candidate", "random")
@@ -32,22 +35,46 @@ def query_groups(num_seen: int, num_candidate: int, num_random: int) -> Tensor:
                       for g, n in enumerate((num_seen, num_candidate, num_random))])
 
 
-def winning_queries(pred_logits: Tensor, pred_masks: Tensor, output_size: tuple[int, int]
+def winning_queries(pred_logits: Tensor, pred_masks: Tensor, output_size: tuple[int, int],
+                    seen_class_ids: Sequence[int] | None = None, calibration: float = 0.0
                     ) -> tuple[Tensor, Tensor]:
     """(predicted class [B, H, W], query that contributes most to that class's score [B, H, W]).
 
-    The semantic score of class k at a pixel is sum_q p[q, k] * m_q (Mask2Former's inference);
+    The semantic score of class k at a pixel is sum_q (p[q, k] - calibration if k is seen) * m_q
+    (Mask2Former's inference with the run's seen-score calibration, as its figures were scored);
     the pixel "belongs" to the query with the largest term of its winning class's sum.
     """
     probs = pred_logits.float().sigmoid()  # [B, Q, K]
-    masks = F.interpolate(pred_masks.float(), size=tuple(output_size), mode="bilinear",
-                          align_corners=False).sigmoid()  # [B, Q, H, W]
+    if calibration > 0 and seen_class_ids is not None:
+        probs[..., torch.as_tensor(list(seen_class_ids), dtype=torch.long)] -= calibration
+    masks = mask_probabilities(pred_masks.float(), output_size)  # [B, Q, H, W]
     scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)
     pred = scores.argmax(1)  # [B, H, W]
     b, q, h, w = masks.shape
     chosen = torch.gather(probs, 2, pred.view(b, 1, h * w).expand(b, q, h * w))  # [B, Q, H*W]
     owner = (chosen * masks.view(b, q, h * w)).argmax(1).view(b, h, w)
     return pred, owner
+
+
+# What a query group did with a pixel it won: named its class, named a seen class instead, or
+# named an unseen class instead.
+NAMINGS = ("right", "as seen", "as unseen")
+
+
+def naming_counts(owner_group: Tensor, pred: Tensor, target: Tensor, num_classes: int,
+                  seen_class_ids: Sequence[int], ignore_index: int = 255) -> Tensor:
+    """Pixels of each ground-truth class by the query group that won them and how that group
+    named them (NAMINGS) → [num_classes, len(GROUPS), len(NAMINGS)]: where the unseen pixels go
+    that the uIoU misses (a candidate query that finds the object but names it as a seen class
+    is another fault than a seen query that takes the object)."""
+    keep = target != ignore_index
+    truth, named, group = target[keep].long(), pred[keep].long(), owner_group[keep].long()
+    seen = torch.zeros(num_classes, dtype=torch.bool)
+    seen[torch.as_tensor(list(seen_class_ids), dtype=torch.long)] = True
+    naming = torch.where(named == truth, 0, torch.where(seen[named], 1, 2))
+    index = (truth * len(GROUPS) + group) * len(NAMINGS) + naming
+    return torch.bincount(index, minlength=num_classes * len(GROUPS) * len(NAMINGS)).view(
+        num_classes, len(GROUPS), len(NAMINGS))
 
 
 def ownership_counts(owner_group: Tensor, target: Tensor, num_classes: int,
@@ -86,31 +113,40 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
     from splitmatch.data import build_dataset, collate
     from splitmatch.evaluation import ZSSEvaluator
     from splitmatch.model import build_segmentor
-    from splitmatch.checkpoints import load_state
+    from splitmatch.checkpoints import CALIBRATION, load_state
 
     val_set = build_dataset(cfg.data, cfg.data.select_split or cfg.data.test_split, train=False)
     text = classes.text
     out = {}
     for row, (row_cfg, checkpoint) in row_checkpoints.items():
         model = build_segmentor(row_cfg.model, embed_dim=text.shape[1])
-        model.load_state_dict(load_state(checkpoint)["model"])
+        state = load_state(checkpoint)
+        model.load_state_dict(state["model"])
         model.eval()
+        # The value the run chose on val and was scored with (none saved: the config's number).
+        calibration = state.get(CALIBRATION, row_cfg.inference.seen_score_calibration)
+        calibration = float(calibration) if not isinstance(calibration, str) else 0.0
         num_random = row_cfg.inference.num_random_queries
         groups = query_groups(row_cfg.model.num_seen_queries, row_cfg.model.num_candidate_queries,
                               num_random)
         evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
         owned = torch.zeros(len(classes.names), len(GROUPS), dtype=torch.long)
+        naming = torch.zeros(len(classes.names), len(GROUPS), len(NAMINGS), dtype=torch.long)
         for batch in DataLoader(val_set, batch_size=8, collate_fn=collate):
             output = model(batch["image"], model.class_space(text), num_random_queries=num_random)
             pred, owner = winning_queries(output["pred_logits"], output["pred_masks"],
-                                          batch["image"].shape[-2:])
+                                          batch["image"].shape[-2:], classes.seen_ids,
+                                          calibration)
             evaluator.update(pred, batch["label"])
             owned += ownership_counts(groups[owner], batch["label"], len(classes.names),
                                       classes.ignore_index)
+            naming += naming_counts(groups[owner], pred, batch["label"], len(classes.names),
+                                    classes.seen_ids, classes.ignore_index)
         result = evaluator.compute()
         out[row] = {"metrics": {k: result[k] for k in ("hIoU", "sIoU", "uIoU")},
-                    "per_class": result["per_class"],
-                    "confusion": evaluator.confusion.tolist(), "ownership": owned.tolist()}
+                    "calibration": calibration, "per_class": result["per_class"],
+                    "confusion": evaluator.confusion.tolist(), "ownership": owned.tolist(),
+                    "naming": naming.tolist()}
         log(f"  evaluated {row}: hIoU {result['hIoU']:.2f}  sIoU {result['sIoU']:.2f}  "
             f"uIoU {result['uIoU']:.2f}")
     return out
@@ -129,14 +165,20 @@ def candidate_report(cfg, classes, clip, max_images: int = 512) -> dict:
     if cfg.model.center_embeddings:
         text = centered(text, embedding_center(classes.seen_text))
     seen = torch.as_tensor(classes.seen_ids)
-    compositions, cosines = [], []
+    unseen_ids = [k for k in range(num_classes) if k not in set(classes.seen_ids)]
+    compositions, cosines, per_image, raw_maps, kept_maps, labels = [], [], [], [], [], []
     for i in range(min(len(full_set), max_images)):
         if i not in cache:
             continue
         cmap, embeds = cache.get(i)
+        label = full_set.load(i)["label"]
+        raw_maps.append(cache.cache.get(i)[0])
+        kept_maps.append(cmap)
+        labels.append(label)
+        per_image.append(int(embeds.shape[0]))
         if embeds.shape[0] == 0:
             continue
-        compositions.append(candidate_composition(cmap, full_set.load(i)["label"], num_classes,
+        compositions.append(candidate_composition(cmap, label, num_classes,
                                                   classes.ignore_index))
         cosines.append(F.normalize(embeds.float(), dim=-1) @ text.T)  # [U, N]
     composition = torch.cat(compositions)  # [ΣU, N + 1]
@@ -159,7 +201,19 @@ def candidate_report(cfg, classes, clip, max_images: int = 512) -> dict:
             "nearest_text_is_seen": float(torch.isin(nearest[pick], seen).float().mean()),
             "nearest_text": counts,
         }
+    # Whether the unseen objects are among the candidates before and after the background
+    # filter: best-match IoU of each object with any candidate, and the share of its pixels
+    # some candidate covers.
+    raw = per_class_pseudo_quality(raw_maps, labels, unseen_ids)
+    kept = per_class_pseudo_quality(kept_maps, labels, unseen_ids)
+    counts = torch.tensor(per_image, dtype=torch.float)
     return {"candidates": int(composition.shape[0]),
+            "per_image": {"mean": float(counts.mean()), "max": int(counts.max()),
+                          "over_queries": float((counts > cfg.model.num_candidate_queries)
+                                                .float().mean()),
+                          "num_candidate_queries": cfg.model.num_candidate_queries},
+            "unseen_found": {classes.names[k]: {"before_filter": raw[k], "after_filter": kept[k]}
+                             for k in unseen_ids},
             "background_pixel_share": float(pixels[num_classes] / pixels.sum()),
             "seen_pixel_share": float(pixels[seen].sum() / pixels.sum()),
             "background_candidate_share": float((majority == num_classes).float().mean()),
@@ -209,10 +263,29 @@ def format_diagnosis(report: dict) -> str:
             share = " / ".join(f"{v / total:4.0%}" for v in owned)
             mark = "*" if name in unseen else " "
             out.append(f" {mark}{name:<13}{r['per_class'][name]:>6.1f}  {share:<42}{confused}")
+        if "naming" in r:
+            out.append(f"  unseen pixels, by the group that won them and how it named them "
+                       f"({' / '.join(NAMINGS)}; calibration {r['calibration']:g}):")
+            for k, name in enumerate(names):
+                if name in unseen:
+                    out.append(f"   {name:<13}" + "   ".join(
+                        _naming_text(group, r["naming"][k][g], sum(map(sum, r["naming"][k])))
+                        for g, group in enumerate(GROUPS)))
     c = report["candidates"]
     out.append(f"\ncandidate targets: {c['candidates']}; background pixels {c['background_pixel_share']:.0%}, "
                f"seen pixels {c['seen_pixel_share']:.1%}; background candidates "
                f"{c['background_candidate_share']:.0%}")
+    if "per_image" in c:
+        p = c["per_image"]
+        out.append(f"  per image: {p['mean']:.1f} on average, at most {p['max']}; more than the "
+                   f"{p['num_candidate_queries']} candidate queries in {p['over_queries']:.0%} "
+                   f"of the images")
+        out.append("  unseen objects among the candidates, best-match IoU / pixels covered, "
+                   "before -> after the background filter:")
+        for name, found in c["unseen_found"].items():
+            before, after = found["before_filter"], found["after_filter"]
+            out.append(f"   {name:<13}{before['best_match_iou']:.2f} / {before['coverage']:.0%} -> "
+                       f"{after['best_match_iou']:.2f} / {after['coverage']:.0%}")
     out.append(f"  {'majority':<13}{'count':>6}{'max cos seen':>14}{'cos own text':>14}"
                f"{'nearest seen':>14}  nearest text")
     for kind, k in c["kinds"].items():
@@ -232,6 +305,12 @@ def format_diagnosis(report: dict) -> str:
             out.append(f"  {name:<13}{row[k] / total:>6.2f}  "
                        + ", ".join(f"{n} {v / total:.2f}" for v, n in wrong if v > 0))
     return "\n".join(out)
+
+
+def _naming_text(group: str, counts: list[int], total: int) -> str:
+    won = sum(counts)
+    named = "/".join(f"{c / won:.0%}" for c in counts) if won else "-"
+    return f"{group} {won / (total or 1):4.0%} ({named})"
 
 
 def run_diagnose(cfg, split: str = "dev0", seed: int | None = None, holdout: bool = False,
