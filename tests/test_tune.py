@@ -76,6 +76,11 @@ def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster
         "stopped_early", "ASHA")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_summary.csv", "best_config.yaml", "search_space.yaml"} <= artifacts
+    # The chosen trial, and only it, is published: its results page and its MLflow model.
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert [m.source_run_id for m in models] == [good.info.run_id]
+    assert f"MLflow model: models:/{models[0].model_id}" in out
+    assert (tmp_path / "runs" / good.info.run_name / "report.html").is_file()
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["best_test_hIoU"] == good.data.metrics["hIoU"]
     assert parent.data.metrics["best_select_hIoU"] == pytest.approx(

@@ -88,8 +88,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from splitmatch.publish import publish_results
     from splitmatch.tune import run_search
-    run_search(_config(args), resume=args.resume, holdout=args.holdout)
+    summary = run_search(_config(args), resume=args.resume, holdout=args.holdout)
+    if summary["best_trial_config"] is not None:  # the chosen trial's page and MLflow model
+        publish_results(summary["best_trial_config"])
     return 0
 
 

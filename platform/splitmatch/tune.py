@@ -263,15 +263,19 @@ def _summarize(results, cfg: Config, client, parent_id: str, search_dir: str) ->
     # The first row, if it is a result: a finished trial with a selection figure.
     best = next((r for r in rows[:1] if r["state"] == "finished" and r["select_hIoU"] is not None),
                 None)
+    chosen = None
     if best is not None:
-        best_cfg = trial_config(to_dict(cfg) | {"tune": {}},
-                                {k: yaml.safe_load(best[k]) if isinstance(best[k], str) else best[k]
-                                 for k in searched}, f"{cfg.name}-best")
+        best_cfg = trial_config(to_dict(cfg) | {"tune": {}}, searched_values(best, searched),
+                                f"{cfg.name}-best")
         client.log_text(parent_id, dump_config(best_cfg), "best_config.yaml")
         client.log_metric(parent_id, "best_select_hIoU", best["select_hIoU"])
         client.log_metric(parent_id, "best_test_hIoU", best["hIoU"])
         client.set_tag(parent_id, "best_trial", best["trial"])
         client.set_tag(parent_id, "best_run_name", best["run_name"])
+        # The chosen trial's own config (its run folder and MLflow run): what publishing its
+        # results page and model reads (cli.cmd_tune).
+        chosen = trial_config(to_dict(cfg) | {"tune": {}}, searched_values(best, searched),
+                              best["run_name"])
     client.set_terminated(parent_id, status="FINISHED")
     return {"trials": len(rows), "errors": sum(r["state"].startswith("failed") for r in rows),
             "stopped_early": sum(r["state"].startswith("stopped early") for r in rows),
@@ -279,7 +283,13 @@ def _summarize(results, cfg: Config, client, parent_id: str, search_dir: str) ->
             "best_hIoU": best["hIoU"] if best else float("nan"),
             "best_run_name": best["run_name"] if best else "",
             "best_params": {k: best[k] for k in searched} if best else {},
+            "best_trial_config": chosen,
             "table": str(table), "parent_run_id": parent_id, "rows": rows}
+
+
+def searched_values(row: dict, searched: list[str]) -> dict:
+    """A summary row's searched values as the trial had them (the table holds them as text)."""
+    return {k: yaml.safe_load(row[k]) if isinstance(row[k], str) else row[k] for k in searched}
 
 
 def trial_selection_figure(result) -> float | None:
