@@ -11,7 +11,7 @@ MAX_LINES = 600
 # docs/architecture.md's table, bottom up. An entry names a module or a package (all of it,
 # unless a longer entry names one of its modules); "splitmatch" is the package's own __init__.
 LAYERS = {
-    "basics": ["splitmatch", "errors", "files", "progress", "network", "examples", "splits",
+    "basics": ["splitmatch", "errors", "files", "progress", "network", "examples", "package_copy", "splits",
                "stats", "selection", "config"],
     "storage": ["storage"],
     "maths": ["pseudo", "matcher", "criterion", "targets", "evaluation", "model", "visualize"],

@@ -145,6 +145,9 @@ def test_pyfunc_model_predicts_without_the_command_line(tmp_path, checkpoint, im
     assert not [name for name in files if "/shipped/" in name or name.endswith((".pt", ".pyc"))
                 and not name.startswith("artifacts/")]
     assert "code/splitmatch/pyfunc.py" in files
+    # The package as a wheel lays it out, from a checkout too (dashboards/ lies outside platform/).
+    assert {"code/splitmatch/dashboards/run_page.py", "code/splitmatch/experiments/toyworld.yaml"
+            } <= set(files)
 
     _, paths = images
     image = np.asarray(Image.open(paths[0]).convert("RGB"))

@@ -10,7 +10,6 @@ clusters use token authentication: the client sends the cluster's token (`--toke
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import shlex
 import shutil
@@ -18,13 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import splitmatch
 from splitmatch.errors import UserError
+from splitmatch.package_copy import PACKAGE_DIR, copy_package, outside_subpackages
 
-PACKAGE_DIR = Path(splitmatch.__file__).resolve().parent
-# Subpackages whose source lies outside splitmatch/ in a checkout (pyproject's package-dir): a
-# wheel holds them inside it, and so must the package a job takes to the cluster.
-MAPPED_SUBPACKAGES = ("dashboards", "experiments", "job_specs")
 ENTRYPOINT = "jobs/entrypoint.py"
 KINDS = ("pseudo", "train", "tune", "eval")
 # Never shipped to the cluster: environments, local runs and caches, VCS data, and the package's
@@ -71,24 +66,12 @@ def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -
 
 
 def shipped_package() -> Path:
-    """The package as a wheel lays it out: PACKAGE_DIR itself when every subpackage lies inside
-    it (an installed wheel), else a copy with the mapped ones put in place (a source checkout,
-    where `splitmatch.dashboards` is the top-level dashboards/ folder). Ray names an upload by
-    its content, so the same code uploads once however many copies are made."""
-    outside = {}
-    for name in MAPPED_SUBPACKAGES:
-        spec = importlib.util.find_spec(f"splitmatch.{name}")
-        source = Path(list(spec.submodule_search_locations)[0]).resolve()
-        if not source.is_relative_to(PACKAGE_DIR):
-            outside[name] = source
-    if not outside:
+    """The package as a wheel lays it out: PACKAGE_DIR itself from a wheel, else a copy with
+    every subpackage in place (`package_copy`). Ray names an upload by its content, so the same
+    code uploads once however many copies are made."""
+    if not outside_subpackages():
         return PACKAGE_DIR
-    ignore = shutil.ignore_patterns("__pycache__")
-    staged = Path(tempfile.mkdtemp(prefix="splitmatch-job-")) / "splitmatch"
-    shutil.copytree(PACKAGE_DIR, staged, ignore=ignore)
-    for name, source in outside.items():
-        shutil.copytree(source, staged / name, ignore=ignore)
-    return staged
+    return copy_package(Path(tempfile.mkdtemp(prefix="splitmatch-job-")))
 
 
 def runtime_env(project: Path, pip: list[str] | None = None,

@@ -111,16 +111,9 @@ WEIGHTS_TAG = "splitmatch.weights_sha256"
 
 
 def package_code(folder: Path) -> Path:
-    """A copy of the splitmatch package in `folder`, less the toy CLIP weights it ships (the
-    model's own CLIP weights are an artifact of it) and compiled files."""
-    import shutil
-
-    import splitmatch
+    """A copy of the splitmatch package in `folder`, as a wheel lays it out, less the toy CLIP
+    weights it ships (the model's own CLIP weights are an artifact of it) and compiled files."""
+    from splitmatch.package_copy import copy_package
     from splitmatch.toyclip.checkpoint import SHIPPED
 
-    def left_out(directory: str, names: list[str]) -> list[str]:
-        return [name for name in names
-                if name == "__pycache__" or Path(directory, name).resolve() == SHIPPED]
-
-    return Path(shutil.copytree(Path(splitmatch.__file__).parent, folder / "splitmatch",
-                                ignore=left_out))
+    return copy_package(folder, leave_out=[SHIPPED])
