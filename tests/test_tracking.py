@@ -189,3 +189,21 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
     for port in ports[:5]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.integration
+def test_a_local_server_that_cannot_start_is_one_line_naming_its_log(tmp_path):
+    import socket
+
+    from splitmatch.errors import RunFailed
+    from splitmatch.tracking import MlflowServer
+
+    with socket.socket() as taken:  # its port is held by someone else
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = MlflowServer(tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(RunFailed) as failed:
+            server.start()
+    message = str(failed.value)
+    assert "\n" not in message and f"its log: {tmp_path / 'mlflow_server.log'}" in message
+    assert server.process.poll() is not None  # nothing of it is left running

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from splitmatch.config import ConfigError, redact
+from splitmatch.errors import RunFailed
 from splitmatch.network import free_port
 from splitmatch.progress import verbose
 
@@ -509,7 +510,10 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> "MlflowServer":
+    def start(self, timeout: float = 300.0) -> "MlflowServer":
+        """Start it and wait until it answers; RunFailed (one line, naming its log) when it
+        exits or does not answer within `timeout` (its start imports MLflow's server, which
+        takes minutes on a loaded small machine)."""
         import sys
         import urllib.request
 
@@ -533,8 +537,9 @@ class MlflowServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see "
-                                   f"{self.store_dir / 'mlflow_server.log'}")
+                raise RunFailed(f"the local MLflow server for {self.store_dir} exited with "
+                                f"{self.process.returncode}; its log: "
+                                f"{self.store_dir / 'mlflow_server.log'}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -542,7 +547,9 @@ class MlflowServer:
             except OSError:
                 time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"mlflow server at {self.url} not healthy after {timeout:.0f} s")
+        raise RunFailed(f"the local MLflow server for {self.store_dir} did not answer at "
+                        f"{self.url} within {timeout:.0f} s; its log: "
+                        f"{self.store_dir / 'mlflow_server.log'}")
 
     def stop(self) -> None:
         import signal
