@@ -1,9 +1,12 @@
 """The benchmark scripts' config modes, on the tiny model: what they time is the real work (the
 pseudo-mask kernel on the config's own images, the training loop's own step), and their figures
 are consistent. The figures themselves are for people, not asserted."""
+import math
+
 import pytest
 import torch
 
+from splitmatch.bench.paired import FINISH, START, run_paired
 from splitmatch.bench.pseudo import run as bench_pseudo
 from splitmatch.bench.train import run_in_process
 from splitmatch.clip import build_clip
@@ -76,3 +79,28 @@ def test_in_process_train_bench_needs_the_pseudo_masks(tmp_path):
     with pytest.raises(FileNotFoundError, match="splitmatch pseudo"):
         run_in_process(iterations=2, config=path, overrides=["matching.mode=split"], device="cpu",
                        log=lambda *_: None)
+
+
+def test_paired_train_bench_times_the_same_run_in_process_and_on_ray_train(tmp_path, ray_cluster):
+    path = write_config(tmp_path, "paired", batch_size=2, num_workers=1)
+    lines = []
+    result = run_paired(rounds=2, iterations=4, config=path, log=lines.append)
+    rounds = [line.split(":")[0] for line in lines if line.startswith("round ")]
+    assert rounds == ["round 1", "round 2"]
+    ratio = [line for line in lines if line.startswith("ray_train_vs_in_process=")]
+    assert len(ratio) == 1 and float(ratio[0].split("=")[1]) == pytest.approx(result["ratio"], abs=1e-3)
+    summary = next(line for line in lines if line.startswith("paired bench:"))
+    assert "batch 2 a worker" in summary
+    # Both sides ran their steps with the config's thread count (train.cpus_per_worker).
+    assert "torch threads in-process 1 / Ray Train 1" in summary
+    assert len(result["rounds"]) == 2
+    for figures in result["rounds"]:
+        assert 0 < figures["in_process_step_s"] < math.inf and 0 < figures["ray_train_step_s"] < math.inf
+    # Every phase of the start and of the finish was measured (Ray's own shutdown is not: this
+    # process was connected to the test cluster before the bench, which leaves it up).
+    assert list(result["start"]) == [name for name, _, _ in START]
+    assert list(result["finish"]) == [name for name, _, _ in FINISH if name != "ray_shutdown"]
+    for phases in (result["start"], result["finish"]):
+        assert all(math.isfinite(s) for s in phases.values()) and sum(phases.values()) > 0
+    assert any(line.startswith("ray_train_start_s=") for line in lines)
+    assert any(line.startswith("ray_train_finish_s=") for line in lines)

@@ -259,7 +259,11 @@ def cmd_bench(args) -> int:
         run(repeats=args.repeats)
     elif args.what == "train":
         from splitmatch.bench.train import TOY_CONFIG, run, run_in_process
-        if args.in_process:
+        if args.paired:
+            from splitmatch.bench.paired import run_paired
+            run_paired(rounds=args.rounds, iterations=args.iterations,
+                       config=args.config or TOY_CONFIG, overrides=args.overrides)
+        elif args.in_process:
             run_in_process(iterations=args.iterations, config=args.config or TOY_CONFIG,
                            overrides=args.overrides, device=args.device)
         else:
@@ -429,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="1,2", help="train: worker counts to time, e.g. 1,2")
     p.add_argument("--in-process", action="store_true",
                    help="train: time one worker of the config in this process, without Ray")
+    p.add_argument("--paired", action="store_true",
+                   help="train: the config in-process and on Ray Train, alternating: the median "
+                        "step of each, their ratio, Ray Train's start-up and finish by phase")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="train --paired: in-process / Ray Train pairs")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="train, pseudo: config override (repeatable)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is kept)")

@@ -318,3 +318,29 @@ def step_metrics(loss: Tensor, losses: dict[str, Tensor], optimizer, device,
     return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
             **{k: v.item() for k, v in losses.items() if "_aux" not in k},
             "memory/peak_gb": peak_memory_gb(device), **timer.report()}
+
+
+class Timeline:
+    """Wall-clock marks (`time.time()`, comparable between the processes of one machine) of a
+    run's phases and of three of its iterations: the first, the middle and the last of the
+    iterations from `start` to `end`. The second half's seconds per iteration count whatever the
+    loop does between steps (progress, reports), which the StepTimer leaves out: it is how
+    `splitmatch bench train --paired` compares a loop on Ray Train with the same loop in-process."""
+
+    def __init__(self, start: int, end: int):
+        self.first, self.middle, self.last = start + 1, (start + end) // 2, end
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
+
+    def iteration_done(self, iteration: int) -> None:
+        for name, at in (("first_iteration", self.first), ("middle_iteration", self.middle),
+                         ("last_iteration", self.last)):
+            if iteration == at:
+                self.mark(name)
+
+    def second_half_step_s(self) -> float:
+        """Seconds per iteration from the middle iteration's end to the last one's."""
+        return ((self.marks["last_iteration"] - self.marks["middle_iteration"])
+                / max(self.last - self.middle, 1))

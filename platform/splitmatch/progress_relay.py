@@ -40,7 +40,8 @@ def teller(queue):
 
 def controller_to_driver(queue):
     """A Ray Train controller callback that, when the controller starts, puts the controller's
-    own actor handle on the driver's queue ({"controller": handle}): Ctrl-C can then abort the
+    own actor handle on the driver's queue ({"controller": handle, "started_at": its clock}, a
+    phase of the run's start-up for the paired bench): Ctrl-C can then abort the
     run as Ray Train's own SIGINT handler would (it installs one only when `fit` runs in the
     main thread, see `failures.fit_in_thread`)."""
     # Ray Train V2 runs RunConfig callbacks that are not UserCallbacks as controller callbacks
@@ -53,7 +54,8 @@ def controller_to_driver(queue):
             import ray
 
             try:
-                queue.put_nowait({"controller": ray.get_runtime_context().current_actor})
+                queue.put_nowait({"controller": ray.get_runtime_context().current_actor,
+                                  "started_at": time.time()})
             except Exception:  # noqa: BLE001 - without it Ctrl-C cannot abort; no reason to fail
                 pass
 
@@ -79,6 +81,7 @@ class Watcher:
         self.bar = Progress(total, f"training {name}", "it", initial=initial)
         self.evaluation: Progress | None = None
         self.controller = None
+        self.controller_started: float | None = None  # time.time() when the newest one started
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._show, name="progress", daemon=True)
         self.thread.start()
@@ -112,6 +115,7 @@ class Watcher:
                 return
             if "controller" in item:
                 self.controller = item["controller"]
+                self.controller_started = item.get("started_at")
             elif "note" in item:
                 self.bar.note(item["note"])
             elif "evaluating" in item:

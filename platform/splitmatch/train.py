@@ -7,7 +7,9 @@ It is what `splitmatch train` (and each Tune trial, and each ablation row) calls
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 from splitmatch import storage
@@ -23,7 +25,7 @@ from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
 from splitmatch.progress_relay import Watcher, controller_to_driver
 from splitmatch.splits import HOLDOUT, check_split_use
 from splitmatch.tracking import default_tracking_uri, mark_ended, source_tags
-from splitmatch.train_loop import train_loop_per_worker
+from splitmatch.train_loop import TIMELINE, train_loop_per_worker
 
 
 def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONFIG", log=print):
@@ -55,14 +57,17 @@ HEALTH_CHECK_INTERVAL_S = 0.25
 def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
            config_path: str = "CONFIG", parent_run_id: str | None = None, callbacks=None,
            may_grow: tuple[str, ...] = RESUME_MAY_GROW, log=print, progress: bool = True,
-           holdout: bool = False, tags: dict[str, str] | None = None):
+           holdout: bool = False, tags: dict[str, str] | None = None,
+           timeline: dict | None = None):
     """Run training on Ray Train (local instance, or the cluster in RAY_ADDRESS); returns the Result.
 
     The run lives in `train.storage_path/name`; starting the same name again resumes it from its
     newest checkpoint, so that needs `resume=True` to be deliberate, and the config must match
     the stored one except for the keys in `may_grow` (ablation rows pass none). A held-out split
     (splits.py) is refused unless `holdout` (the --holdout flag) says the run is for reporting.
-    `tags` go on the MLflow run with the usual ones.
+    `tags` go on the MLflow run with the usual ones. A `timeline` dict gets the run's phases
+    (`time.time()` marks: Ray up, fit started, controller started, rank 0's own, fit returned)
+    and rank 0's thread settings, when rank 0 ran on this node (`splitmatch bench train`).
     """
     cfg = resolve_paths(cfg)
     family = check_split_use(cfg.data, "train", holdout)
@@ -71,7 +76,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
     with run_lock(cfg.name, storage.local_path(run_location(cfg))):
         try:
             return _launch(cfg, resume, build_pseudo_masks, config_path, parent_run_id,
-                           callbacks, may_grow, log, progress, tags)
+                           callbacks, may_grow, log, progress, tags, timeline)
         except OSError as exc:  # the run's own files, before or after training
             cause = storage_cause(exc)
             if cause is None:
@@ -81,7 +86,7 @@ def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
 
 def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: str,
             parent_run_id: str | None, callbacks, may_grow: tuple[str, ...], log, progress: bool,
-            tags: dict[str, str]):
+            tags: dict[str, str], timeline: dict | None):
     import ray.train.torch  # noqa: F401 - imported before init_ray, which quietens its logger
 
     from splitmatch.cluster import check_fits, init_ray
@@ -89,6 +94,7 @@ def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: st
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     run_dir, updates = _check_run(cfg, resume, may_grow, tracking_uri, log)
     init_ray(cfg.storage)
+    ray_up = time.time()
     # Ray Train would wait forever for workers that no node can hold: say so instead.
     check_fits("Ray Train worker", cfg.train.num_workers,
                {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0},
@@ -106,8 +112,18 @@ def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: st
     loop_config["progress"] = watcher.queue if watcher else None
     if watcher is not None:
         callbacks = [*(callbacks or []), controller_to_driver(watcher.queue)]
-    return _fit(cfg, _trainer_factory(cfg, loop_config, callbacks), run_dir, tracking_uri,
-                watcher, log)
+    fit_started = time.time()
+    result = _fit(cfg, _trainer_factory(cfg, loop_config, callbacks), run_dir, tracking_uri,
+                  watcher, log)
+    if timeline is not None:
+        timeline.update(ray_up=ray_up, fit_started=fit_started, fit_returned=time.time())
+        if watcher is not None and watcher.controller_started is not None:
+            timeline["controller_started"] = watcher.controller_started
+        worker = run_dir / "workers" / TIMELINE
+        if worker.is_file():
+            ranks = json.loads(worker.read_text())
+            timeline.update(ranks.pop("marks"), rank0=ranks)
+    return result
 
 
 def _check_run(cfg: Config, resume: bool, may_grow: tuple[str, ...], tracking_uri: str,

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,15 @@ from splitmatch.calibration import (METRIC_KEYS, Calibration, calibrate, calibra
 from splitmatch.checkpoints import (BEST_MODEL, CALIBRATION, FINAL_METRICS, CheckpointError,
                                     load_state, newest_checkpoint, save_checkpoint, share)
 from splitmatch.config import Config, config_from_dict, flatten, use_credentials
-from splitmatch.engine import (TrainingParts, StepTimer, build_optimizer, build_parts,
+from splitmatch.engine import (TrainingParts, StepTimer, Timeline, build_optimizer, build_parts,
                                optimization_step, prediction_pictures, step_metrics,
                                training_batches)
 from splitmatch.files import write_atomic
 from splitmatch.progress_relay import teller
+
+# Rank 0's timeline of the run (phases and iterations, `engine.Timeline`), in the run folder's
+# workers/ beside the ranks' pids: `train.launch` hands it to a caller that asks (the paired bench).
+TIMELINE = "rank0.timeline.json"
 
 
 def _restore(run_dir: Path, location: str, selecting: bool) -> tuple[dict | None, dict | None]:
@@ -152,6 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     # ---------------------------------------------------------------- set-up
+    entered = time.time()
     cfg = config_from_dict(config["cfg"], "<train loop>")
     use_credentials(config.get("credentials"))  # before any MLflow call
     context = ray.train.get_context()
@@ -182,12 +188,16 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = _open_tracker(cfg, config, worker.run_dir, parts, state, tell) if rank == 0 else None
     use_amp = cfg.train.amp and worker.device.type == "cuda"
     timer = StepTimer(parts.matcher, worker.device)
+    timeline = Timeline(iteration, cfg.train.max_iters)
+    timeline.marks["loop_entered"] = entered
+    timeline.mark("set_up")
     model.train()
     # ---------------------------------------------------------------- loop
     for epoch, batch in training_batches(parts, epoch, cfg.train.max_iters - iteration, timer):
         loss, losses = optimization_step(model, optimizer, parts, cfg, batch, iteration,
                                          worker.device, use_amp, timer)
         iteration += 1
+        timeline.iteration_done(iteration)
         last = iteration == cfg.train.max_iters
         wants_checkpoint = iteration % cfg.train.checkpoint_every == 0 or last
         metrics: dict[str, float] = {}
@@ -209,6 +219,19 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.log_artifact(worker.run_dir / BEST_MODEL, "checkpoints")
             tracker.set_tags({"best_select_hIoU": f"{selection.best_hiou:.4f}"})
         tracker.finish("FINISHED")
+    if rank == 0:
+        timeline.mark("loop_finished")
+        _write_timeline(worker.run_dir / "workers" / TIMELINE, timeline)
+
+
+def _write_timeline(path: Path, timeline: Timeline) -> None:
+    """Rank 0's timeline, and the thread settings its steps ran with (the paired bench shows
+    them beside the in-process side's)."""
+    figures = {"marks": timeline.marks, "middle": timeline.middle, "last": timeline.last,
+               "torch_threads": torch.get_num_threads(),
+               "interop_threads": torch.get_num_interop_threads(),
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    write_atomic(path, lambda handle: handle.write(json.dumps(figures).encode()))
 
 
 def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,

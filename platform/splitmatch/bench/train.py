@@ -5,7 +5,8 @@ is set, as training does; its data and pseudo masks must be where the config say
 
 `--in-process` times one worker of the configured run (its batch is `train.batch_size /
 train.num_workers`) with the training loop's own step, in this process and without Ray Train:
-for a machine where Ray cannot be installed, or to time a step without Ray's start-up."""
+for a machine where Ray cannot be installed, or to time a step without Ray's start-up.
+`--paired` (bench/paired.py) runs both, alternating, and prints what Ray Train adds."""
 from __future__ import annotations
 
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from splitmatch.config import config_from_dict, load_config, to_dict
+from splitmatch.config import Config, config_from_dict, load_config, to_dict
 from splitmatch.demo import DEMO_CONFIG
 
 TOY_CONFIG = DEMO_CONFIG  # the toy world of the demo
@@ -60,35 +61,49 @@ def run_in_process(iterations: int = 40, config: Path = TOY_CONFIG,
                    overrides: list[str] | None = None, device: str | None = None,
                    log=print) -> dict:
     from splitmatch.toyclip import with_toy_clip
-    from splitmatch.engine import (StepTimer, build_optimizer, build_parts, optimization_step,
-                                   peak_memory_gb, training_batches)
 
     cfg = with_toy_clip(load_config(config, overrides), log=log)
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
-    parts = build_parts(cfg, 0, cfg.train.num_workers, device_t)
-    model = parts.model.to(device_t)
-    optimizer = build_optimizer(model, cfg.optim)
+    result = time_in_process(cfg, iterations, device_t)
     amp = cfg.train.amp and device_t.type == "cuda"
-    timer = StepTimer(parts.matcher, device_t)
-    model.train()
-    for iteration, (_, batch) in enumerate(training_batches(parts, 0, iterations, timer), 1):
-        optimization_step(model, optimizer, parts, cfg, batch, iteration - 1, device_t, amp, timer)
-        if iteration == iterations // 2:  # the first half is warm-up
-            timer.reset()
-            if device_t.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device_t)
-    figures = timer.report()
-    batch_size = cfg.train.batch_size // cfg.train.num_workers
-    result = {"iters_per_s": 1.0 / figures["time/step_s"], "peak_gb": peak_memory_gb(device_t),
-              "data": figures["time/data_fraction"], "matcher": figures["time/matcher_fraction"],
-              "optimizer": figures["time/optimizer_fraction"], "batch": batch_size}
     log(f"in-process, one of {cfg.train.num_workers} worker(s): device={device_t} "
-        f"batch={batch_size} amp={'bf16' if amp else 'off'} crop={cfg.data.crop_size} "
+        f"batch={result['batch']} amp={'bf16' if amp else 'off'} crop={cfg.data.crop_size} "
         f"iters_per_s={result['iters_per_s']:.2f} "
-        f"images_per_s={result['iters_per_s'] * batch_size:.1f} "
+        f"images_per_s={result['iters_per_s'] * result['batch']:.1f} "
         f"peak_memory_gb={result['peak_gb']:.2f}{' (GPU)' if device_t.type == 'cuda' else ' (RSS)'} "
         f"data_fraction={result['data']:.3f} matcher_fraction={result['matcher']:.3f} "
         f"optimizer_fraction={result['optimizer']:.3f}")
     return result
+
+
+def time_in_process(cfg: Config, iterations: int, device: torch.device) -> dict:
+    """Rank 0 of the configured run for `iterations` steps in this process, with the training
+    loop's own parts, step and thread count; the figures are of the second half (the first is
+    warm-up). `iters_per_s` and the shares are the StepTimer's (the steps alone), `step_s` the
+    wall clock per iteration (`engine.Timeline`, as the paired bench reads the Ray Train loop)."""
+    from splitmatch.engine import (StepTimer, Timeline, build_optimizer, build_parts,
+                                   optimization_step, peak_memory_gb, training_batches)
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))  # as train_loop_per_worker does
+    parts = build_parts(cfg, 0, cfg.train.num_workers, device)
+    model = parts.model.to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    amp = cfg.train.amp and device.type == "cuda"
+    timer = StepTimer(parts.matcher, device)
+    timeline = Timeline(0, iterations)
+    model.train()
+    for iteration, (_, batch) in enumerate(training_batches(parts, 0, iterations, timer), 1):
+        optimization_step(model, optimizer, parts, cfg, batch, iteration - 1, device, amp, timer)
+        timeline.iteration_done(iteration)
+        if iteration == iterations // 2:  # the first half is warm-up
+            timer.reset()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+    figures = timer.report()
+    return {"iters_per_s": 1.0 / figures["time/step_s"], "peak_gb": peak_memory_gb(device),
+            "data": figures["time/data_fraction"], "matcher": figures["time/matcher_fraction"],
+            "optimizer": figures["time/optimizer_fraction"],
+            "batch": cfg.train.batch_size // cfg.train.num_workers,
+            "step_s": timeline.second_half_step_s(), "torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads()}
