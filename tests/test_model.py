@@ -509,6 +509,25 @@ def test_predict_classifies_texts_in_the_centered_space():
                                               (64, 64)).argmax(1), by_hand)
 
 
+def test_a_vocabulary_centre_is_the_given_texts_own_mean():
+    """inference.text_center: vocabulary centres the texts given at test time on their own mean
+    (a centred model only), and predict scores against those."""
+    torch.manual_seed(0)
+    model = build_segmentor(tiny_config(), EMBED_DIM).eval()
+    text = class_embeddings()
+    assert torch.equal(model.class_space(text, vocabulary_center=True), model.class_space(text))
+    model.text_center.copy_(F.normalize(text[:4], dim=-1).mean(0))
+    own = F.normalize(text - F.normalize(text, dim=-1).mean(0), dim=-1)
+    assert torch.allclose(model.class_space(text, vocabulary_center=True), own, atol=1e-6)
+    assert torch.allclose(own.mean(0), torch.zeros(EMBED_DIM), atol=0.1)
+    x = images(height=64, width=64)
+    with torch.no_grad():
+        output = model(x, own)
+    by_hand = semantic_inference(output["pred_logits"], output["pred_masks"], (64, 64)).argmax(1)
+    inference = InferenceConfig(num_random_queries=0, text_center="vocabulary")
+    assert torch.equal(model.predict(x, text, inference), by_hand)
+
+
 def test_text_center_is_saved_and_old_checkpoints_load_uncentered():
     torch.manual_seed(0)
     model = build_segmentor(tiny_config(), EMBED_DIM)

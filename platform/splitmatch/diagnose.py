@@ -133,7 +133,8 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
         owned = torch.zeros(len(classes.names), len(GROUPS), dtype=torch.long)
         naming = torch.zeros(len(classes.names), len(GROUPS), len(NAMINGS), dtype=torch.long)
         for batch in DataLoader(val_set, batch_size=8, collate_fn=collate):
-            output = model(batch["image"], model.class_space(text), num_random_queries=num_random)
+            space = model.class_space(text, row_cfg.inference.text_center == "vocabulary")
+            output = model(batch["image"], space, num_random_queries=num_random)
             pred, owner = winning_queries(output["pred_logits"], output["pred_masks"],
                                           batch["image"].shape[-2:], classes.seen_ids,
                                           calibration)
@@ -322,7 +323,7 @@ def run_diagnose(cfg, split: str = "dev0", seed: int | None = None, holdout: boo
     from splitmatch.config import ConfigError, config_from_dict, resolve_paths, to_dict
     from splitmatch.splits import DEV, HOLDOUT, family_split
     from splitmatch.storage import local_path
-    from splitmatch.checkpoints import check_run_config, result_checkpoint, run_directory
+    from splitmatch.checkpoints import CheckpointError, check_run_config, result_checkpoint, run_directory
 
     cfg = resolve_paths(cfg)
     seed = cfg.seed if seed is None else seed
@@ -346,7 +347,10 @@ def run_diagnose(cfg, split: str = "dev0", seed: int | None = None, holdout: boo
         if not run_dir.is_dir():
             continue
         check_run_config(run_dir, row_cfg)
-        rows[row] = (row_cfg, result_checkpoint(run_dir))
+        try:
+            rows[row] = (row_cfg, result_checkpoint(run_dir))
+        except CheckpointError:  # still training, or stopped before its first checkpoint
+            log(f"{row}: no checkpoint in {run_dir} yet, left out")
     if "+SM+MFE" in rows:
         trained_cfg, checkpoint = rows["+SM+MFE"]
         data = to_dict(trained_cfg)

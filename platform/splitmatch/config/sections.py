@@ -219,6 +219,12 @@ class InferenceConfig:
     # (calibration.py); a number fixes it (0: off).
     seen_score_calibration: float | Literal["auto"] = 0.0
     calibration_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2])
+    # With model.center_embeddings: the centre the test vocabulary's texts are classified
+    # against. "seen": the seen texts' mean kept from training; "vocabulary": the mean of the
+    # texts given at test time (all of them, unseen ones included: they are the test's input,
+    # no label), so a test vocabulary's own common direction, which favours one unseen class
+    # (a hub), is taken out as training took out the seen texts'.
+    text_center: Literal["seen", "vocabulary"] = "seen"
     # "whole": one forward pass per image. "slide": ZegCLIP / OTSeg's protocol (the paper's
     # comparison rows): crop_size windows every `stride` pixels, the scores of overlaps averaged.
     mode: Literal["whole", "slide"] = "whole"

@@ -17,7 +17,7 @@ from splitmatch.model.backbone import ResNetBackbone
 from splitmatch.model.mfe import MultiScaleFeatureEnhancement
 from splitmatch.model.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
 from splitmatch.model.transformer_decoder import MaskedTransformerDecoder
-from splitmatch.targets import centered
+from splitmatch.targets import centered, embedding_center
 
 # torchvision's ImageNet statistics, on the 0..255 scale of the uint8 input.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -103,9 +103,12 @@ class Segmentor(nn.Module):
             raise ValueError(f"Segmentor expects images [B, 3, H, W], got {tuple(images.shape)}")
         return (images.float() - self.pixel_mean) / self.pixel_std
 
-    def class_space(self, text: Tensor) -> Tensor:
-        """CLIP text embeddings [..., C] as the classifier compares them (centred with
-        model.center_embeddings, else only L2-normalised)."""
+    def class_space(self, text: Tensor, vocabulary_center: bool = False) -> Tensor:
+        """CLIP text embeddings [..., C] as the classifier compares them (centered with
+        model.center_embeddings, else only L2-normalised). `vocabulary_center`: centered on
+        the mean of `text` [K, C] itself instead of the seen texts' (inference.text_center)."""
+        if vocabulary_center and bool(self.text_center.any()):
+            return centered(text, embedding_center(text))
         return centered(text, self.text_center)
 
     def forward(self, images: Tensor, class_embeds: Tensor, num_random_queries: int = 0) -> dict:
@@ -180,7 +183,7 @@ class Segmentor(nn.Module):
         LongTensor [B, H, W] per value, from one forward pass per image (per window): the
         calibration only changes how the queries' probabilities are summed into pixel scores,
         and each value's labels equal `predict`'s at that value exactly."""
-        class_embeds = self.class_space(text)
+        class_embeds = self.class_space(text, inference.text_center == "vocabulary")
         was_training = self.training
         self.eval()
         try:
