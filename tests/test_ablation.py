@@ -132,6 +132,8 @@ def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ra
         assert [[sum(by_group) for by_group in by_class] for by_class in
                 report["rows"][row]["naming"]] == report["rows"][row]["ownership"]
     assert "unseen pixels, by the group that won them" in diag and "before -> after" in diag
+    cosines = report["rows"]["+SM"]["candidate_query_cosines"]
+    assert len(cosines) == len(report["classes"]) and all(-1 <= c <= 1 for r in cosines for c in r)
     assert 0 <= report["candidates"]["background_pixel_share"] <= 1
     refused = splitmatch("diagnose", str(config), "--split", "holdout0", address=ray_cluster)
     text, _ = refused.communicate(timeout=300)

@@ -6,8 +6,8 @@ import torch
 
 from splitmatch.class_report import per_class_pseudo_quality
 from splitmatch.config import Config, config_differences, describe_differences, to_dict
-from splitmatch.diagnose import (candidate_composition, naming_counts, ownership_counts, query_groups,
-                                 winning_queries)
+from splitmatch.diagnose import (candidate_composition, naming_counts, owner_cosines, ownership_counts,
+                                 query_groups, winning_queries)
 
 
 def test_config_differences_name_result_keys_only():
@@ -76,6 +76,17 @@ def test_naming_counts_split_each_groups_pixels_by_how_it_named_them():
     assert counts[2].tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]  # right / as seen / as unseen
     assert counts[0].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 0]]
     assert int(counts.sum()) == 5  # the ignored pixel is not counted
+
+
+def test_owner_cosines_average_the_winning_candidate_queries_embeddings():
+    space = torch.eye(3)  # class k's text is axis k
+    embeds = torch.tensor([[[2.0, 0, 0], [0, 3.0, 0], [0, 0, 1.0]]])  # queries 0 seen, 1-2 candidate
+    groups = torch.tensor([0, 1, 1])
+    owner = torch.tensor([[[1, 1, 2, 0]]])  # [B, H, W]
+    target = torch.tensor([[[2, 2, 2, 2]]])
+    sums, counts = owner_cosines(embeds, owner, groups[owner], target, space)
+    assert counts.tolist() == [0, 0, 3]  # the seen query's pixel is not counted
+    assert (sums[2] / counts[2]).tolist() == pytest.approx([0, 2 / 3, 1 / 3])
 
 
 def test_ownership_and_groups():

@@ -85,6 +85,23 @@ def ownership_counts(owner_group: Tensor, target: Tensor, num_classes: int,
     return torch.bincount(index, minlength=num_classes * len(GROUPS)).view(num_classes, len(GROUPS))
 
 
+def owner_cosines(pred_embeds: Tensor, owner: Tensor, owner_group: Tensor, target: Tensor,
+                  class_space: Tensor, group: int = 1, ignore_index: int = 255
+                  ) -> tuple[Tensor, Tensor]:
+    """For the pixels of each ground-truth class won by a query of `group` (candidate queries by
+    default): the sum of the winning query's embedding cosines to every class [num_classes,
+    num_classes] and the pixel count [num_classes]. Their ratio says what the queries that find
+    a class point at: its own text, or another class's (a hub)."""
+    num_classes = class_space.shape[0]
+    keep = (target != ignore_index) & (owner_group == group)
+    batch = torch.arange(target.shape[0]).view(-1, 1, 1).expand_as(target)[keep]
+    embeds = F.normalize(pred_embeds.float(), dim=-1)[batch, owner[keep]]  # [P, C]
+    cosines = embeds @ class_space.float().T  # [P, num_classes]
+    truth = target[keep].long()
+    sums = torch.zeros(num_classes, num_classes).index_add_(0, truth, cosines)
+    return sums, torch.bincount(truth, minlength=num_classes)
+
+
 def candidate_composition(candidate_map: Tensor, full_label: Tensor, num_classes: int,
                           ignore_index: int = 255) -> Tensor:
     """Pixels of each candidate by what they really are: [U, num_classes + 1] counts, the last
@@ -132,6 +149,8 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
         evaluator = ZSSEvaluator(classes.names, classes.unseen, classes.ignore_index)
         owned = torch.zeros(len(classes.names), len(GROUPS), dtype=torch.long)
         naming = torch.zeros(len(classes.names), len(GROUPS), len(NAMINGS), dtype=torch.long)
+        cos_sums = torch.zeros(len(classes.names), len(classes.names))
+        cos_counts = torch.zeros(len(classes.names), dtype=torch.long)
         for batch in DataLoader(val_set, batch_size=8, collate_fn=collate):
             space = model.class_space(text, row_cfg.inference.text_center == "vocabulary")
             output = model(batch["image"], space, num_random_queries=num_random)
@@ -143,11 +162,17 @@ def evaluate_rows(cfg, row_checkpoints: dict[str, tuple[object, Path]], clip, cl
                                       classes.ignore_index)
             naming += naming_counts(groups[owner], pred, batch["label"], len(classes.names),
                                     classes.seen_ids, classes.ignore_index)
+            sums, counts = owner_cosines(output["pred_embeds"], owner, groups[owner],
+                                         batch["label"], space, ignore_index=classes.ignore_index)
+            cos_sums += sums
+            cos_counts += counts
         result = evaluator.compute()
         out[row] = {"metrics": {k: result[k] for k in ("hIoU", "sIoU", "uIoU")},
                     "calibration": calibration, "per_class": result["per_class"],
                     "confusion": evaluator.confusion.tolist(), "ownership": owned.tolist(),
-                    "naming": naming.tolist()}
+                    "naming": naming.tolist(),
+                    "candidate_query_cosines": (cos_sums / cos_counts.clamp(min=1)[:, None]
+                                                ).tolist()}
         log(f"  evaluated {row}: hIoU {result['hIoU']:.2f}  sIoU {result['sIoU']:.2f}  "
             f"uIoU {result['uIoU']:.2f}")
     return out
@@ -272,6 +297,14 @@ def format_diagnosis(report: dict) -> str:
                     out.append(f"   {name:<13}" + "   ".join(
                         _naming_text(group, r["naming"][k][g], sum(map(sum, r["naming"][k])))
                         for g, group in enumerate(GROUPS)))
+        if "candidate_query_cosines" in r:
+            out.append("  what the candidate queries that win an unseen class's pixels point at "
+                       "(mean cosine of their embedding to each class text, top 3):")
+            for k, name in enumerate(names):
+                if name in unseen and r["ownership"][k][1]:
+                    cos = r["candidate_query_cosines"][k]
+                    top = sorted(range(len(names)), key=lambda j: -cos[j])[:3]
+                    out.append(f"   {name:<13}" + ", ".join(f"{names[j]} {cos[j]:.3f}" for j in top))
     c = report["candidates"]
     out.append(f"\ncandidate targets: {c['candidates']}; background pixels {c['background_pixel_share']:.0%}, "
                f"seen pixels {c['seen_pixel_share']:.1%}; background candidates "

@@ -21,7 +21,8 @@ ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": 
               "model.center_embeddings": False, "clip.sha256": None,
               # Read only under seen_score_calibration: auto, which came with it: any grid does
               # what a run with a number did, and today's default compares equal to a new run's.
-              "inference.calibration_grid": InferenceConfig().calibration_grid}
+              "inference.calibration_grid": InferenceConfig().calibration_grid,
+              "inference.text_center": "seen"}
 
 
 def retire_keys(data: dict, source: str) -> dict:
