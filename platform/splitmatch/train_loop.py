@@ -185,11 +185,12 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(core, cfg.optim)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    parts_built = time.time()
     tracker = _open_tracker(cfg, config, worker.run_dir, parts, state, tell) if rank == 0 else None
     use_amp = cfg.train.amp and worker.device.type == "cuda"
     timer = StepTimer(parts.matcher, worker.device)
     timeline = Timeline(iteration, cfg.train.max_iters)
-    timeline.marks["loop_entered"] = entered
+    timeline.marks.update(loop_entered=entered, parts_built=parts_built)
     timeline.mark("set_up")
     model.train()
     # ---------------------------------------------------------------- loop

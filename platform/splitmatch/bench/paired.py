@@ -36,7 +36,9 @@ START = (("ray_up", "command_started", "ray_up"),
          # the worker processes, their process group, the loop's module imported (torch,
          # open_clip) and called
          ("worker_group", "controller_started", "loop_entered"),
-         ("loop_set_up", "loop_entered", "set_up"),
+         # CLIP's text embeddings, the training candidates, the model, the data
+         ("loop_set_up", "loop_entered", "parts_built"),
+         ("mlflow_open", "parts_built", "set_up"),
          ("first_iteration", "set_up", "first_iteration"))
 FINISH = (("test_and_mlflow", "last_iteration", "loop_finished"),
           ("worker_group_exit", "loop_finished", "fit_returned"),
