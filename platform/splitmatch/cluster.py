@@ -53,7 +53,10 @@ def init_ray(storage: StorageConfig | None = None) -> None:
                      logging_level=logging.INFO if verbose() else logging.WARNING,
                      runtime_env={"env_vars": env} if env else None)
     ray.data.DataContext.get_current().enable_progress_bars = verbose()
-    _stop_on_sigterm()
+    # `ray.init` makes SIGTERM a bare `sys.exit` in the driver, which took the workers down with
+    # the driver and left the run RUNNING: SIGTERM takes the Ctrl-C path again, so the running
+    # fit is stopped, its MLflow run marked KILLED, and the message says where to resume.
+    sigterm_as_interrupt()
 
 
 def _starts_local_instance() -> bool:
@@ -77,13 +80,6 @@ def _keep_on_loopback() -> None:
     # which the launchers do before they call init_ray: Ray's copy of it is set as well.
     os.environ[ENABLE_CLUSTER] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _stop_on_sigterm() -> None:
-    """`ray.init` makes SIGTERM a bare `sys.exit` in the driver, which took the workers down with
-    the driver and left the run RUNNING: SIGTERM takes the Ctrl-C path again, so the running fit
-    is stopped, its MLflow run marked KILLED, and the message says where to resume."""
-    sigterm_as_interrupt()
 
 
 # What the core worker writes to standard error when it starts, whatever RAY_BACKEND_LOG_LEVEL

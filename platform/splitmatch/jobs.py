@@ -81,7 +81,7 @@ def runtime_env(project: Path, pip: list[str] | None = None,
                  "excludes": EXCLUDES,
                  # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default:
                  # 3): time for the command to stop its fit and mark the MLflow run KILLED
-                 # (cluster._stop_on_sigterm).
+                 # (errors.sigterm_as_interrupt, after cluster.init_ray).
                  "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
     if pip:
         env["pip"] = pip
