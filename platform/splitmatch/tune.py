@@ -12,6 +12,7 @@ ones. Concurrent trials write MLflow through one local `mlflow server`, never on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -265,17 +266,16 @@ def _summarize(results, cfg: Config, client, parent_id: str, search_dir: str) ->
                 None)
     chosen = None
     if best is not None:
-        best_cfg = trial_config(to_dict(cfg) | {"tune": {}}, searched_values(best, searched),
-                                f"{cfg.name}-best")
-        client.log_text(parent_id, dump_config(best_cfg), "best_config.yaml")
+        # The chosen trial's own config (its run folder and MLflow run): what publishing its
+        # results page and model reads (cli.cmd_tune); saved on the parent under another name.
+        chosen = trial_config(to_dict(cfg) | {"tune": {}}, searched_values(best, searched),
+                              best["run_name"])
+        client.log_text(parent_id, dump_config(dataclasses.replace(chosen, name=f"{cfg.name}-best")),
+                        "best_config.yaml")
         client.log_metric(parent_id, "best_select_hIoU", best["select_hIoU"])
         client.log_metric(parent_id, "best_test_hIoU", best["hIoU"])
         client.set_tag(parent_id, "best_trial", best["trial"])
         client.set_tag(parent_id, "best_run_name", best["run_name"])
-        # The chosen trial's own config (its run folder and MLflow run): what publishing its
-        # results page and model reads (cli.cmd_tune).
-        chosen = trial_config(to_dict(cfg) | {"tune": {}}, searched_values(best, searched),
-                              best["run_name"])
     client.set_terminated(parent_id, status="FINISHED")
     return {"trials": len(rows), "errors": sum(r["state"].startswith("failed") for r in rows),
             "stopped_early": sum(r["state"].startswith("stopped early") for r in rows),
