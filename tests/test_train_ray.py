@@ -34,7 +34,9 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     assert sum(line.startswith("evaluating val: 4/4 img (100%)") for line in lines) == 3, out
     assert sum(line.startswith("evaluating test: 4/4 img (100%)") for line in lines) == 1, out
     run_dir = tmp_path / "runs" / "two"
-    assert sorted(p.name for p in (run_dir / "workers").iterdir()) == ["rank0.pid", "rank1.pid"]
+    # One pid per rank (rank 0 also leaves its timeline there, which the paired bench reads).
+    assert sorted(p.name for p in (run_dir / "workers").glob("*.pid")) == ["rank0.pid", "rank1.pid"]
+    assert "loop_finished" in json.loads((run_dir / "workers" / "rank0.timeline.json").read_text())["marks"]
     client, run = the_run(default_tracking_uri(tmp_path / "runs"))
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     for key in ("hIoU", "sIoU", "uIoU", "mIoU", "loss", "lr", "loss_cls", "loss_cos", "loss_mfe_ce",
