@@ -281,7 +281,7 @@ def _run_split(cfg: Config, plan: _Plan, split: Split, runs: dict, client, log) 
             result = _run_row(base, plan.table, row, seed, split, plan.family, plan.parent,
                               plan.parent_id, plan.uri, log)
             runs[row][(split.label, seed)] = result
-            log(f"[{where}, seed {seed}] {row}: " + _figures(result))
+            log(f"[{where}, seed {seed}] {row}: " + _figures(result, plan.reported))
     per_split = {row: {pair: r for pair, r in runs[row].items() if pair[0] == split.label}
                  for row in plan.rows}
     report = class_report(base, {row: [r["per_class"] for r in per_split[row].values()]
@@ -424,10 +424,11 @@ def _plain(result: dict) -> dict:
     return {"test": result["test"], "val": result["select"], "calibration": result["calibration"]}
 
 
-def _figures(result: dict) -> str:
-    """"val hIoU .. sIoU .. uIoU ..; test hIoU ..; calibration 0.05" for one run."""
+def _figures(result: dict, reported: str) -> str:
+    """"val hIoU .. sIoU .. uIoU ..; test hIoU ..; calibration 0.05" for one run. A development
+    split's run shows val only: choices are made there, and a test figure in sight invites one."""
     parts = []
-    for key, name in (("select", "val"), ("test", "test")):
+    for key, name in (("select", "val"), ("test", "test"))[:2 if reported == "test" else 1]:
         parts.append(f"{name} " + "  ".join(f"{k} {result[key][k]:.2f}" for k in METRICS))
     return "; ".join(parts) + f"; calibration {result['calibration']:g}"
 

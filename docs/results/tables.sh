@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# The held-out tables of docs/results/: the project's toy preset (Table 2 rows) and the
-# deviations table (the preset, each deviation switched off, the paper as written), on the
-# first 4 held-out toy-world splits x seeds 0 and 1, at the demo's budget (ResNet-10, 500
-# iterations at 6e-4). Every choice was fixed before these ran; held-out figures are read once.
-#   bash docs/results/holdout_tables.sh [2|paper ...]     (default: both; resumable: rerun it)
-# Writes docs/results/toyworld-holdout-table<T>.{log,json,md}: the command's output, its JSON last
-# line with the commit, the machine and the seeds beside it, and that table in markdown.
+# The tables of docs/results/: Table 2's rows and the deviations table (the preset, each
+# deviation switched off, the paper as written) over the first 4 toy-world splits of a family x
+# seeds 0 and 1, at the demo's budget (ResNet-10, 500 iterations at 6e-4).
+#   bash docs/results/tables.sh dev [2|paper ...]      development splits, val figures: choosing
+#   bash docs/results/tables.sh holdout [2|paper ...]  held-out splits, test figures: reporting,
+#                                                      once every choice is fixed; read once
+# (default tables: both; resumable: rerun it). Writes docs/results/toyworld-<family>-table<T>
+# .{log,json,md}: the command's output, its JSON last line with the commit, the machine and the
+# seeds beside it, and that table in markdown.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+FAMILY=${1:?"which splits: dev (val, for choosing) or holdout (test, for reporting)"}
+shift
+case $FAMILY in
+  dev) PICK=(--splits 4); REPORTED=val; SPLITS=dev0-dev3 ;;
+  holdout) PICK=(--holdout 4); REPORTED=test; SPLITS=holdout0-holdout3 ;;
+  *) echo "tables.sh: unknown family '$FAMILY' (dev or holdout)" >&2; exit 2 ;;
+esac
 OUT=docs/results
 STORE=${STORE:-runs/results}
 BUDGET=(--set model.backbone=resnet10 --set train.max_iters=500 --set optim.lr=6.0e-4
@@ -15,22 +24,22 @@ BUDGET=(--set model.backbone=resnet10 --set train.max_iters=500 --set optim.lr=6
         --set "train.storage_path=$STORE" --set "pseudo_masks.cache_dir=$STORE/pseudo_cache")
 for table in "${@:-2 paper}"; do
   for t in $table; do
-    log="$OUT/toyworld-holdout-table$t.log"
-    splitmatch ablation experiments/toyworld.yaml --table "$t" --holdout 4 --seeds 2 \
+    log="$OUT/toyworld-$FAMILY-table$t.log"
+    splitmatch ablation experiments/toyworld.yaml --table "$t" "${PICK[@]}" --seeds 2 \
       "${BUDGET[@]}" 2>&1 | tee "$log.full"
     # The record without the progress displays' lines.
     grep -vE "^(training |evaluating |pseudo masks: )" "$log.full" > "$log" && rm "$log.full"
-    python3 - "$log" "$OUT/toyworld-holdout-table$t.json" "$t" <<'PY'
+    python3 - "$log" "$OUT/toyworld-$FAMILY-table$t.json" "$t" "${PICK[*]}" $REPORTED $SPLITS <<'PY'
 import json, platform, re, subprocess, sys
-log, out, table = sys.argv[1:]
+log, out, table, pick, reported, splits = sys.argv[1:]
 rows = json.loads(open(log).read().strip().splitlines()[-1])
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
             if l.startswith("model name")), platform.processor())
-meta = {"command": f"splitmatch ablation experiments/toyworld.yaml --table {table} --holdout 4 "
+meta = {"command": f"splitmatch ablation experiments/toyworld.yaml --table {table} {pick} "
                    "--seeds 2 (demo budget: resnet10, 500 iterations, lr 6e-4)",
         "commit": subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip(),
         "machine": f"{cpu}, {subprocess.check_output(['nproc'], text=True).strip()} cores",
-        "seeds": [0, 1], "splits": "holdout0-holdout3", "reported": "test split", "rows": rows}
+        "seeds": [0, 1], "splits": splits, "reported": f"{reported} split", "rows": rows}
 open(out, "w").write(json.dumps(meta, indent=1) + "\n")
 
 def cell(entry, signed=False):
@@ -41,10 +50,11 @@ def cell(entry, signed=False):
         text += f" [{entry['ci95'][0]:.2f}, {entry['ci95'][1]:.2f}]"
     return text + (" (not shown)" if entry.get("shown") is False else "")
 
-lines = [f"# Toy world, held-out splits: {'the deviations table' if table == 'paper' else 'Table ' + table}",
+family = "held-out" if reported == "test" else "development"
+lines = [f"# Toy world, {family} splits: {'the deviations table' if table == 'paper' else 'Table ' + table}",
          "", f"`{meta['command']}`", "",
-         f"Commit {meta['commit'][:10]}, {meta['machine']}; seeds 0 and 1 on holdout0-holdout3; "
-         "test figures (hIoU / sIoU / uIoU), mean [95% interval] over the 8 (split, seed) pairs; "
+         f"Commit {meta['commit'][:10]}, {meta['machine']}; seeds 0 and 1 on {splits}; "
+         f"{reported} figures (hIoU / sIoU / uIoU), mean [95% interval] over the 8 (split, seed) pairs; "
          "differences paired over the same pairs, two-stage bootstrap (splits, then seeds).", "",
          "| row | hIoU | sIoU | uIoU | hIoU vs first row | uIoU vs first row | hIoU vs row before |",
          "|---|---|---|---|---|---|---|"]
@@ -53,9 +63,12 @@ for row, entry in rows.items():
     lines.append(f"| {row} | {cell(entry['hIoU'])} | {cell(entry['sIoU'])} | {cell(entry['uIoU'])} "
                  f"| {cell(base.get('hIoU'), True)} | {cell(base.get('uIoU'), True)} "
                  f"| {cell(prev.get('hIoU'), True)} |")
-runs = re.findall(r"^\[(\S+) \(.*?\), seed (\d+)\] (.+?): val .*?; test hIoU (\S+)\s+sIoU (\S+)"
-                  r"\s+uIoU (\S+); calibration (\S+)$", open(log).read(), flags=re.M)
-lines += ["", "Each (split, seed) run, test hIoU / sIoU / uIoU (calibration chosen on val):", "",
+pattern = (r"^\[(\S+) \(.*?\), seed (\d+)\] (.+?): val hIoU (\S+)\s+sIoU (\S+)\s+uIoU (\S+);"
+           r".*?calibration (\S+)$") if reported == "val" else (
+           r"^\[(\S+) \(.*?\), seed (\d+)\] (.+?): val .*?; test hIoU (\S+)\s+sIoU (\S+)"
+           r"\s+uIoU (\S+); calibration (\S+)$")
+runs = re.findall(pattern, open(log).read(), flags=re.M)
+lines += ["", f"Each (split, seed) run, {reported} hIoU / sIoU / uIoU (calibration chosen on val):", "",
           "| split | seed | " + " | ".join(rows) + " |", "|---|---|" + "---|" * len(rows)]
 pairs = sorted({(split, seed) for split, seed, *_ in runs}, key=lambda p: (p[0], int(p[1])))
 found = {(split, seed, row): f"{h} / {s} / {u} ({c})" for split, seed, row, h, s, u, c in runs}
