@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TABLES,
+from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TABLES, chosen_rows,
                                  deviation_rows, row_config, slug)
-from splitmatch.config import config_from_dict, dump_config, flatten, load_config
+from splitmatch.config import ConfigError, config_from_dict, dump_config, flatten, load_config
 from splitmatch.splits import DEV, HOLDOUT, draw_family
 from splitmatch.tracking import default_tracking_uri
 from helpers import finish, splitmatch, tiny_config, write_config
@@ -252,3 +252,16 @@ def test_tables_rows_set_only_their_key(tmp_path, table, key, values):
         assert cfg["name"] == f"tab-table{table}-dev0-s0-" + slug(row)
         settings[row] = cfg[key]
     assert settings == values
+
+
+def test_rows_picks_a_tables_rows_in_its_order_and_refuses_what_it_cannot_run():
+    rows = tuple(TABLES["paper"])
+    assert chosen_rows("paper", rows, "preset - per-group normalisation, preset") == (
+        "preset", "preset - per-group normalisation")
+    with pytest.raises(ConfigError, match=r"--rows: 'GN': table paper's rows are 'preset', "):
+        chosen_rows("paper", rows, "preset,GN")
+    # The calibration row evaluates the preset's model: it cannot run without it.
+    with pytest.raises(ConfigError, match="'preset - calibration' evaluates the model of 'preset'"):
+        chosen_rows("paper", rows, "preset - calibration")
+    with pytest.raises(ConfigError, match="no row named"):
+        chosen_rows("2", tuple(TABLES["2"]), " , ")

@@ -5,7 +5,8 @@
 #   bash docs/results/tables.sh dev [2|paper ...]      development splits, val figures: choosing
 #   bash docs/results/tables.sh holdout [2|paper ...]  held-out splits, test figures: reporting,
 #                                                      once every choice is fixed; read once
-# (default tables: both; resumable: rerun it). Writes docs/results/toyworld-<family>-table<T>
+# (default tables: both; resumable: rerun it). ROWS="row,row" runs only those rows of a table
+# (`splitmatch ablation --rows`). Writes docs/results/toyworld-<family>-table<T>
 # .{log,json,md}: the command's output, its JSON last line with the commit, the machine and the
 # seeds beside it, and that table in markdown.
 set -euo pipefail
@@ -26,10 +27,12 @@ for table in "${@:-2 paper}"; do
   for t in $table; do
     log="$OUT/toyworld-$FAMILY-table$t.log"
     splitmatch ablation experiments/toyworld.yaml --table "$t" "${PICK[@]}" --seeds 2 \
+      ${ROWS:+--rows "$ROWS"} \
       "${BUDGET[@]}" 2>&1 | tee "$log.full"
     # The record without the progress displays' lines.
     grep -vE "^(training |evaluating |pseudo masks: )" "$log.full" > "$log" && rm "$log.full"
-    python3 - "$log" "$OUT/toyworld-$FAMILY-table$t.json" "$t" "${PICK[*]}" $REPORTED $SPLITS <<'PY'
+    python3 - "$log" "$OUT/toyworld-$FAMILY-table$t.json" "$t" "${PICK[*]}${ROWS:+ --rows '$ROWS'}" \
+      $REPORTED $SPLITS <<'PY'
 import json, platform, re, subprocess, sys
 log, out, table, pick, reported, splits = sys.argv[1:]
 rows = json.loads(open(log).read().strip().splitlines()[-1])

@@ -179,6 +179,21 @@ def deviation_rows(cfg: Config, log=print) -> tuple[str, ...]:
     return tuple(rows)
 
 
+def chosen_rows(table: str, rows: tuple[str, ...], wanted: str) -> tuple[str, ...]:
+    """The rows of `rows` named in `wanted` ("preset,preset - calibration"), in the table's order.
+    A row that evaluates another row's model needs that row beside it."""
+    names = [name.strip() for name in wanted.split(",") if name.strip()]
+    unknown = [name for name in names if name not in rows]
+    if unknown or not names:
+        raise ConfigError(f"--rows: {', '.join(map(repr, unknown)) or 'no row named'}: table "
+                          f"{table}'s rows are {', '.join(map(repr, rows))}")
+    for name in names:
+        if name in EVALUATES and EVALUATES[name] not in names:
+            raise ConfigError(f"--rows: '{name}' evaluates the model of '{EVALUATES[name]}'; "
+                              f"name that row too")
+    return tuple(row for row in rows if row in names)
+
+
 def ablation_splits(cfg: Config, dev: int, holdout: int) -> tuple[str, list[Split]]:
     """(family, splits) the ablation runs on. A config that names its own split (data.unseen, or
     a toy-world seed other than 0) runs on exactly that one, if it is a development split."""
@@ -208,13 +223,14 @@ def ablation_splits(cfg: Config, dev: int, holdout: int) -> tuple[str, list[Spli
 
 
 def run_ablation(cfg: Config, seeds: int = 1, splits: int = 0, holdout: int = 0,
-                 table: str = "2", log=print) -> dict:
-    """Train and evaluate every row for every (split, seed); returns the per-row summary (mean
-    and interval of each metric, paired differences) of the reported split, and the runs."""
+                 table: str = "2", log=print, rows: str | None = None) -> dict:
+    """Train and evaluate every row (or those named in `rows`, comma-separated) for every
+    (split, seed); returns the per-row summary (mean and interval of each metric, paired
+    differences) of the reported split, and the runs."""
     from mlflow.tracking import MlflowClient
 
     cfg = resolve_paths(cfg)
-    plan = _plan(cfg, str(table), seeds, splits, holdout, log)
+    plan = _plan(cfg, str(table), seeds, splits, holdout, log, rows)
     client = MlflowClient(plan.uri)
     plan.parent_id, _ = open_parent_run(client, plan.uri, cfg, plan.parent, "ablation", {
         "table": plan.table, "family": plan.family, "reported_split": plan.reported_name,
@@ -250,7 +266,8 @@ class _Plan:
     parent_id: str = ""
 
 
-def _plan(cfg: Config, table: str, seeds: int, splits: int, holdout: int, log) -> _Plan:
+def _plan(cfg: Config, table: str, seeds: int, splits: int, holdout: int, log,
+          wanted: str | None = None) -> _Plan:
     if table not in TABLES:
         raise ConfigError(f"--table {table}: the ablation tables are {sorted(TABLES)}")
     rows = tuple(TABLES[table])
@@ -260,6 +277,8 @@ def _plan(cfg: Config, table: str, seeds: int, splits: int, holdout: int, log) -
     family, drawn = ablation_splits(cfg, splits, holdout)
     if table == "paper":
         rows = deviation_rows(cfg, log)
+    if wanted is not None:
+        rows = chosen_rows(table, rows, wanted)
     return _Plan(table, rows, family, drawn, seeds,
                  reported="test" if family == HOLDOUT else "select",
                  reported_name=(cfg.data.test_split if family == HOLDOUT

@@ -178,7 +178,7 @@ def cmd_init(args) -> int:
 def cmd_ablation(args) -> int:
     from splitmatch.ablation import run_ablation
     result = run_ablation(_config(args), seeds=args.seeds, splits=args.splits,
-                          holdout=args.holdout, table=args.table)
+                          holdout=args.holdout, table=args.table, rows=args.rows)
     return 0 if result else 1
 
 
@@ -377,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Fu, Fu+MLP, Cu), 4 (MFE norm: none, BN, GN), or 'paper': the config "
                         "(the project's preset), each of its deviations from the paper switched "
                         "off, and the paper as written")
+    p.add_argument("--rows", default=None, metavar="ROW,ROW",
+                   help="only these rows of the table, in its order (comma-separated names, e.g. "
+                        "'preset,preset - candidate negatives'); the first is the one the others "
+                        "are compared with")
 
     p = command("diagnose", "where one ablation split's results come from (queries, confusions, "
                             "candidates, CLIP)", cmd_diagnose)
