@@ -106,6 +106,8 @@ def test_floats_take_scientific_notation_and_refuse_non_finite_values():
     ("name=../x", "name"),  # run names are folders under train.storage_path: no paths
     ("name=a/b", "name"),
     ("name=..", "name"),
+    ("loss.candidate_pool=everything", "loss.candidate_pool"),
+    ("loss.candidate_pool_max_cosine=1.5", "loss.candidate_pool_max_cosine"),
 ])
 def test_bad_values_name_key_and_file(override, key):
     path = EXPERIMENTS / "toyworld.yaml"
@@ -148,6 +150,10 @@ def test_dense_candidate_embeddings_need_the_mfe():
                     ["model.candidate_embedding=dense", "model.mfe.enabled=false"])
     cfg = load_config(EXPERIMENTS / "toyworld.yaml", ["model.candidate_embedding=dense_mlp"])
     assert cfg.model.candidate_embedding == "dense_mlp"
+    # The batch pool pools CLIP's Cu, which the dense embeddings replace.
+    with pytest.raises(ConfigError, match="'loss.candidate_pool' batch pools CLIP's Cu"):
+        load_config(EXPERIMENTS / "toyworld.yaml",
+                    ["model.candidate_embedding=dense", "loss.candidate_pool=batch"])
 
 
 def test_a_stored_config_with_a_merged_key_reads_as_today_or_is_refused_by_name(tmp_path):

@@ -171,3 +171,64 @@ def test_evaluation_tells_its_progress_in_images_of_the_split():
                       batch_size=2, progress=lambda done, total: heard.append((done, total)))
     assert len(test_set) == 5 and "hIoU" in result
     assert heard == [(0, 5), (2, 5), (4, 5), (5, 5)]  # from the start, after every batch
+
+
+def test_pooled_candidates_score_each_image_against_the_batchs_other_candidates():
+    from splitmatch.targets import pooled_candidates
+    cmaps = torch.tensor([[[0, 1], [2, 2]], [[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)
+    # Image 0 has two candidates, image 1 one (much like image 0's first), image 2 none.
+    embeds = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.9, 0.1]]), torch.zeros(0, 2)]
+    maps, pooled, keep = pooled_candidates(cmaps, embeds, max_cosine=0.5)
+    # Image b's candidate j is pooled column offset_b + j: image 1's candidate 1 is column 3.
+    assert maps.dtype == torch.long and maps.tolist() == [[[0, 1], [2, 2]], [[3, 0], [0, 0]],
+                                                         [[0, 0], [0, 0]]]
+    assert len(pooled) == 3 and all(torch.equal(p, torch.cat(embeds)) for p in pooled)
+    # Image 1's candidate lies at cosine 0.99 of image 0's first: not a negative of either image;
+    # image 0's second (cosine 0.11) is image 1's negative. An image without candidates is
+    # scored against all of them.
+    assert keep.tolist() == [[True, True, False], [False, True, True], [True, True, True]]
+    _, _, everything = pooled_candidates(cmaps, embeds, max_cosine=1.0)
+    assert everything.all()
+
+
+def test_a_batch_pool_gives_candidate_queries_the_other_images_candidates_as_negatives():
+    """The same batch and weights under `loss.candidate_pool` image and batch: the batch pool
+    scores every image against both images' candidates (more classification terms, the same
+    targets matched), and it trains (finite losses, gradients)."""
+    torch.manual_seed(0)
+    cfg = config_from_dict({"model": TINY_MODEL, "clip": TINY_CLIP, "matching": {"mode": "split"},
+                            "loss": {"num_points": 256, "candidate_pool": "batch",
+                                     "candidate_pool_max_cosine": 1.0}})
+    clip = build_clip(cfg.clip)
+    classes = toy_classes(clip)
+    batch = fixed_toy_batch(clip, size=64)
+    model = build_segmentor(cfg.model, clip.embed_dim)
+    seen_columns = []
+
+    class Columns(torch.nn.Module):  # what the real criterion is handed, then the criterion
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, outputs, targets, class_valid, **kw):
+            seen_columns.append((class_valid.sum(1).tolist(),
+                                 [t["labels"][t["is_candidate"]].tolist() for t in targets]))
+            return self.inner(outputs, targets, class_valid, **kw)
+
+    criterion = Columns(build_criterion(cfg.loss, build_matcher(cfg.matching, cfg.loss, 8, 4),
+                                        cfg.data.ignore_index, num_seen_queries=8))
+    per_image = training_step(model, criterion, batch, classes, True, torch.device("cpu"))
+    pooled = training_step(model, criterion, batch, classes, True, torch.device("cpu"),
+                           pool_max_cosine=1.0)
+    (valid_image, labels_image), (valid_batch, labels_batch) = seen_columns
+    ns, counts = classes.num_seen, [len(c) for c in batch["candidate_embeds"]]
+    assert valid_image == [ns + counts[0], ns + counts[1]]
+    assert valid_batch == [ns + sum(counts)] * 2
+    assert labels_image == [list(range(ns, ns + counts[0])), list(range(ns, ns + counts[1]))]
+    assert labels_batch == [list(range(ns, ns + counts[0])),
+                            list(range(ns + counts[0], ns + sum(counts)))]
+    assert pooled["loss_cls"].item() != per_image["loss_cls"].item()
+    total = sum(pooled.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -24,7 +24,8 @@ from splitmatch.model import build_segmentor
 from splitmatch.splits import class_names as dataset_classes
 from splitmatch.splits import default_unseen
 from splitmatch.splits import seen_ids as dataset_seen_ids
-from splitmatch.targets import build_targets, class_embedding_sets, embedding_center, seen_lookup
+from splitmatch.targets import (build_targets, class_embedding_sets, embedding_center,
+                                pooled_candidates, seen_lookup)
 
 
 @dataclass
@@ -96,11 +97,14 @@ def set_learning_rate(optimizer, iteration: int, max_iters: int, optim_cfg: Opti
 
 def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classes: ClassSpace,
                   split_matching: bool, device: torch.device, amp: bool = False,
-                  candidate_embedding: str = "cls") -> dict[str, Tensor]:
+                  candidate_embedding: str = "cls", pool_max_cosine: float | None = None
+                  ) -> dict[str, Tensor]:
     """Forward + weighted losses for one batch (no backward: the caller owns the optimizer).
 
     `candidate_embedding` is `model.candidate_embedding`: "cls" uses the cached CLIP Cu,
-    "dense"/"dense_mlp" the model's own MFE features pooled over each candidate mask.
+    "dense"/"dense_mlp" the model's own MFE features pooled over each candidate mask. With
+    `pool_max_cosine` (`loss.candidate_pool: batch`), every image is scored against the batch's
+    candidates (`targets.pooled_candidates`).
 
     With `amp`, only the model runs under bf16 autocast (no loss scaling needed, unlike fp16); the
     matcher and the losses stay in float32, as in Mask2Former, since Hungarian costs in bf16 can
@@ -112,10 +116,17 @@ def training_step(model: nn.Module, criterion: SetCriterion, batch: dict, classe
     if split_matching and "candidate_map" in batch:
         candidate_maps = batch["candidate_map"].to(device)  # [B, H, W], 0 = no candidate
         candidate_embeds = [c.to(device).float() for c in batch["candidate_embeds"]]  # B × [U_b, C]
+    pooled = None
+    if candidate_maps is not None and pool_max_cosine is not None:
+        candidate_maps, candidate_embeds, pooled = pooled_candidates(candidate_maps,
+                                                                     candidate_embeds,
+                                                                     pool_max_cosine)
     targets = build_targets(labels, classes.seen_lut, candidate_maps, classes.num_seen)
     core = model.module if hasattr(model, "module") else model
     seen_text = core.class_space(classes.seen_text.to(device))
     class_embeds, class_valid = class_embedding_sets(seen_text, candidate_embeds, images.shape[0])
+    if pooled is not None:
+        class_valid[:, classes.num_seen:] &= pooled
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(images, class_embeds)
         if candidate_maps is not None and candidate_embedding != "cls":
@@ -300,7 +311,9 @@ def optimization_step(model: nn.Module, optimizer, parts: TrainingParts, cfg: Co
     set_learning_rate(optimizer, iteration, cfg.train.max_iters, cfg.optim)
     losses = training_step(model, parts.criterion, batch, parts.classes,
                            cfg.matching.mode == "split", device, amp=amp,
-                           candidate_embedding=cfg.model.candidate_embedding)
+                           candidate_embedding=cfg.model.candidate_embedding,
+                           pool_max_cosine=(cfg.loss.candidate_pool_max_cosine
+                                            if cfg.loss.candidate_pool == "batch" else None))
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

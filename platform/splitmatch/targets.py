@@ -57,6 +57,35 @@ def build_targets(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None = N
     return targets
 
 
+def pooled_candidates(candidate_maps: Tensor, candidate_embeds: list[Tensor], max_cosine: float
+                      ) -> tuple[Tensor, list[Tensor], Tensor]:
+    """The batch's candidates as every image's candidate columns (`loss.candidate_pool: batch`).
+
+    Image b's candidate j becomes column offset_b + j of one pooled Cu [U, C] that every image
+    is scored against, so a candidate query is told apart from the other images' candidates too,
+    not only from the one to three of its own image. Another image's candidate whose Cu lies
+    within `max_cosine` of one of the image's own is likely the same kind of object: it is not
+    that image's negative (CLIP embeddings only, no label). Returns the candidate maps relabelled
+    to the pooled columns, the pooled Cu once per image, and which pooled columns each image is
+    scored against [B, U].
+    """
+    counts = [len(c) for c in candidate_embeds]
+    offsets = torch.tensor([0, *counts[:-1]], device=candidate_maps.device).cumsum(0)
+    maps = candidate_maps.long()  # pooled ids may pass a uint8 map's 255
+    maps = torch.where(maps > 0, maps + offsets.view(-1, 1, 1), maps)
+    pooled = torch.cat(candidate_embeds)  # [U, C]
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=pooled.device),
+                                    torch.tensor(counts, device=pooled.device))  # [U]
+    unit = F.normalize(pooled.float(), dim=-1)
+    cosine = unit @ unit.T  # [U, U]
+    own = owner[None, :] == torch.arange(len(counts), device=pooled.device)[:, None]  # [B, U]
+    # For image b and column k: the largest cosine of Cu_k to one of b's own candidates.
+    nearest = torch.stack([cosine[own[b]].amax(0) if counts[b] else cosine.new_full(
+        (len(owner),), -1.0) for b in range(len(counts))])  # [B, U]
+    keep = own | (nearest <= max_cosine)
+    return maps, [pooled] * len(counts), keep
+
+
 def class_embedding_sets(seen_text: Tensor, candidate_embeds: list[Tensor] | None,
                          batch_size: int) -> tuple[Tensor, Tensor]:
     """E [B, Ns + Umax, C] and its validity mask [B, Ns + Umax] (padding columns are False)."""

@@ -22,7 +22,8 @@ ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": 
               # Read only under seen_score_calibration: auto, which came with it: any grid does
               # what a run with a number did, and today's default compares equal to a new run's.
               "inference.calibration_grid": InferenceConfig().calibration_grid,
-              "inference.text_center": "seen"}
+              "inference.text_center": "seen", "loss.candidate_pool": "image",
+              "loss.candidate_pool_max_cosine": 0.5}
 
 
 def retire_keys(data: dict, source: str) -> dict:

@@ -177,6 +177,12 @@ class LossConfig:
     # "joint": every loss divided by all targets of the batch (Mask2Former); "per_group": with Split
     # Matching, the seen and the candidate queries' losses each by their own targets' count.
     normalization: Literal["joint", "per_group"] = "joint"
+    # The candidate columns each image's queries are scored against: its own candidates ("image",
+    # the paper's E_b = [As, Cu_b]) or every candidate of the worker's batch ("batch": the other
+    # images' Cu as more negatives, except those within candidate_pool_max_cosine of one of the
+    # image's own, likely the same kind of object; docs/method.md).
+    candidate_pool: Literal["image", "batch"] = "image"
+    candidate_pool_max_cosine: float = 0.5
 
 
 @dataclass

@@ -116,6 +116,11 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: 'loss.oversample_ratio' must be >= 1")
     if not 0 <= lo.importance_sample_ratio <= 1:
         raise ConfigError(f"{source}: 'loss.importance_sample_ratio' must lie in [0, 1]")
+    if not -1.0 <= lo.candidate_pool_max_cosine <= 1.0:
+        raise ConfigError(f"{source}: 'loss.candidate_pool_max_cosine' must lie in [-1, 1]")
+    if lo.candidate_pool == "batch" and m.candidate_embedding != "cls":
+        raise ConfigError(f"{source}: 'loss.candidate_pool' batch pools CLIP's Cu: it needs "
+                          f"model.candidate_embedding cls, not {m.candidate_embedding!r}")
     o = cfg.optim
     check_positive(o.lr, "optim.lr", source)
     check_positive(o.weight_decay, "optim.weight_decay", source, allow_zero=True)
