@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TABLES, chosen_rows,
-                                 deviation_rows, row_config, slug)
+from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TABLES,
+                                 ablation_splits, chosen_rows, deviation_rows, parent_name,
+                                 row_config, run_ablation, slug)
 from splitmatch.config import ConfigError, config_from_dict, dump_config, flatten, load_config
 from splitmatch.splits import DEV, HOLDOUT, draw_family
 from splitmatch.tracking import default_tracking_uri
@@ -265,3 +266,17 @@ def test_rows_picks_a_tables_rows_in_its_order_and_refuses_what_it_cannot_run():
         chosen_rows("paper", rows, "preset - calibration")
     with pytest.raises(ConfigError, match="no row named"):
         chosen_rows("2", tuple(TABLES["2"]), " , ")
+
+
+def test_holdout_from_reads_fresh_held_out_splits_under_a_parent_of_its_own(tmp_path):
+    """A held-out split is read once: `--holdout 4 --holdout-from 4` takes holdout4-7, the same
+    splits as the last four of `--holdout 8`, and records them under another parent."""
+    base = config_from_dict(tiny_config(tmp_path, "tab"))
+    family, fresh = ablation_splits(base, 0, 4, first=4)
+    assert family == HOLDOUT and [s.label for s in fresh] == [f"holdout{i}" for i in range(4, 8)]
+    assert fresh == draw_family("toyworld", HOLDOUT, 8)[4:]
+    assert parent_name(base, "2", HOLDOUT) == "tab-ablation-holdout"
+    assert parent_name(base, "2", HOLDOUT, 4) == "tab-ablation-holdout-from4"
+    assert parent_name(base, "paper", DEV, 4) == "tab-tablepaper"
+    with pytest.raises(ConfigError, match="--holdout-from skips held-out splits: it goes with --holdout"):
+        run_ablation(base, splits=2, holdout_from=4)

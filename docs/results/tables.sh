@@ -5,6 +5,7 @@
 #   bash docs/results/tables.sh dev [2|paper ...]      development splits, val figures: choosing
 #   bash docs/results/tables.sh holdout [2|paper ...]  held-out splits, test figures: reporting,
 #                                                      once every choice is fixed; read once
+#   (HOLDOUT_FROM=4: held-out splits 4-7 instead, a fresh read, into toyworld-holdout4-7-*)
 # (default tables: both; resumable: rerun it). ROWS="row,row" runs only those rows of a table
 # (`splitmatch ablation --rows`). Writes docs/results/toyworld-<family>-table<T>
 # .{log,json,md}: the command's output, its JSON last line with the commit, the machine and the
@@ -15,7 +16,8 @@ FAMILY=${1:?"which splits: dev (val, for choosing) or holdout (test, for reporti
 shift
 case $FAMILY in
   dev) PICK=(--splits 4); REPORTED=val; SPLITS=dev0-dev3 ;;
-  holdout) PICK=(--holdout 4); REPORTED=test; SPLITS=holdout0-holdout3 ;;
+  holdout) FROM=${HOLDOUT_FROM:-0}; PICK=(--holdout 4 --holdout-from "$FROM"); REPORTED=test
+           SPLITS=holdout$FROM-holdout$((FROM + 3)); [ "$FROM" = 0 ] || FAMILY=holdout$FROM-$((FROM + 3)) ;;
   *) echo "tables.sh: unknown family '$FAMILY' (dev or holdout)" >&2; exit 2 ;;
 esac
 OUT=docs/results

@@ -77,9 +77,12 @@ ROWS = tuple(TABLES["2"])
 EVALUATES: dict[str, str] = {"+SM+MFE+RQ": "+SM+MFE", "preset - calibration": "preset"}
 
 
-def parent_name(cfg: Config, table: str, family: str) -> str:
+def parent_name(cfg: Config, table: str, family: str, first: int = 0) -> str:
+    """The parent run's (and folder's) name; `first` held-out splits skipped (`--holdout-from`)
+    make another read, under a parent of its own."""
     kind = "ablation" if table == "2" else f"table{table}"
-    return f"{cfg.name}-{kind}" + ("-holdout" if family == HOLDOUT else "")
+    held_out = "-holdout" + (f"-from{first}" if first else "")
+    return f"{cfg.name}-{kind}" + (held_out if family == HOLDOUT else "")
 
 
 def slug(row: str) -> str:
@@ -140,7 +143,7 @@ EVALUATION_KEYS = ("inference.",)
 
 
 def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
-              family: str) -> list[Config]:
+              family: str, first: int = 0) -> list[Config]:
     """The trained rows of the other tables whose config equals `wanted` (this row's) in
     everything that can change what is trained (only their names and evaluation settings
     differ): the same model, trained once."""
@@ -149,7 +152,8 @@ def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
         if other == table:
             continue
         for name in (r for r in rows if r not in EVALUATES):
-            candidate = row_config(base, name, seed, parent_name(base, other, family), split)
+            candidate = row_config(base, name, seed, parent_name(base, other, family, first),
+                                   split)
             if not config_differences(candidate, wanted,
                                       neutral=(*RESULT_NEUTRAL_KEYS, *EVALUATION_KEYS)):
                 twins.append(candidate)
@@ -157,11 +161,11 @@ def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
 
 
 def _finished_twin(base: Config, table: str, wanted: Config, seed: int, split: str,
-                   family: str) -> Config | None:
+                   family: str, first: int = 0) -> Config | None:
     """The first twin row (`twin_rows`) whose training has finished, or None."""
     from splitmatch.checkpoints import FINAL_METRICS, run_directory
 
-    return next((twin for twin in twin_rows(base, table, wanted, seed, split, family)
+    return next((twin for twin in twin_rows(base, table, wanted, seed, split, family, first)
                  if (run_directory(twin) / FINAL_METRICS).is_file()), None)
 
 
@@ -194,9 +198,11 @@ def chosen_rows(table: str, rows: tuple[str, ...], wanted: str) -> tuple[str, ..
     return tuple(row for row in rows if row in names)
 
 
-def ablation_splits(cfg: Config, dev: int, holdout: int) -> tuple[str, list[Split]]:
-    """(family, splits) the ablation runs on. A config that names its own split (data.unseen, or
-    a toy-world seed other than 0) runs on exactly that one, if it is a development split."""
+def ablation_splits(cfg: Config, dev: int, holdout: int, first: int = 0
+                    ) -> tuple[str, list[Split]]:
+    """(family, splits) the ablation runs on: with `holdout`, held-out splits `first` to
+    `first + holdout - 1`. A config that names its own split (data.unseen, or a toy-world seed
+    other than 0) runs on exactly that one, if it is a development split."""
     if dev and holdout:
         raise ConfigError("--splits and --holdout: an ablation runs on development splits (their "
                           "val figures, for choices) or on held-out ones (test, for reporting)")
@@ -207,7 +213,7 @@ def ablation_splits(cfg: Config, dev: int, holdout: int) -> tuple[str, list[Spli
         if own:
             raise ConfigError("--holdout draws its splits from the held-out family: leave "
                               "data.unseen and data.toyworld.seed at the standard split's")
-        return HOLDOUT, split_families.draw_family(dataset, HOLDOUT, holdout)
+        return HOLDOUT, split_families.draw_family(dataset, HOLDOUT, first + holdout)[first:]
     if own:
         split_families.check_split_use(cfg.data, "ablation", holdout=False)
         if dev > 1:
@@ -223,19 +229,22 @@ def ablation_splits(cfg: Config, dev: int, holdout: int) -> tuple[str, list[Spli
 
 
 def run_ablation(cfg: Config, seeds: int = 1, splits: int = 0, holdout: int = 0,
-                 table: str = "2", log=print, rows: str | None = None) -> dict:
+                 table: str = "2", log=print, rows: str | None = None,
+                 holdout_from: int = 0) -> dict:
     """Train and evaluate every row (or those named in `rows`, comma-separated) for every
     (split, seed); returns the per-row summary (mean and interval of each metric, paired
     differences) of the reported split, and the runs."""
     from mlflow.tracking import MlflowClient
 
     cfg = resolve_paths(cfg)
-    plan = _plan(cfg, str(table), seeds, splits, holdout, log, rows)
+    plan = _plan(cfg, str(table), seeds, splits, holdout, log, rows, holdout_from)
     client = MlflowClient(plan.uri)
     plan.parent_id, _ = open_parent_run(client, plan.uri, cfg, plan.parent, "ablation", {
         "table": plan.table, "family": plan.family, "reported_split": plan.reported_name,
         "row_order": " | ".join(plan.rows), "splits": " | ".join(s.describe() for s in plan.drawn),
-        **({"holdout": f"--holdout {holdout}"} if plan.family == HOLDOUT else {})})
+        **({"holdout": f"--holdout {holdout}"
+                       + (f" --holdout-from {holdout_from}" if holdout_from else "")}
+           if plan.family == HOLDOUT else {})})
     # runs[row][(split label, seed)]: {"test": {...}, "select": {...}, "calibration", "per_class"}
     runs: dict[str, dict[tuple[str, int], dict]] = {row: {} for row in plan.rows}
     reports = [_run_split(cfg, plan, split, runs, client, log) for split in plan.drawn]
@@ -263,18 +272,21 @@ class _Plan:
     reported_name: str  # that split's name
     uri: str
     parent: str
+    first: int = 0  # held-out splits skipped (--holdout-from)
     parent_id: str = ""
 
 
 def _plan(cfg: Config, table: str, seeds: int, splits: int, holdout: int, log,
-          wanted: str | None = None) -> _Plan:
+          wanted: str | None = None, first: int = 0) -> _Plan:
     if table not in TABLES:
         raise ConfigError(f"--table {table}: the ablation tables are {sorted(TABLES)}")
     rows = tuple(TABLES[table])
     if cfg.inference.num_random_queries == 0:
         raise ConfigError("inference.num_random_queries is 0: the +RQ row would equal +SM+MFE; "
                           "set it (the paper adds 50 + 50 at test time)")
-    family, drawn = ablation_splits(cfg, splits, holdout)
+    if first and not holdout:
+        raise ConfigError("--holdout-from skips held-out splits: it goes with --holdout")
+    family, drawn = ablation_splits(cfg, splits, holdout, first)
     if table == "paper":
         rows = deviation_rows(cfg, log)
     if wanted is not None:
@@ -284,7 +296,7 @@ def _plan(cfg: Config, table: str, seeds: int, splits: int, holdout: int, log,
                  reported_name=(cfg.data.test_split if family == HOLDOUT
                                 else (cfg.data.select_split or "val")),
                  uri=cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path),
-                 parent=parent_name(cfg, table, family))
+                 parent=parent_name(cfg, table, family, first), first=first)
 
 
 def _run_split(cfg: Config, plan: _Plan, split: Split, runs: dict, client, log) -> dict:
@@ -297,8 +309,7 @@ def _run_split(cfg: Config, plan: _Plan, split: Split, runs: dict, client, log) 
     for offset in range(plan.seeds):
         seed = cfg.seed + offset
         for row in plan.rows:
-            result = _run_row(base, plan.table, row, seed, split, plan.family, plan.parent,
-                              plan.parent_id, plan.uri, log)
+            result = _run_row(base, plan, row, seed, split, log)
             runs[row][(split.label, seed)] = result
             log(f"[{where}, seed {seed}] {row}: " + _figures(result, plan.reported))
     per_split = {row: {pair: r for pair, r in runs[row].items() if pair[0] == split.label}
@@ -352,14 +363,15 @@ def _log_row_metrics(client, parent_id: str, prefix: str, entry: dict) -> None:
             client.log_metric(parent_id, f"{prefix}/{k}_vs_baseline", delta["mean"])
 
 
-def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family: str,
-             parent: str, parent_id: str, uri: str, log) -> dict:
+def _run_row(base: Config, plan: _Plan, row: str, seed: int, split: Split, log) -> dict:
     """One row on one (split, seed): trained (or kept, or a twin's figures), or evaluated again."""
     from splitmatch.checkpoint_evaluation import evaluate_checkpoint
     from splitmatch.checkpoints import (FINAL_METRICS, check_run_config, result_checkpoint,
                                         run_directory, run_location)
     from splitmatch.train import launch
 
+    table, family, parent, parent_id, uri = (plan.table, plan.family, plan.parent,
+                                             plan.parent_id, plan.uri)
     tag = f"[{split.describe()}, seed {seed}]"
     row_cfg = row_config(base, row, seed, parent, split.label)
     tags = {"row": row, "split": split.label, "family": family}
@@ -367,7 +379,7 @@ def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family
         trained = trained_config(base, row, seed, parent, split.label)
         run_dir = run_directory(trained)
         if not (run_dir / FINAL_METRICS).is_file():  # the trained row took a twin's model
-            twin = _finished_twin(base, table, trained, seed, split.label, family)
+            twin = _finished_twin(base, table, trained, seed, split.label, family, plan.first)
             run_dir = run_directory(twin) if twin is not None else run_dir
         metrics = evaluate_checkpoint(row_cfg, result_checkpoint(run_dir), log=lambda *_: None)
         _log_row(uri, row_cfg, parent_id, row_cfg.name, run_location(trained) + "+" + slug(row),
@@ -382,7 +394,7 @@ def _run_row(base: Config, table: str, row: str, seed: int, split: Split, family
         # measured (a resumed Train run with nothing left would report nothing).
         log(f"{tag} {row}: already trained, figures from {done}")
         return _row_result(json.loads(done.read_text()))
-    twin = _finished_twin(base, table, row_cfg, seed, split.label, family)
+    twin = _finished_twin(base, table, row_cfg, seed, split.label, family, plan.first)
     if twin is not None:
         twin_dir = run_directory(twin)
         check_run_config(twin_dir, twin)

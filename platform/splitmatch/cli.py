@@ -178,7 +178,8 @@ def cmd_init(args) -> int:
 def cmd_ablation(args) -> int:
     from splitmatch.ablation import run_ablation
     result = run_ablation(_config(args), seeds=args.seeds, splits=args.splits,
-                          holdout=args.holdout, table=args.table, rows=args.rows)
+                          holdout=args.holdout, table=args.table, rows=args.rows,
+                          holdout_from=args.holdout_from)
     return 0 if result else 1
 
 
@@ -372,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=int, default=0, metavar="K",
                    help="the first K held-out splits instead; reports their test figures "
                         "(for reporting only, once every choice is made)")
+    p.add_argument("--holdout-from", type=int, default=0, metavar="N",
+                   help="with --holdout: skip the first N held-out splits (a held-out split is "
+                        "read once: a later read takes fresh ones)")
     p.add_argument("--table", default="2", choices=("2", "3", "4", "paper"),
                    help="the paper's Table 2 (baseline, +SM, +MFE, +RQ), 3 (candidate embedding: "
                         "Fu, Fu+MLP, Cu), 4 (MFE norm: none, BN, GN), or 'paper': the config "
