@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TABLES,
                                  ablation_splits, chosen_rows, deviation_rows, parent_name,
-                                 row_config, run_ablation, slug)
+                                 row_config, run_ablation, slug, twin_rows)
 from splitmatch.config import ConfigError, config_from_dict, dump_config, flatten, load_config
 from splitmatch.splits import DEV, HOLDOUT, draw_family
 from splitmatch.tracking import default_tracking_uri
@@ -280,3 +280,17 @@ def test_holdout_from_reads_fresh_held_out_splits_under_a_parent_of_its_own(tmp_
     assert parent_name(base, "paper", DEV, 4) == "tab-tablepaper"
     with pytest.raises(ConfigError, match="--holdout-from skips held-out splits: it goes with --holdout"):
         run_ablation(base, splits=2, holdout_from=4)
+
+
+def test_twins_are_found_among_the_rows_a_config_can_have(tmp_path):
+    """The preset row's twins are the other tables' rows of the same config (Table 2's +SM+MFE,
+    Table 3's Cu, Table 4's GN), also under a setting that some other rows cannot take: with a
+    batch pool of Cu, Table 3's Fu rows cannot exist, and are no twins."""
+    data = tiny_config(tmp_path, "tab")
+    data["model"]["mfe"]["norm"] = "gn"
+    data["loss"]["candidate_pool"] = "batch"
+    base = config_from_dict(data)
+    wanted = row_config(base, "preset", 0, parent_name(base, "paper", DEV))
+    twins = twin_rows(base, "paper", wanted, 0, "dev0", DEV)
+    assert sorted(t.name for t in twins) == ["tab-ablation-dev0-s0-plus_SMplus_MFE",
+                                             "tab-table3-dev0-s0-Cu", "tab-table4-dev0-s0-GN"]

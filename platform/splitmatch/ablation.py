@@ -152,8 +152,11 @@ def twin_rows(base: Config, table: str, wanted: Config, seed: int, split: str,
         if other == table:
             continue
         for name in (r for r in rows if r not in EVALUATES):
-            candidate = row_config(base, name, seed, parent_name(base, other, family, first),
-                                   split)
+            try:
+                candidate = row_config(base, name, seed, parent_name(base, other, family, first),
+                                       split)
+            except ConfigError:  # a row this config cannot have (Table 3's Fu with a batch
+                continue         # pool of Cu) was never trained: no twin
             if not config_differences(candidate, wanted,
                                       neutral=(*RESULT_NEUTRAL_KEYS, *EVALUATION_KEYS)):
                 twins.append(candidate)
