@@ -3,6 +3,7 @@ ran: a setting tried with `--set` (the variant's log) against the config as it i
 log), each row's figures as its run line printed them ("[dev0 (...), seed 0] preset: val hIoU ..").
 
     python docs/results/paired_logs.py VARIANT.log REFERENCE.log [--row preset] [--reference-row ROW]
+        [--splits dev4 dev5 ...]
 
 The figures compared are what the ablation reports: val on development splits, test on held-out
 ones. Prints one line per pair and, last, the JSON of the estimates and
@@ -40,12 +41,15 @@ def main() -> None:
     parser.add_argument("reference", type=Path)
     parser.add_argument("--row", default="preset", help="the variant log's row")
     parser.add_argument("--reference-row", default=None, help="the reference's (default: --row)")
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="only these splits' pairs (e.g. the fresh ones of a replication)")
     args = parser.parse_args()
     read_on, variant = run_figures(args.variant, args.row)
     reference_on, reference = run_figures(args.reference, args.reference_row or args.row)
     if read_on != reference_on:
         raise SystemExit(f"the logs report different splits ({read_on} against {reference_on})")
-    pairs = sorted(set(variant) & set(reference))
+    pairs = sorted(p for p in set(variant) & set(reference)
+                   if args.splits is None or p[0] in args.splits)
     for pair in pairs:
         print(f"{pair[0]} s{pair[1]}: " + "  ".join(
             f"{m} {reference[pair][m]:.2f} -> {variant[pair][m]:.2f}" for m in METRICS))
