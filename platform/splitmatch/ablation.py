@@ -461,9 +461,9 @@ def _plain(result: dict) -> dict:
 def _figures(result: dict, reported: str) -> str:
     """"val hIoU .. sIoU .. uIoU ..; test hIoU ..; calibration 0.05" for one run. A development
     split's run shows val only: choices are made there, and a test figure in sight invites one."""
-    parts = []
-    for key, name in (("select", "val"), ("test", "test"))[:2 if reported == "test" else 1]:
-        parts.append(f"{name} " + "  ".join(f"{k} {result[key][k]:.2f}" for k in METRICS))
+    shown = [("select", "val"), ("test", "test")] if reported == "test" else [("select", "val")]
+    parts = [f"{name} " + "  ".join(f"{k} {result[key][k]:.2f}" for k in METRICS)
+             for key, name in shown]
     return "; ".join(parts) + f"; calibration {result['calibration']:g}"
 
 
