@@ -46,6 +46,8 @@ def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ra
     assert "training +SM+MFE (abl-ablation-dev0-s0-plus_SMplus_MFE)" in out
     # The kept rows' figures are the ones they were measured with, read back from their runs.
     assert len(measured) == 2 and all(line in out for line in measured), (measured, out[-3000:])
+    # A development split's run line shows its val figures only: choices are made there.
+    assert all("test hIoU" not in line for line in measured), measured
     lines = out.strip().splitlines()
     table = json.loads(lines[-1])  # the last line is the JSON summary: one entry per row
     assert list(table) == list(ROWS)
