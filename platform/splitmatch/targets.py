@@ -7,6 +7,8 @@ columns are real.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,9 +81,9 @@ def pooled_candidates(candidate_maps: Tensor, candidate_embeds: list[Tensor], ma
     unit = F.normalize(pooled.float(), dim=-1)
     cosine = unit @ unit.T  # [U, U]
     own = owner[None, :] == torch.arange(len(counts), device=pooled.device)[:, None]  # [B, U]
-    # For image b and column k: the largest cosine of Cu_k to one of b's own candidates.
-    nearest = torch.stack([cosine[own[b]].amax(0) if counts[b] else cosine.new_full(
-        (len(owner),), -1.0) for b in range(len(counts))])  # [B, U]
+    # For image b and column k: the largest cosine of Cu_k to one of b's own candidates (-inf
+    # for an image without any: every column is its negative).
+    nearest = cosine[None].masked_fill(~own[:, :, None], -math.inf).amax(1)  # [B, U]
     keep = own | (nearest <= max_cosine)
     return maps, [pooled] * len(counts), keep
 
