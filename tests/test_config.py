@@ -108,6 +108,8 @@ def test_floats_take_scientific_notation_and_refuse_non_finite_values():
     ("name=..", "name"),
     ("loss.candidate_pool=everything", "loss.candidate_pool"),
     ("loss.candidate_pool_max_cosine=1.5", "loss.candidate_pool_max_cosine"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
+    ("train.ema_decay=-0.1", "train.ema_decay"),
 ])
 def test_bad_values_name_key_and_file(override, key):
     path = EXPERIMENTS / "toyworld.yaml"

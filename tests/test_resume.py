@@ -88,13 +88,21 @@ def run(*args, address, timeout=300):
 
 @pytest.mark.slow
 def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_cluster):
-    config = write_config(tmp_path, "res", max_iters=4, num_workers=1, checkpoint_every=2,
-                          eval_every=2, num_visualizations=0)
+    config = write_config(tmp_path, "res", max_iters=4, num_workers=1, checkpoint_every=4,
+                          eval_every=4, num_visualizations=0)
     data = yaml.safe_load(config.read_text())
     data["data"]["select_split"] = "val"  # so that there is a best_model.pt to check too
+    data["train"]["ema_decay"] = 0.5  # and an average of the weights that --resume continues
     config.write_text(yaml.safe_dump(data))
     finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
     run_dir = tmp_path / "runs" / "res"
+    # The weights chosen on val are an average kept with a checkpoint, not a step's own weights.
+    saved = [load_state(path) for path in sorted(run_dir.glob("checkpoint_*")) if path.is_dir()]
+    assert [s["weight_average"]["updates"] for s in saved] == [s["iteration"] for s in saved]
+    chosen = load_state(run_dir / "best_model.pt")["model"]
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert any(same(chosen, s["weight_average"]["weights"]) for s in saved)
+    assert not any(same(chosen, s["model"]) for s in saved)
 
     # Another unseen split on resume would score seen-trained classes as unseen: refused by key.
     code, out = run("train", str(config), "--resume", "--set", "data.unseen=[tomato, grape]",
@@ -113,6 +121,7 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
     assert "resuming res from checkpoint_" in out and "(iteration 4)" in out, out
     assert "train.max_iters: 4 -> 6 on resume" in out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_iters"] == 6
+    assert load_state(newest_checkpoint(run_dir)[0])["weight_average"]["updates"] == 6  # went on
     client, mlflow_run = the_run(default_tracking_uri(tmp_path / "runs"))
     assert steps(client, mlflow_run, "loss") == [1, 2, 3, 4, 5, 6]
     assert mlflow_run.data.tags["resumed_with.train.max_iters"] == "4 -> 6"

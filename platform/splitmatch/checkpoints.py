@@ -30,6 +30,8 @@ from splitmatch.files import Busy, held_lock, write_atomic
 
 FINAL_METRICS = "final_metrics.json"
 BEST_MODEL = "best_model.pt"
+# A checkpoint's key for the weight average (train.ema_decay), when the run keeps one.
+AVERAGE = "weight_average"
 # The key of a result checkpoint's chosen seen-score calibration (what `predict` uses for auto).
 CALIBRATION = "seen_score_calibration"
 # What `--resume` may change in a run's config: a longer budget (the stored config and the MLflow
@@ -50,15 +52,19 @@ def save_weights(path: Path, payload: dict) -> Path:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, iteration: int, epoch: int,
-                    best_hiou: float, config: dict, calibration: float | None = None) -> Path:
+                    best_hiou: float, config: dict, calibration: float | None = None,
+                    average: dict | None = None) -> Path:
     """Tensors and plain values only, so loading can use `torch.load(weights_only=True)`. The
     config that made the weights travels with them (as `config.at_rest` gives it: no
     credentials): `eval` and `--resume` check it; so does the seen-score calibration chosen for
-    them (`calibration`), when they are a run's result."""
+    them (`calibration`), when they are a run's result. `average`: the weight average's state
+    (`averaging.WeightAverage.state_dict`), kept so that `--resume` continues it."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "iteration": iteration, "epoch": epoch, "best_hiou": best_hiou, "config": config}
     if calibration is not None:
         state[CALIBRATION] = calibration
+    if average is not None:
+        state[AVERAGE] = average
     save_weights(directory / "state.pt", state)
     return directory
 

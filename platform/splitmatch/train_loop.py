@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from splitmatch import storage
+from splitmatch.averaging import WeightAverage, averaged
 from splitmatch.calibration import (METRIC_KEYS, Calibration, calibrate, calibration_metrics,
                                     evaluate, fixed_at)
-from splitmatch.checkpoints import (BEST_MODEL, CALIBRATION, FINAL_METRICS, CheckpointError,
+from splitmatch.checkpoints import (AVERAGE, BEST_MODEL, CALIBRATION, FINAL_METRICS, CheckpointError,
                                     load_state, newest_checkpoint, save_checkpoint, share)
 from splitmatch.config import Config, config_from_dict, flatten, use_credentials
 from splitmatch.engine import (TrainingParts, StepTimer, Timeline, build_optimizer, build_parts,
@@ -148,6 +149,7 @@ class _Selection:
     best_state: dict | None = None
     latest_hiou: float = -1.0  # carried by every report: Tune's schedulers read it
     calibration: float | None = None  # chosen for the result weights at the end of the run
+    average: WeightAverage | None = None  # under train.ema_decay: the weights evaluated
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -185,6 +187,9 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(core, cfg.optim)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if cfg.train.ema_decay > 0:
+        selection.average = WeightAverage(core, cfg.train.ema_decay,
+                                          state.get(AVERAGE) if state is not None else None)
     parts_built = time.time()
     tracker = _open_tracker(cfg, config, worker.run_dir, parts, state, tell) if rank == 0 else None
     use_amp = cfg.train.amp and worker.device.type == "cuda"
@@ -197,6 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch, batch in training_batches(parts, epoch, cfg.train.max_iters - iteration, timer):
         loss, losses = optimization_step(model, optimizer, parts, cfg, batch, iteration,
                                          worker.device, use_amp, timer)
+        if selection.average is not None:
+            selection.average.update(core)
         iteration += 1
         timeline.iteration_done(iteration)
         last = iteration == cfg.train.max_iters
@@ -239,14 +246,19 @@ def _select(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Worker,
             selection: _Selection, tell) -> dict[str, float]:
     """Evaluate on the selection split (under calibration auto at the grid's best value, so that
     weights and calibration are chosen together); weights that beat the best so far become
-    best_model.pt."""
-    result = calibrate(core, parts.select_set, cfg.data.select_split, parts.classes,
-                       cfg.inference, worker.device, cfg.eval.batch_size, worker.rank,
-                       worker.world_size, _evaluation_progress(tell, cfg.data.select_split)).select
-    hiou = result["hIoU"]
-    if not math.isnan(hiou) and hiou > selection.best_hiou:
+    best_model.pt. Under train.ema_decay the averaged weights are the ones evaluated and kept."""
+    with averaged(core, selection.average):
+        result = calibrate(core, parts.select_set, cfg.data.select_split, parts.classes,
+                           cfg.inference, worker.device, cfg.eval.batch_size, worker.rank,
+                           worker.world_size,
+                           _evaluation_progress(tell, cfg.data.select_split)).select
+        hiou = result["hIoU"]
+        better = not math.isnan(hiou) and hiou > selection.best_hiou
+        if better:
+            selection.best_state = {k: v.detach().cpu().clone()
+                                    for k, v in core.state_dict().items()}
+    if better:
         selection.best_hiou = hiou
-        selection.best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         worker.publish(BEST_MODEL, lambda handle: torch.save(
             {"model": selection.best_state, "config": worker.stored_config}, handle))
     selection.latest_hiou = -1.0 if math.isnan(hiou) else hiou
@@ -269,6 +281,9 @@ def _test_once(core: nn.Module, parts: TrainingParts, cfg: Config, worker: _Work
     """The end of training: the calibration and the test split's figures, the prediction
     pictures, final_metrics.json. The result weights keep their calibration (predict reads it):
     best_model.pt is written again with it, the final checkpoint gets it in `_report`."""
+    if selection.best_state is None and selection.average is not None:
+        # No selection gave a figure (NaN throughout): the result is still the average.
+        selection.best_state = selection.average.state_dict()["weights"]
     final, calibration = _test(core, selection.best_state, parts, cfg, worker, tell)
     selection.calibration = calibration.value
     if selection.best_state is not None:
@@ -314,7 +329,8 @@ def _report(metrics: dict[str, float], iteration: int, tracker, selection: _Sele
                 Path(tmp), core, optimizer, iteration, epoch, selection.best_hiou,
                 worker.stored_config,
                 # the final weights' calibration, when they are the result
-                selection.calibration if selection.best_state is None else None))
+                selection.calibration if selection.best_state is None else None,
+                selection.average.state_dict() if selection.average is not None else None))
         ray.train.report(reported, checkpoint=ckpt)
 
 

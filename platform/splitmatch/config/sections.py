@@ -213,6 +213,10 @@ class TrainConfig:
     max_failures: int = 3
     # Validation images drawn (image, ground truth, prediction, candidate queries) at each eval.
     num_visualizations: int = 3
+    # Weight averaging (averaging.py): > 0 keeps an exponential moving average of the weights
+    # with this decay, and the selection split chooses among averaged weights, which become the
+    # result (best_model.pt); 0: off, the last step's weights are evaluated (the paper).
+    ema_decay: float = 0.0
     storage_path: str = "runs"
 
 

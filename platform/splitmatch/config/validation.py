@@ -134,6 +134,12 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     check_positive(tr.loader_workers, "train.loader_workers", source, allow_zero=True)
     check_positive(tr.max_failures, "train.max_failures", source, allow_zero=True)
     check_positive(tr.num_visualizations, "train.num_visualizations", source, allow_zero=True)
+    if not 0.0 <= tr.ema_decay < 1.0:
+        raise ConfigError(f"{source}: 'train.ema_decay' must lie in [0, 1), got {tr.ema_decay}")
+    if tr.ema_decay > 0 and cfg.data.select_split is None:
+        raise ConfigError(f"{source}: 'train.ema_decay' ({tr.ema_decay}) keeps averaged weights "
+                          f"that the selection split chooses, but 'data.select_split' is not "
+                          f"set: set it (e.g. val) or set train.ema_decay to 0")
     if tr.batch_size % tr.num_workers:
         raise ConfigError(f"{source}: 'train.batch_size' ({tr.batch_size}) must be divisible by "
                           f"'train.num_workers' ({tr.num_workers}): it is the global batch")
