@@ -229,7 +229,7 @@ def test_against_a_real_mlflow_server(tmp_path):
 
 def log_trial(client, experiment_id, parent, name, select_history, test_hiou, status="FINISHED",
               tags=None):
-    """A search trial as train.py leaves it: select_hIoU at each evaluation (NaN ones are not
+    """A search trial as train_loop.py leaves it: select_hIoU at each evaluation (NaN ones are not
     logged), the tag best_select_hIoU and the test figures only when rank 0 closed the run."""
     run_id = client.create_run(experiment_id, run_name=name,
                                tags={"mlflow.parentRunId": parent, **(tags or {})}).info.run_id

@@ -106,12 +106,12 @@ def test_a_job_from_the_repository_packs_each_file_once(tmp_path):
 
 
 def test_a_job_takes_a_config_that_travels_with_it(tmp_path, monkeypatch):
-    assert jobs.travelling_config("toyworld", PROJECT_ROOT) == "experiments/toyworld.yaml"
+    assert jobs.traveling_config("toyworld", PROJECT_ROOT) == "experiments/toyworld.yaml"
     outside = tmp_path / "mine.yaml"
     outside.write_text("name: mine\n")
     with pytest.raises(UserError, match=f"config {outside} lies outside {PROJECT_ROOT}, the "
                                         f"folder the job takes to the cluster"):
-        jobs.travelling_config(str(outside), PROJECT_ROOT)
+        jobs.traveling_config(str(outside), PROJECT_ROOT)
     monkeypatch.chdir(tmp_path)  # no jobs/entrypoint.py: refused before any cluster is called
     with pytest.raises(UserError, match="run it from the repository or from a folder made by "
                                         "`splitmatch init`"):

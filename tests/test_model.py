@@ -509,7 +509,7 @@ def test_predict_classifies_texts_in_the_centered_space():
                                               (64, 64)).argmax(1), by_hand)
 
 
-def test_a_vocabulary_centre_is_the_given_texts_own_mean():
+def test_a_vocabulary_center_is_the_given_texts_own_mean():
     """inference.text_center: vocabulary centres the texts given at test time on their own mean
     (a centred model only), and predict scores against those."""
     torch.manual_seed(0)

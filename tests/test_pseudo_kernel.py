@@ -162,7 +162,9 @@ def test_min_area_per_region_drops_slivers_that_a_cluster_threshold_keeps():
 def test_kernel_outputs_and_determinism():
     torch.manual_seed(0)
     clip = build_clip(ClipConfig(model_name="splitmatch-tiny-vit", pretrained=None))
-    kernel = PseudoMaskKernel(clip, [4, 6], merge_threshold=0.9, min_area=8, image_size=64)
+    kernel = PseudoMaskKernel(clip, scales=[4, 6], merge_threshold=0.9, min_area=8, kmeans_iters=30,
+                              kmeans_tol=1e-4, image_size=64, ignore_index=255,
+                              min_area_per="cluster", cls_input="masked")
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=g),
               torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=g)]

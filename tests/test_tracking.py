@@ -12,7 +12,7 @@ from splitmatch.tracking import (EXPERIMENT_KIND_TAG, MODEL_TRAINING, RUNS_VIEW,
                                  default_tracking_uri, experiment_id, find_run, literal, replay,
                                  source_tags)
 
-# One split of a run as Tracker.log_inputs takes it (train.py's `_datasets` makes them).
+# One split of a run as Tracker.log_inputs takes it (train_loop.py's `_datasets` makes them).
 DATASET = {"name": "toyworld-train", "digest": "7d7f86e8683815b3", "context": "training",
            "source_type": "code", "source": '{"name": "toyworld", "split": "train"}',
            "profile": '{"images": 16}'}

@@ -171,7 +171,7 @@ def test_the_search_summary_and_compare_name_the_same_best_trial(tmp_path):
     cfg = config_from_dict(data)
 
     def trial(trial_id, history, test=None, status="FINISHED", tags=None):
-        """The trial's MLflow child run as train.py leaves it (NaN evaluations are not logged;
+        """The trial's MLflow child run as train_loop.py leaves it (NaN evaluations are not logged;
         the tag and the test figure only when rank 0 closed the run)."""
         run = client.create_run(experiment, run_name=f"toy-run_trial_{trial_id}",
                                 tags={"mlflow.parentRunId": parent, **(tags or {})}).info.run_id

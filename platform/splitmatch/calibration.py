@@ -39,7 +39,7 @@ def evaluate_calibrations(model: nn.Module, dataset, classes, inference: Inferen
     """{value: ZSS metrics over the full split with seen_score_calibration = value} for every
     value of `calibrations`, from one forward pass per image (`Segmentor.predict_calibrated`).
 
-    `classes` is a train.ClassSpace (names, unseen, seen_ids, text, ignore_index); images are
+    `classes` is an engine.ClassSpace (names, unseen, seen_ids, text, ignore_index); images are
     classified against the text embeddings of all classes. Each rank predicts every
     world_size-th image (no padding, so no image counts twice) and the confusion matrices are
     summed across ranks before the IoUs are computed. `progress(done, total)` hears of the

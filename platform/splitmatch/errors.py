@@ -18,7 +18,7 @@ class RunFailed(Exception):
 
 
 class RunInUse(UserError):
-    """A run folder that another live process is working on (see `train.run_lock`)."""
+    """A run folder that another live process is working on (see `checkpoints.run_lock`)."""
 
 
 class Terminated(KeyboardInterrupt):

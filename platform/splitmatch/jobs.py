@@ -88,7 +88,7 @@ def runtime_env(project: Path, pip: list[str] | None = None,
     return env
 
 
-def travelling_config(config: str, project: Path) -> str:
+def traveling_config(config: str, project: Path) -> str:
     """The config argument the job gets: a path inside `project`, which travels as the working
     directory, or the name of a packaged config, which travels with the package."""
     from splitmatch.config import config_file
@@ -111,7 +111,7 @@ def submit(kind: str, config: str, address: str, overrides: list[str] | None = N
         raise UserError(f"splitmatch submit takes the current folder ({project}) to the cluster "
                         f"and runs its {ENTRYPOINT}, which it lacks: run it from the repository "
                         f"or from a folder made by `splitmatch init`")
-    argument = travelling_config(config, project)
+    argument = traveling_config(config, project)
     jobs = client(address, token)
     package = shipped_package()
     try:

@@ -119,8 +119,8 @@ class Segmenter:
         seen = [i for i, name in enumerate(classes) if name.lower() in self.trained_on]
         size = image.shape[:2]
         # The model's score maps are floats per query and per class at the image's own size:
-        # for a large photo they, not the weights, fill the memory (10.8 GB for a 6000x6000 PNG
-        # on the toy preset).
+        # for a large photo they, not the weights, fill the memory (docs/performance.md,
+        # `predict` on a large image).
         working = self.working_size(*size)
         if working != size:
             image = resize(image, working)

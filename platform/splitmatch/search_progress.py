@@ -35,7 +35,7 @@ class SearchProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         figure = result.get("select_hIoU")
-        # -1 stands for "not evaluated yet" in the reports (see train._Selection).
+        # -1 stands for "not evaluated yet" in the reports (see train_loop._Selection).
         if figure is not None and figure >= 0 and (self.best is None or figure > self.best):
             self.best = figure
             self._show()

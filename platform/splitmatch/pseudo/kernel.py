@@ -35,10 +35,9 @@ class Candidates:
 class PseudoMaskKernel:
     """Multi-scale K-means (Eq. 1 seeds) → mask fusion → unannotated candidates → masked CLS."""
 
-    def __init__(self, clip: FrozenClip, scales: Sequence[int], merge_threshold: float,
-                 min_area: int, kmeans_iters: int = 30, kmeans_tol: float = 1e-4,
-                 image_size: int | None = None, ignore_index: int = 255,
-                 min_area_per: str = "cluster", cls_input: str = "masked"):
+    def __init__(self, clip: FrozenClip, *, scales: Sequence[int], merge_threshold: float,
+                 min_area: int, kmeans_iters: int, kmeans_tol: float, image_size: int | None,
+                 ignore_index: int, min_area_per: str, cls_input: str):
         self.clip = clip
         self.scales = list(scales)
         self.merge_threshold = merge_threshold
@@ -108,11 +107,13 @@ class PseudoMaskKernel:
         return [Candidates(m.cpu(), e) for m, e in zip(maps, embeds)]
 
 
-def build_kernel(cfg, clip: FrozenClip, ignore_index: int = 255) -> PseudoMaskKernel:
+def build_kernel(cfg, clip: FrozenClip, ignore_index: int) -> PseudoMaskKernel:
     """From a `PseudoMaskConfig`."""
-    return PseudoMaskKernel(clip, cfg.scales, cfg.merge_threshold, cfg.min_area, cfg.kmeans_iters,
-                            cfg.kmeans_tol, cfg.image_size, ignore_index, cfg.min_area_per,
-                            cfg.cls_input)
+    return PseudoMaskKernel(clip, scales=cfg.scales, merge_threshold=cfg.merge_threshold,
+                            min_area=cfg.min_area, kmeans_iters=cfg.kmeans_iters,
+                            kmeans_tol=cfg.kmeans_tol, image_size=cfg.image_size,
+                            ignore_index=ignore_index, min_area_per=cfg.min_area_per,
+                            cls_input=cfg.cls_input)
 
 
 def quality_summary(segments: float, best_iou_sum: float, covered: float, unseen: float) -> dict:

@@ -13,10 +13,10 @@ from splitmatch.pseudo.background import background_candidates, background_embed
 from splitmatch.targets import centered, embedding_center
 
 # Training reads every image's candidates once an epoch, and the cache keeps them compressed in
-# shards of which only a few stay open: a toy-world step spent two thirds of its data time
-# reopening shards and leaving out the same background candidates again. What was read is
-# remembered, up to this many bytes (the toy world's 256 images take 5 MB; a COCO-sized split
-# remembers its first images and reads the rest from the cache as before).
+# shards of which only a few stay open: reopening shards and leaving out the same background
+# candidates again was most of a toy-world step's data time (docs/performance.md). What was read
+# is remembered, up to this many bytes (all of the toy world; a COCO-sized split remembers its
+# first images and reads the rest from the cache as before).
 REMEMBER_BYTES = 256 * 2**20
 
 
