@@ -245,8 +245,8 @@ class InferenceConfig:
     short_side: int | None = None
     # `splitmatch predict` and the pyfunc model only (eval scores at full size): a photo whose
     # longer side exceeds this is segmented scaled down to it and its label map scaled back up
-    # (nearest), because the score maps grow with the pixels: 10.8 GB for a 6000x6000 PNG on the
-    # toy preset, 1.7 GB at 1536 (2.2 GB at 2048; `splitmatch bench predict`). None: no limit.
+    # (nearest), because the score maps grow with the pixels (the peaks measured by
+    # `splitmatch bench predict` are in docs/performance.md). None: no limit.
     max_image_side: int | None = 1536
 
 
