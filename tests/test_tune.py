@@ -55,6 +55,9 @@ def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = MlflowClient(uri)
     (parent,), kids = children(client)
+    # The opening line names the store, not that server's address, which stops with the command.
+    assert f"MLflow parent run {parent.info.run_id} at {uri}\n" in out, out[:1000]
+    assert "http://" not in out, out
     assert len(kids) == 4
     assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
     by_status = {}

@@ -131,14 +131,15 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     init_ray(cfg.storage)
     server = None
-    uri = cfg.tracking.uri
+    uri = shown = cfg.tracking.uri
     if uri is None:  # one writer for the embedded store: a local server over its SQLite file
         # The experiment is created directly in the store first, with its file artifact root, so
         # the runs stay readable (artifacts included) through the plain sqlite:/// URI afterwards.
         embedded = default_tracking_uri(cfg.train.storage_path)
         experiment_id(MlflowClient(embedded), cfg.tracking.experiment, artifact_root(embedded))
         server = MlflowServer(cfg.train.storage_path).start()
-        uri = server.url
+        # The server's address dies with the command; the store it serves is what to name.
+        uri, shown = server.url, embedded
     try:
         client = MlflowClient(uri)
         parent_id, existed = open_parent_run(client, uri, cfg, cfg.name, "search", {
@@ -178,7 +179,7 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
                         SearchProgress(cfg.name, cfg.data.select_split, cfg.train.max_iters,
                                        "ASHA" if cfg.tune.scheduler == "asha" else None)]))
         log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
-            f"{parent_id} at {redact(uri)}")
+            f"{parent_id} at {redact(shown)}")
         results = tuner.fit()
         summary = _summarize(results, cfg, client, parent_id, search_dir)
         log(f"{summary['trials']} trials, {summary['errors']} failed, {summary['stopped_early']} "
