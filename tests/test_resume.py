@@ -59,6 +59,29 @@ def test_a_checkpoint_that_does_not_load_is_passed_over_and_named(tmp_path):
     assert not (tmp_path / "ran").exists()  # refused, never run
 
 
+def test_a_refused_pickle_is_named_by_its_cause_not_by_torchs_advice(tmp_path):
+    # torch's weights-only refusal runs to a page: its first line says that loading with
+    # weights_only=False "will likely succeed" (the very thing that would run the pickle) and
+    # may hold terminal escape codes; its cause comes later.
+    refused = "; refused by the weights-only loader"
+    crafted = crafted_checkpoint(tmp_path / "checkpoint_a", tmp_path / "ran")
+    passed_over = []
+    assert newest_checkpoint(tmp_path, passed_over) is None
+    why = ("UnpicklingError: Unsupported global: GLOBAL io.open was not an allowed global by "
+           "default" + refused)
+    assert passed_over == [(crafted, why)]
+    with pytest.raises(CheckpointError) as error:
+        load_state(crafted)
+    assert str(error.value) == f"{crafted / 'state.pt'} is not a checkpoint that loads ({why})"
+    json_file = tmp_path / "model.pt"
+    json_file.write_text('{"hIoU": 50.0}')
+    with pytest.raises(CheckpointError) as error:
+        load_state(json_file)
+    assert str(error.value) == (f"{json_file} is not a checkpoint that loads (UnpicklingError: "
+                                f"Unsupported operand 123{refused})")
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.mark.parametrize("content", ["crafted", "json"])
 def test_eval_and_predict_on_a_file_that_is_no_checkpoint_say_so_in_one_line(tmp_path, content):
     path = tmp_path / "model.pt"

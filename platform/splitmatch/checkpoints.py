@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -93,9 +94,20 @@ def load_state(path: str | Path) -> dict:
     return state if "model" in state else {"model": state}
 
 
+# Where torch's weights-only refusal gives its cause, after a first line that advises loading
+# with weights_only=False (which would run a crafted pickle) and may hold terminal escape codes.
+_REFUSAL_CAUSE = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)")
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _why(exc: BaseException) -> str:
-    """The first line of a loader's error: torch's weights-only refusal runs to a page."""
-    lines = str(exc).strip().splitlines()
+    """A loader's error in one line: its first, or for torch's page-long weights-only refusal
+    the cause it names."""
+    text = _ESCAPES.sub("", str(exc)).strip()
+    refusal = _REFUSAL_CAUSE.search(text)
+    if refusal:
+        return f"{type(exc).__name__}: {refusal.group(1)}; refused by the weights-only loader"
+    lines = text.splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
