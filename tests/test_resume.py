@@ -25,6 +25,12 @@ def test_newest_checkpoint_is_the_highest_complete_iteration(tmp_path):
     (tmp_path / "checkpoint_b" / "state.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "checkpoint_d").mkdir()  # and one whose file was never written
     assert newest_checkpoint(tmp_path) == (tmp_path / "checkpoint_c", 4)
+    # Ray Train's snapshot file sits beside the checkpoints under the same prefix: it is no
+    # checkpoint, so it is not named among those passed over.
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    passed_over = []
+    assert newest_checkpoint(tmp_path, passed_over) == (tmp_path / "checkpoint_c", 4)
+    assert [directory.name for directory, _ in passed_over] == ["checkpoint_b", "checkpoint_d"]
     assert newest_checkpoint(tmp_path / "nothing") is None
 
 
@@ -176,6 +182,7 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
     out = finish(splitmatch("train", str(config), "--resume", "--set", "train.max_iters=8",
                             address=ray_cluster))
     assert f"passed over {newest_dir}: its state.pt does not load (UnpicklingError" in out, out
+    assert out.count("passed over ") == 1, out  # only that one (not Ray's snapshot file)
     assert f"resuming res from {older.name} (iteration {iteration})" in out
     assert not (tmp_path / "ran").exists() and newest_checkpoint(run_dir)[1] == 8
 

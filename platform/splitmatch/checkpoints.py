@@ -122,7 +122,8 @@ def newest_checkpoint(run_dir: str | Path,
     appended to `passed_over`, for the caller to say.
     """
     newest = None
-    for directory in sorted(Path(run_dir).glob("checkpoint_*")):
+    # Folders only: Ray Train's checkpoint_manager_snapshot.json shares their prefix.
+    for directory in sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()):
         try:  # memory-mapped: only the iteration is read here
             iteration = torch.load(directory / "state.pt", map_location="cpu", weights_only=True,
                                    mmap=True)["iteration"]
