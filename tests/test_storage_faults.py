@@ -170,6 +170,10 @@ def test_an_object_store_that_goes_away_or_has_no_bucket_fails_in_one_line(tmp_p
         assert proc.returncode == 1 and len(lines) == 1, out[-4000:]
         assert f"s3://{s3.bucket}/runs/s3gone" in lines[0] and "--resume" in lines[0], lines
         assert "Traceback" not in out
+        # A whole checkpoint is on the store: the line must not say there is none (the local
+        # mirror, which does not hold it, is no witness of what the store has).
+        assert "no checkpoint" not in lines[0]
+        assert f"the checkpoints it saved are kept under s3://{s3.bucket}/runs/s3gone" in lines[0]
         client = MlflowClient(server.url)
         run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
         assert run.info.status == "FAILED"

@@ -170,6 +170,16 @@ def _open_run_folder(cfg: Config, run_dir: Path, resume: bool, updates: dict,
     return newest
 
 
+def _saved_checkpoints(location: str, run_dir: Path) -> str:
+    """What a run whose storage failed has saved, for its last line. On object storage the store
+    is what failed, and the local mirror holds only what an earlier start pulled from it."""
+    if storage.is_remote(location):
+        return f"the checkpoints it saved are kept under {location}"
+    newest = newest_checkpoint(run_dir)
+    return (f"the newest checkpoint is at iteration {newest[1]}" if newest
+            else "there was no checkpoint yet")
+
+
 def _trainer_factory(cfg: Config, loop_config: dict, callbacks):
     """What makes the run's `TorchTrainer` (a fresh one for each restart)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -222,12 +232,10 @@ def _fit(cfg: Config, trainer, run_dir: Path, tracking_uri: str, watcher: Watche
         mark_ended(tracking_uri, cfg.tracking.experiment, run_key(cfg), "FAILED",
                    " ".join(str(failure).split())[:500])
         if isinstance(failure, StorageFailed):
-            newest = newest_checkpoint(run_dir)
             raise StorageFailed(
                 f"{failure}; " + (f"{len(removed)} partial checkpoint(s) removed; " if removed
                                   else "") + "the MLflow run is marked FAILED; " +
-                (f"the newest checkpoint is at iteration {newest[1]}" if newest
-                 else "there was no checkpoint yet") +
+                _saved_checkpoints(location, run_dir) +
                 ": continue with --resume once the storage is back") from failure
         raise
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (errors.Terminated)
