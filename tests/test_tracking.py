@@ -207,3 +207,24 @@ def test_a_local_server_that_cannot_start_is_one_line_naming_its_log(tmp_path):
     message = str(failed.value)
     assert "\n" not in message and f"its log: {tmp_path / 'mlflow_server.log'}" in message
     assert server.process.poll() is not None  # nothing of it is left running
+
+
+def test_a_run_mlflow_never_saw_is_told_how_to_get_its_page_and_model(tmp_path):
+    # The server was away when the run ended: `sync-mlflow` replays its records, then logs its
+    # results page and model (test_train_ray checks that); the run's own last lines say so.
+    from helpers import tiny_config
+    from splitmatch.config import config_from_dict
+    from splitmatch.publish import publish_results
+
+    cfg = config_from_dict(tiny_config(tmp_path, "away"))
+    uri = default_tracking_uri(tmp_path / "runs")
+    lines = []
+    assert publish_results(cfg, log=lines.append) is None
+    assert lines == [f"no results page: MLflow at {uri} has no run of away"]
+    offline = tmp_path / "runs" / "away" / "mlflow_offline.jsonl"
+    offline.parent.mkdir(parents=True)
+    offline.write_text("")
+    lines = []
+    assert publish_results(cfg, log=lines.append) is None
+    assert lines == [f"no results page or MLflow model yet: MLflow at {uri} has no run of away; "
+                     f"`splitmatch sync-mlflow {offline}` logs them with the run's records"]

@@ -10,7 +10,7 @@ from splitmatch.config import Config, redact, resolve_paths
 from splitmatch.dashboards.run_page import PAGE_NAME, write_run_page
 from splitmatch.pyfunc import log_model
 from splitmatch.splits import class_names as dataset_classes
-from splitmatch.tracking import default_tracking_uri, find_run
+from splitmatch.tracking import OFFLINE_FILE, default_tracking_uri, find_run
 
 
 def publish_results(cfg: Config, log=print) -> Path | None:
@@ -22,7 +22,13 @@ def publish_results(cfg: Config, log=print) -> Path | None:
     uri = cfg.tracking.uri or default_tracking_uri(cfg.train.storage_path)
     run = find_run(uri, cfg.tracking.experiment, run_key(cfg))
     if run is None:
-        log(f"no results page: MLflow at {redact(uri)} has no run of {cfg.name}")
+        # The server was away: the run's records wait in its offline file, and replaying them
+        # logs the page and the model too.
+        offline = storage.local_path(run_location(cfg)) / OFFLINE_FILE
+        log(f"no results page or MLflow model yet: MLflow at {redact(uri)} has no run of "
+            f"{cfg.name}; `splitmatch sync-mlflow {offline}` logs them with the run's records"
+            if offline.is_file() else
+            f"no results page: MLflow at {redact(uri)} has no run of {cfg.name}")
         return None
     run_dir = run_directory(cfg)
     page = write_run_page(cfg, uri, run.info.run_id, run_dir)

@@ -42,6 +42,8 @@ if not verbose():
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 RUN_KEY_TAG = "splitmatch.run_key"
+# A run's records kept while its server is away, beside its checkpoints (`splitmatch sync-mlflow`).
+OFFLINE_FILE = "mlflow_offline.jsonl"
 # What MLflow records of an experiment's kind: model training, not GenAI (traces, judges,
 # prompts). MLflow 3.17's UI opens every experiment as its sidebar's switch says (GenAI unless
 # the browser chose otherwise, or the URL says workflowType=machine_learning: `runs_view_url`).

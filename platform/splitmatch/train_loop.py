@@ -67,10 +67,10 @@ def _open_tracker(cfg: Config, config: dict, run_dir: Path, parts: TrainingParts
     """Rank 0's MLflow run: opened (or found again) with params and tags, config.yaml logged."""
     import ray
 
-    from splitmatch.tracking import Tracker, git_commit
+    from splitmatch.tracking import OFFLINE_FILE, Tracker, git_commit
 
     tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_key"],
-                      cfg.name, run_dir / "mlflow_offline.jsonl", config.get("parent_run_id"),
+                      cfg.name, run_dir / OFFLINE_FILE, config.get("parent_run_id"),
                       log=lambda message: tell({"note": message}))
     tags = config.get("tags") or {}
     tracker.open(flatten(cfg), {
