@@ -14,7 +14,7 @@ LAYERS = {
     "basics": ["splitmatch", "errors", "files", "progress", "network", "examples", "package_copy", "splits",
                "stats", "selection", "config"],
     "storage": ["storage"],
-    "maths": ["pseudo", "matcher", "criterion", "targets", "evaluation", "model", "visualize"],
+    "maths": ["pseudo", "matcher", "criterion", "targets", "evaluation", "model", "visualize", "averaging"],
     "data": ["data"],
     "frozen CLIP": ["clip", "pseudo.kernel", "toyclip"],
     "caches": ["pseudo.cache", "pseudo.training_candidates"],
