@@ -434,12 +434,8 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
     The run is found by its key (or created, if it never reached the server); metric steps the run
     already has are skipped, so replaying twice is harmless. The file is renamed `*.synced` after.
     """
-    from mlflow.entities import Metric, Param
-
     offline_path = Path(offline_path)
-    if not offline_path.is_file():
-        raise FileNotFoundError(f"no offline MLflow records at {offline_path}")
-    records = [json.loads(line) for line in offline_path.read_text().splitlines() if line.strip()]
+    records = _offline_records(offline_path)
     if not records:
         return {"records": 0, "finished": False}
     first = records[0]
@@ -450,45 +446,64 @@ def replay(offline_path: str | Path, uri: str | None = None, log=print) -> dict:
     run_id, existed = find_or_create_run(client, first["experiment"], first["run_key"],
                                          first["run_name"], first["parent_run_id"],
                                          artifact_location=artifact_root(uri))
-    floor: dict[str, int] = {}
-    run = client.get_run(run_id)
-    for key in run.data.metrics:
-        floor[key] = max(m.step for m in client.get_metric_history(run_id, key))
+    floor = _last_steps(client, run_id)
     counts = {"metrics": 0, "skipped_steps": 0, "artifacts": 0, "tags": 0}
     for record in records:
-        kind = record["kind"]
-        if kind == "open":
-            if not existed:
-                params = [Param(k, v) for k, v in record["params"].items()]
-                for start in range(0, len(params), 100):
-                    client.log_batch(run_id, params=params[start:start + 100])
-            for key, value in record["tags"].items():
-                client.set_tag(run_id, key, value)
-        elif kind == "metrics":
-            fresh = {k: v for k, v in record["values"].items() if record["step"] > floor.get(k, -1)}
-            counts["skipped_steps"] += len(record["values"]) - len(fresh)
-            if fresh:
-                client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
-                                                  for k, v in fresh.items()])
-                counts["metrics"] += len(fresh)
-                for k in fresh:
-                    floor[k] = record["step"]
-        elif kind == "inputs":
-            client.log_inputs(run_id, _dataset_inputs(record["datasets"]))
-        elif kind == "artifact":
-            client.log_artifact(run_id, record["path"], record["artifact_path"])
-            counts["artifacts"] += 1
-        elif kind == "tags":
-            for key, value in record["tags"].items():
-                client.set_tag(run_id, key, value)
-            counts["tags"] += 1
-        elif kind == "finish":
-            client.set_tag(run_id, "splitmatch.status", record["status"].lower())
-            client.set_terminated(run_id, status=record["status"])
+        _replay_record(client, run_id, existed, record, floor, counts)
     offline_path.rename(offline_path.with_name(offline_path.name + ".synced"))
     log(f"replayed {len(records)} records into run {run_id} at {redact(uri)}: {counts}")
     finished = any(r["kind"] == "finish" and r["status"] == "FINISHED" for r in records)
     return {"records": len(records), "run_id": run_id, "uri": uri, "finished": finished, **counts}
+
+
+def _offline_records(offline_path: Path) -> list[dict]:
+    if not offline_path.is_file():
+        raise FileNotFoundError(f"no offline MLflow records at {offline_path}")
+    return [json.loads(line) for line in offline_path.read_text().splitlines() if line.strip()]
+
+
+def _last_steps(client, run_id: str) -> dict[str, int]:
+    """Metric → the last step run `run_id` already has."""
+    run = client.get_run(run_id)
+    return {key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in run.data.metrics}
+
+
+def _replay_record(client, run_id: str, existed: bool, record: dict, floor: dict[str, int],
+                   counts: dict[str, int]) -> None:
+    """Send one offline record to the run, moving `floor` past the metric steps it logs and
+    adding to `counts`."""
+    from mlflow.entities import Metric, Param
+
+    kind = record["kind"]
+    if kind == "open":
+        if not existed:
+            params = [Param(k, v) for k, v in record["params"].items()]
+            for start in range(0, len(params), 100):
+                client.log_batch(run_id, params=params[start:start + 100])
+        for key, value in record["tags"].items():
+            client.set_tag(run_id, key, value)
+    elif kind == "metrics":
+        fresh = {k: v for k, v in record["values"].items() if record["step"] > floor.get(k, -1)}
+        counts["skipped_steps"] += len(record["values"]) - len(fresh)
+        if fresh:
+            client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
+                                              for k, v in fresh.items()])
+            counts["metrics"] += len(fresh)
+            for k in fresh:
+                floor[k] = record["step"]
+    elif kind == "inputs":
+        client.log_inputs(run_id, _dataset_inputs(record["datasets"]))
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["path"], record["artifact_path"])
+        counts["artifacts"] += 1
+    elif kind == "tags":
+        for key, value in record["tags"].items():
+            client.set_tag(run_id, key, value)
+        counts["tags"] += 1
+    elif kind == "finish":
+        client.set_tag(run_id, "splitmatch.status", record["status"].lower())
+        client.set_terminated(run_id, status=record["status"])
 
 
 class MlflowServer:

@@ -101,12 +101,35 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
     """Run (or, with `resume`, continue) the search of `cfg.tune`; returns a summary. A search
     chooses, so a held-out split is refused unless `holdout` (--holdout, recorded as a tag)."""
     from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from splitmatch.cluster import init_ray
 
     cfg = resolve_paths(cfg)
+    family, search_dir = _check_search(cfg, resume, holdout)
+    _quiet_search_output()
+    init_ray(cfg.storage)
+    uri, shown, server = _search_tracking(cfg)
+    try:
+        client = MlflowClient(uri)
+        parent_id = _open_search_run(client, uri, cfg, family, holdout)
+        tuner = _tuner(cfg, _trainable(cfg, uri, parent_id, holdout), search_dir, resume)
+        log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
+            f"{parent_id} at {redact(shown)}")
+        summary = _summarize(tuner.fit(), cfg, client, parent_id, search_dir)
+        log(_summary_line(cfg, summary))
+        log(where_to_look(cfg, uri if server is None else None, client, parent_id,
+                          summary["table"]))
+        return summary
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _check_search(cfg: Config, resume: bool, holdout: bool) -> tuple[str, str]:
+    """The split family the search may use and its folder (or s3:// prefix), or the error that
+    says why this search cannot start."""
+    from ray import tune
+
     family = check_split_use(cfg.data, "tune", holdout)
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty: nothing to search (see experiments/toyworld_search.yaml)")
@@ -114,84 +137,105 @@ def run_search(cfg: Config, resume: bool = False, log=print, holdout: bool = Fal
         raise ConfigError(f"data.select_split is not set: a search must choose on a split other than "
                          f"the reported test split ({cfg.data.test_split!r}); set e.g. "
                          f"--set data.select_split=val")
-    search_dir = storage.join(cfg.train.storage_path, cfg.name)  # a folder, or an s3:// prefix
+    search_dir = storage.join(cfg.train.storage_path, cfg.name)
     if storage.exists(search_dir) and not resume:
         raise FileExistsError(f"search '{cfg.name}' already exists in {search_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
     if resume and not tune.Tuner.can_restore(search_dir):
         raise FileNotFoundError(f"no search to resume in {search_dir}")
+    return family, search_dir
+
+
+def _quiet_search_output() -> None:
     # MLflow prints a "View run" link per run it ends; for the embedded store's server, which
     # stops with this command, they would point at nothing. The end says where to look instead.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not verbose():
         # Tune's default loggers include TensorBoard's, whose hint points into Ray's temporary
         # folder; the CSV and JSON ones (a trial's history: `trial_selection_figure`) are given
-        # below. A failed trial is told by the display and the summary, not by Tune's traceback.
+        # in `_tuner`. A failed trial is told by the display and the summary, not by Tune's
+        # traceback.
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    init_ray(cfg.storage)
-    server = None
-    uri = shown = cfg.tracking.uri
-    if uri is None:  # one writer for the embedded store: a local server over its SQLite file
-        # The experiment is created directly in the store first, with its file artifact root, so
-        # the runs stay readable (artifacts included) through the plain sqlite:/// URI afterwards.
-        embedded = default_tracking_uri(cfg.train.storage_path)
-        experiment_id(MlflowClient(embedded), cfg.tracking.experiment, artifact_root(embedded))
-        server = MlflowServer(cfg.train.storage_path).start()
-        # The server's address dies with the command; the store it serves is what to name.
-        uri, shown = server.url, embedded
-    try:
-        client = MlflowClient(uri)
-        parent_id, existed = open_parent_run(client, uri, cfg, cfg.name, "search", {
-            "split_family": family, **({"holdout_flag": "--holdout"} if holdout else {})})
-        if not existed:
-            client.log_dict(parent_id, {k: v for k, v in cfg.tune.space.items()}, "search_space.yaml")
-            client.log_text(parent_id, dump_config(cfg), "base_config.yaml")
-        base = to_dict(cfg)
-        base["tune"] = {}
-        # The fixed inputs travel as parameters, not in the search space, so Tune's tables show
-        # only the searched values. The trial function only drives its Train run: it asks for no
-        # CPU (the Train workers hold the CPUs), only some memory, since Tune refuses an empty
-        # resource request.
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, search=cfg.name, tracking_uri=uri,
-                                 parent_run_id=parent_id, holdout=holdout,
-                                 credentials=tracking_credentials()),
-            {"CPU": 0, "memory": 256 * 1024 ** 2})
-        scheduler = asha_scheduler(cfg) if cfg.tune.scheduler == "asha" else None
-        param_space = search_space(cfg.tune.space)
-        if resume:
-            tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, param_space=param_space)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric="select_hIoU", mode="max", scheduler=scheduler,
-                                            num_samples=cfg.tune.num_samples,
-                                            max_concurrent_trials=cfg.tune.max_concurrent_trials),
-                run_config=tune.RunConfig(
-                    name=cfg.name, storage_path=cfg.train.storage_path,
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    # One display counted in trials; Tune's own tables with --verbose.
-                    verbose=2 if verbose() else 0,
-                    callbacks=[] if verbose() else [
-                        CSVLoggerCallback(), JsonLoggerCallback(),
-                        SearchProgress(cfg.name, cfg.data.select_split, cfg.train.max_iters,
-                                       "ASHA" if cfg.tune.scheduler == "asha" else None)]))
-        log(f"search {cfg.name}: {len(cfg.tune.space)} searched keys, MLflow parent run "
-            f"{parent_id} at {redact(shown)}")
-        results = tuner.fit()
-        summary = _summarize(results, cfg, client, parent_id, search_dir)
-        log(f"{summary['trials']} trials, {summary['errors']} failed, {summary['stopped_early']} "
+
+
+def _search_tracking(cfg: Config) -> tuple[str, str, MlflowServer | None]:
+    """The tracking URI the trials log to, the one the output names, and the server this command
+    started for them, if any."""
+    from mlflow.tracking import MlflowClient
+
+    if cfg.tracking.uri is not None:
+        return cfg.tracking.uri, cfg.tracking.uri, None
+    # One writer for the embedded store: a local server over its SQLite file. The experiment is
+    # created directly in the store first, with its file artifact root, so the runs stay readable
+    # (artifacts included) through the plain sqlite:/// URI afterwards.
+    embedded = default_tracking_uri(cfg.train.storage_path)
+    experiment_id(MlflowClient(embedded), cfg.tracking.experiment, artifact_root(embedded))
+    server = MlflowServer(cfg.train.storage_path).start()
+    # The server's address dies with the command; the store it serves is what to name.
+    return server.url, embedded, server
+
+
+def _open_search_run(client, uri: str, cfg: Config, family: str, holdout: bool) -> str:
+    """The search's MLflow parent run, opened (or found again on resume) with its inputs."""
+    parent_id, existed = open_parent_run(client, uri, cfg, cfg.name, "search", {
+        "split_family": family, **({"holdout_flag": "--holdout"} if holdout else {})})
+    if not existed:
+        client.log_dict(parent_id, {k: v for k, v in cfg.tune.space.items()}, "search_space.yaml")
+        client.log_text(parent_id, dump_config(cfg), "base_config.yaml")
+    return parent_id
+
+
+def _trainable(cfg: Config, uri: str, parent_id: str, holdout: bool):
+    """`run_trial` with the search's fixed inputs bound and its resource request."""
+    from ray import tune
+
+    base = to_dict(cfg)
+    base["tune"] = {}
+    # The fixed inputs travel as parameters, not in the search space, so Tune's tables show
+    # only the searched values. The trial function only drives its Train run: it asks for no
+    # CPU (the Train workers hold the CPUs), only some memory, since Tune refuses an empty
+    # resource request.
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=base, search=cfg.name, tracking_uri=uri,
+                             parent_run_id=parent_id, holdout=holdout,
+                             credentials=tracking_credentials()),
+        {"CPU": 0, "memory": 256 * 1024 ** 2})
+
+
+def _tuner(cfg: Config, trainable, search_dir: str, resume: bool):
+    """A new Tuner over `cfg.tune`, or with `resume` the stored one, unfinished trials resumed."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # Built on resume too, though the restored Tuner keeps its stored scheduler: a resumed search
+    # is held to asha_scheduler's max_iters check like a new one.
+    scheduler = asha_scheduler(cfg) if cfg.tune.scheduler == "asha" else None
+    param_space = search_space(cfg.tune.space)
+    if resume:
+        return tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, param_space=param_space)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric="select_hIoU", mode="max", scheduler=scheduler,
+                                    num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=cfg.tune.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=cfg.train.storage_path,
+            failure_config=tune.FailureConfig(max_failures=0),
+            # One display counted in trials; Tune's own tables with --verbose.
+            verbose=2 if verbose() else 0,
+            callbacks=[] if verbose() else [
+                CSVLoggerCallback(), JsonLoggerCallback(),
+                SearchProgress(cfg.name, cfg.data.select_split, cfg.train.max_iters,
+                               "ASHA" if cfg.tune.scheduler == "asha" else None)]))
+
+
+def _summary_line(cfg: Config, summary: dict) -> str:
+    return (f"{summary['trials']} trials, {summary['errors']} failed, {summary['stopped_early']} "
             f"stopped early; best {summary['best_run_name']} {summary['best_params']}: best hIoU "
             f"{summary['best_select_hIoU']:.2f} on {cfg.data.select_split} (ranked on it, as "
             f"`compare` ranks), {summary['best_hIoU']:.2f} on {cfg.data.test_split} (reported)")
-        log(where_to_look(cfg, uri if server is None else None, client, parent_id,
-                          summary["table"]))
-        return summary
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def where_to_look(cfg: Config, server_uri: str | None, client, parent_id: str, table: str) -> str:
