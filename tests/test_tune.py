@@ -47,7 +47,8 @@ def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster
     # A search reads like a training run: one display counted in trials, no Tune tables, no
     # TensorBoard hint, no links to the server that stopped with the command; then where to look.
     assert "search search: 4/4 trials (100%)" in out and "stopped early 1" in out, out[-3000:]
-    for noise in ("Trial status", "tensorboard", "View run", "View experiment", "+----"):
+    for noise in ("Trial status", "tensorboard", "View run", "View experiment", "+----",
+                  "Configuration for experiment", "View detailed results", "== Status =="):
         assert noise not in out, noise
     assert f"splitmatch compare --parent " in out and "splitmatch ui --storage-path" in out
     assert len(out.splitlines()) < 40, len(out.splitlines())

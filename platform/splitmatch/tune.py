@@ -156,6 +156,11 @@ def _quiet_search_output() -> None:
         # in `_tuner`. A failed trial is told by the display and the summary, not by Tune's
         # traceback.
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        # Tune's newer console output prints its "Configuration for experiment" table and a
+        # "View detailed results here" path whatever the verbosity; the older one is silent at
+        # verbose=0 (`_tuner`). Read when the search starts, and by the workers of a local
+        # instance started after it.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
 
