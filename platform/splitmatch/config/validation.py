@@ -27,6 +27,13 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         # and best_model.pt somewhere else.
         raise ConfigError(f"{source}: 'name' must be a plain name (letters, digits, '.', '_', "
                           f"'-'; no path), got {cfg.name!r}")
+    for check in (_validate_model, _validate_data, _validate_pseudo_masks, _validate_inference,
+                  _validate_losses, _validate_training):
+        check(cfg, source)
+    return cfg
+
+
+def _validate_model(cfg: Config, source: str) -> None:
     m = cfg.model
     for key in ("hidden_dim", "mask_dim", "num_heads", "dim_feedforward", "dec_layers"):
         check_positive(getattr(m, key), f"model.{key}", source)
@@ -42,6 +49,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     if m.mfe.norm == "gn" and m.hidden_dim % m.mfe.num_groups:
         raise ConfigError(f"{source}: 'model.mfe.num_groups' ({m.mfe.num_groups}) must divide "
                           f"'model.hidden_dim' ({m.hidden_dim})")
+
+
+def _validate_data(cfg: Config, source: str) -> None:
     d = cfg.data
     names = splits.class_names(d.dataset)
     if d.unseen is not None:
@@ -69,6 +79,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     check_positive(t.min_objects, "data.toyworld.min_objects", source)
     if t.max_objects < t.min_objects:
         raise ConfigError(f"{source}: 'data.toyworld.max_objects' must be >= 'min_objects'")
+
+
+def _validate_pseudo_masks(cfg: Config, source: str) -> None:
     tc = cfg.toy_clip
     for key in ("steps", "batch_size", "lr", "image_size"):
         check_positive(getattr(tc, key), f"toy_clip.{key}", source)
@@ -89,6 +102,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     check_positive(p.num_actors, "pseudo_masks.num_actors", source)
     check_positive(p.cpus_per_actor, "pseudo_masks.cpus_per_actor", source, allow_zero=True)
     check_positive(p.gpus_per_actor, "pseudo_masks.gpus_per_actor", source, allow_zero=True)
+
+
+def _validate_inference(cfg: Config, source: str) -> None:
     inf = cfg.inference
     check_positive(inf.crop_size, "inference.crop_size", source)
     check_positive(inf.stride, "inference.stride", source)
@@ -103,6 +119,13 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                           f"{MIN_IMAGE_SIDE} (the backbone's coarsest stride), or null for no "
                           f"limit; got {inf.max_image_side}")
     _validate_calibration(cfg, source)
+    check_positive(inf.num_random_queries, "inference.num_random_queries", source,
+                   allow_zero=True)
+    check_positive(cfg.eval.batch_size, "eval.batch_size", source)
+
+
+def _validate_losses(cfg: Config, source: str) -> None:
+    m = cfg.model
     for key in ("cost_class", "cost_mask", "cost_dice"):
         check_positive(getattr(cfg.matching, key), f"matching.{key}", source, allow_zero=True)
     lo = cfg.loss
@@ -121,6 +144,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     if lo.candidate_pool == "batch" and m.candidate_embedding != "cls":
         raise ConfigError(f"{source}: 'loss.candidate_pool' batch pools CLIP's Cu: it needs "
                           f"model.candidate_embedding cls, not {m.candidate_embedding!r}")
+
+
+def _validate_training(cfg: Config, source: str) -> None:
     o = cfg.optim
     check_positive(o.lr, "optim.lr", source)
     check_positive(o.weight_decay, "optim.weight_decay", source, allow_zero=True)
@@ -143,10 +169,6 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     if tr.batch_size % tr.num_workers:
         raise ConfigError(f"{source}: 'train.batch_size' ({tr.batch_size}) must be divisible by "
                           f"'train.num_workers' ({tr.num_workers}): it is the global batch")
-    check_positive(cfg.inference.num_random_queries, "inference.num_random_queries", source,
-              allow_zero=True)
-    check_positive(cfg.eval.batch_size, "eval.batch_size", source)
-    return cfg
 
 
 def _validate_calibration(cfg: Config, source: str) -> None:
