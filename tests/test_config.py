@@ -109,6 +109,7 @@ def test_floats_take_scientific_notation_and_refuse_non_finite_values():
     ("loss.candidate_pool=everything", "loss.candidate_pool"),
     ("loss.candidate_pool_max_cosine=1.5", "loss.candidate_pool_max_cosine"),
     ("train.ema_decay=1.0", "train.ema_decay"),
+    ("loss.cosine_balance=rare", "loss.cosine_balance"),
     ("train.ema_decay=-0.1", "train.ema_decay"),
 ])
 def test_bad_values_name_key_and_file(override, key):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
-from splitmatch.criterion import (SetCriterion, TargetCounts, dice_loss, iou_loss, pseudo_label_map,
+from splitmatch.criterion import (SetCriterion, balance_weights, TargetCounts, dice_loss, iou_loss, pseudo_label_map,
                                   sigmoid_focal_loss, uncertain_point_coords)
 from splitmatch.config import LossConfig, MatchingConfig
 from splitmatch.matcher import SplitMatcher, build_hungarian_matcher
@@ -99,7 +99,8 @@ def criterion(matcher, **kw):
         "focal_gamma", "num_points", "oversample_ratio", "importance_sample_ratio",
         "deep_supervision")}
     return SetCriterion(matcher, **{**settings, "ignore_index": 255, "candidate_queries_from": None,
-                                    "groups_normalized_from": None, **kw})
+                                    "groups_normalized_from": None, "cosine_balance_above": None,
+                                    **kw})
 
 
 def test_split_losses_and_padding_ignored():
@@ -177,6 +178,45 @@ def test_cosine_loss_is_zero_when_embeddings_equal_cls():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     loss = crit.loss_cosine(-embeds, targets, matches, cand, 3)
     assert loss.item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_balance_weights_count_each_embedding_s_own_kind():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # Three of one kind (cosine ~1 to each other), one of another: each of the three weighs a
+    # third, the lone one a whole; the orthogonal kinds never count each other.
+    embeds = torch.stack([a, a * 2, a + 0.01 * b, b])
+    assert balance_weights(embeds, 0.5).tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    # Above a cosine no pair reaches, every embedding is its own kind.
+    assert balance_weights(embeds, 1.1).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_balanced_cosine_loss_weighs_a_rare_kind_like_a_frequent_one():
+    labels, cmaps, cand, text, outputs = make_batch()
+    cand = [cand[0], cand[0][:1] + 0.1 * cand[1]]  # image 1's candidate: the kind of image 0's first
+    targets = build_targets(labels, seen_lookup(SEEN), cmaps, num_seen=3)
+    matcher = SplitMatcher(hungarian(64), 4, 2)
+    matches = matcher(outputs, targets)
+    plain, balanced = criterion(matcher), criterion(matcher, cosine_balance_above=0.5)
+    embeds = outputs["pred_embeds"].detach()
+    # Every candidate its own kind (cosine threshold above 1): the balanced loss is the mean.
+    own = criterion(matcher, cosine_balance_above=1.1)
+    assert own.loss_cosine(embeds, targets, matches, cand, 3).item() == pytest.approx(
+        plain.loss_cosine(embeds, targets, matches, cand, 3).item(), rel=1e-6)
+    # By hand: the per-candidate losses weighted by 1 / (the matched candidates of their kind).
+    losses, matched = [], []
+    for b, (q, t) in enumerate(matches):
+        for qi, ti in zip(q.tolist(), t.tolist()):
+            if targets[b]["is_candidate"][ti]:
+                c = cand[b][targets[b]["labels"][ti] - 3]
+                losses.append(1 - F.cosine_similarity(embeds[b, qi], c, dim=0))
+                matched.append(c)
+    unit = F.normalize(torch.stack(matched), dim=-1)
+    counts = ((unit @ unit.T > 0.5).float() + torch.eye(len(matched))).clamp(max=1).sum(1)
+    assert sorted(counts.tolist()) == [1.0, 2.0, 2.0]  # one pair of a kind, one lone candidate
+    expected = (torch.stack(losses) / counts).sum() / (1 / counts).sum()
+    assert expected.item() != pytest.approx(torch.stack(losses).mean().item(), rel=1e-3)
+    assert balanced.loss_cosine(embeds, targets, matches, cand, 3).item() == pytest.approx(
+        expected.item(), rel=1e-5)
 
 
 def test_baseline_mode_ignores_candidates():

@@ -69,7 +69,8 @@ class SetCriterion(nn.Module):
                  dice_weight: float, cos_weight: float, mfe_weight: float, focal_alpha: float,
                  focal_gamma: float, num_points: int, oversample_ratio: float,
                  importance_sample_ratio: float, deep_supervision: bool, ignore_index: int,
-                 candidate_queries_from: int | None, groups_normalized_from: int | None):
+                 candidate_queries_from: int | None, groups_normalized_from: int | None,
+                 cosine_balance_above: float | None):
         super().__init__()
         self.matcher = matcher
         self.class_weight = class_weight
@@ -95,6 +96,11 @@ class SetCriterion(nn.Module):
         # the rest by the candidate targets, so the many candidates of an image do not drown its
         # few seen objects (docs/method.md, "Loss normalisation").
         self.groups_normalized_from = groups_normalized_from
+        # None: L_cos is the plain mean over matched candidates. A cosine: each candidate is
+        # weighted by 1 / (matched candidates of the batch whose Cu lie above this cosine of its
+        # own), so that the frequent kind of object does not set every candidate query's
+        # embedding (the diagnosis in docs/method.md: a rare unseen object named as a frequent).
+        self.cosine_balance_above = cosine_balance_above
 
     # --------------------------------------------------------------------------- terms
 
@@ -138,7 +144,7 @@ class SetCriterion(nn.Module):
     def loss_cosine(self, pred_embeds: Tensor, targets: list[dict], matches: list[Match],
                     candidate_embeds: list[Tensor], num_seen_classes: int) -> Tensor:
         """L_cos = 1 − cos(V'u, Cu) over candidate queries matched to candidate targets."""
-        losses = []
+        losses, matched = [], []
         for b, (q, t) in enumerate(matches):
             t = t.to(pred_embeds.device)
             is_cand = targets[b]["is_candidate"][t]
@@ -148,9 +154,14 @@ class SetCriterion(nn.Module):
             v = pred_embeds[b, q.to(pred_embeds.device)[is_cand]]
             c = candidate_embeds[b].to(v)[cand_index]
             losses.append(1 - F.cosine_similarity(v.float(), c.float(), dim=-1))
+            matched.append(c.float())
         if not losses:
             return pred_embeds.sum() * 0.0
-        return torch.cat(losses).mean()
+        losses = torch.cat(losses)
+        if self.cosine_balance_above is None:
+            return losses.mean()
+        weights = balance_weights(torch.cat(matched), self.cosine_balance_above)
+        return (losses * weights).sum() / weights.sum()
 
     def loss_mfe(self, mfe_logits: Tensor, pseudo_labels: Tensor, class_valid: Tensor) -> tuple[Tensor, Tensor]:
         """L_MFE = CE + focal of the per-pixel MFE logits [B, K, h, w] against Yp (labels [B, H, W])."""
@@ -246,6 +257,15 @@ def pseudo_label_map(labels: Tensor, lut: Tensor, candidate_maps: Tensor | None,
     return out
 
 
+def balance_weights(embeds: Tensor, same_above: float) -> Tensor:
+    """1 / (how many of `embeds` [N, C], itself included, lie above cosine `same_above` of each):
+    a group of near-identical embeddings weighs about as much as one lone embedding."""
+    unit = F.normalize(embeds.detach(), dim=-1)
+    same_kind = (unit @ unit.T > same_above).float()
+    same_kind.fill_diagonal_(1.0)
+    return 1.0 / same_kind.sum(dim=1)
+
+
 def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int,
                     num_seen_queries: int | None) -> SetCriterion:
     """`num_seen_queries` is Ks under Split Matching (None in baseline mode: no candidate queries)."""
@@ -260,4 +280,6 @@ def build_criterion(loss_cfg, matcher: nn.Module, ignore_index: int,
         deep_supervision=loss_cfg.deep_supervision, ignore_index=ignore_index,
         candidate_queries_from=candidate_from,
         groups_normalized_from=(num_seen_queries if loss_cfg.normalization == "per_group"
-                                else None))
+                                else None),
+        cosine_balance_above=(loss_cfg.candidate_pool_max_cosine
+                              if loss_cfg.cosine_balance == "batch" else None))

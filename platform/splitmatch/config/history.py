@@ -23,7 +23,8 @@ ADDED_KEYS = {"loss.normalization": "joint", "pseudo_masks.background_prompts": 
               # what a run with a number did, and today's default compares equal to a new run's.
               "inference.calibration_grid": InferenceConfig().calibration_grid,
               "inference.text_center": "seen", "loss.candidate_pool": "image",
-              "loss.candidate_pool_max_cosine": 0.5, "train.ema_decay": 0.0}
+              "loss.candidate_pool_max_cosine": 0.5, "train.ema_decay": 0.0,
+              "loss.cosine_balance": "none"}
 
 
 def retire_keys(data: dict, source: str) -> dict:

@@ -182,7 +182,14 @@ class LossConfig:
     # images' Cu as more negatives, except those within candidate_pool_max_cosine of one of the
     # image's own, likely the same kind of object; docs/method.md).
     candidate_pool: Literal["image", "batch"] = "image"
+    # The CLIP cosine above which two candidates' Cu count as the same kind of object: the batch
+    # pool leaves those out of an image's negatives, the batch cosine balance counts them.
     candidate_pool_max_cosine: float = 0.5
+    # L_cos over the matched candidates: their plain mean ("none", the paper's) or "batch": each
+    # weighted by 1 / (the batch's matched candidates of its kind, by candidate_pool_max_cosine),
+    # so a rare kind of object pulls its query's embedding as much as a frequent one
+    # (docs/method.md). CLIP embeddings only, no label.
+    cosine_balance: Literal["none", "batch"] = "none"
 
 
 @dataclass
