@@ -296,6 +296,7 @@ def test_main_toy_clip_reports_path_and_accuracy(built, toy_cfg):
     assert "zero-shot accuracy" in text and all(name in text for name in CLASS_NAMES)
     assert summary["pseudo_mask_quality"]["images"] == 4
     assert os.path.isfile(summary["checkpoint"])
+    assert json.loads(lines[-1]) == json.loads(json.dumps(summary))  # the last line, for scripts
 
 
 def test_a_resolved_toy_clip_is_pinned_by_its_weights_not_its_key(tmp_path):

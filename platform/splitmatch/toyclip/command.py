@@ -1,6 +1,7 @@
 """`splitmatch toy-clip CONFIG`: build or reuse the toy CLIP and say how good it is."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -45,4 +46,5 @@ def main_toy_clip(cfg: Config, log: Callable[[str], None] = print, quality_image
             f"right {quality['candidate_class_accuracy']:.3f}")
         summary["pseudo_mask_quality"] = quality
     log(f"done in {time.perf_counter() - start:.0f} s")
+    log(json.dumps(summary))  # the last line, for scripts (docs/results/toy_clip.sh)
     return summary
