@@ -239,7 +239,8 @@ def test_a_run_on_object_storage_shares_nothing_but_the_bucket(tmp_path, s3):
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")] == [1, 2, 3, 4]
         stored = [k for k in keys if k.startswith("mlartifacts/")]
         assert any(k.endswith("/config.yaml") for k in stored)
-        assert any(k.endswith("/checkpoints/best_model.pt") for k in stored)
+        assert any(k.endswith("/artifacts/weights.pt") for k in stored)  # its logged model's
+        assert not any(k.endswith("/checkpoints/best_model.pt") for k in stored)  # not twice
         # The selected weights evaluate from the bucket, on a machine that never saw them.
         evaluated = subprocess.run(
             [sys.executable, "-m", "splitmatch.cli", "eval", str(config), "--checkpoint",

@@ -53,7 +53,11 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
     assert tags["dataset"] == "toyworld" and len(tags["git_commit"]) == 40
     assert tags["pseudo_cache_key"] != "none" and run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "predictions", "checkpoints"} <= artifacts
+    assert {"config.yaml", "predictions"} <= artifacts
+    # The weights reach MLflow once, as the run's logged model, not also as an artifact.
+    assert "checkpoints" not in artifacts
+    [model] = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
     assert pictures == ["predictions/it0000006_test0.png"]
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())

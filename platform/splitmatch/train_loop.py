@@ -223,7 +223,10 @@ def train_loop_per_worker(config: dict) -> None:
                     (core, optimizer, epoch) if wants_checkpoint else None)
     # ---------------------------------------------------------------- finish
     if tracker is not None:
-        if (worker.run_dir / BEST_MODEL).exists():
+        # A run's weights reach MLflow once: a run of its own (train, demo) gets them as its
+        # logged model when its caller publishes it (publish.py); a run under a parent (a
+        # search's trial, an ablation row) keeps them as this artifact.
+        if (worker.run_dir / BEST_MODEL).exists() and config.get("parent_run_id"):
             tracker.log_artifact(worker.run_dir / BEST_MODEL, "checkpoints")
             tracker.set_tags({"best_select_hIoU": f"{selection.best_hiou:.4f}"})
         tracker.finish("FINISHED")
