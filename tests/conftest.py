@@ -158,6 +158,35 @@ def ray_cluster(ray_head):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_pseudo_masks(ray_head, tmp_path_factory):
+    """A pseudo-mask cache folder holding the complete cache of helpers.TINY's training split,
+    built once for the session by `splitmatch pseudo` on the session's head node. Tests that train
+    on TINY's data, CLIP and pseudo-mask settings but do not test building the cache pass it as
+    `cache_dir` (each build costs Ray Data's start-up and the CLIP passes): the cache is keyed by
+    those settings, so they find it complete and only read it. A test that changes them, or that
+    damages or rebuilds a cache, keeps a cache of its own; the session's end checks that the
+    folder holds only that cache, unchanged."""
+    from helpers import finish, splitmatch, write_config
+    from splitmatch.config import load_config
+    from splitmatch.pseudo.cache import cache_dir, read_manifest
+
+    root = tmp_path_factory.mktemp("tiny-pseudo-masks")
+    config = write_config(root, "pseudo", cache_dir=root / "cache")
+    finish(splitmatch("pseudo", str(config), address=ray_head[0]))
+    cfg = load_config(config)
+    cache = cache_dir(cfg, cfg.data.train_split)
+    assert read_manifest(cache)["complete"]
+
+    def contents():
+        return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else b"")
+                      for p in (root / "cache").rglob("*"))
+
+    built = contents()
+    yield root / "cache"
+    assert contents() == built, "a test changed the session's pseudo-mask cache"
+
+
 class TwoNodeCluster:
     """A head node and a worker node, separate Ray node processes on this machine (Ray's own
     multi-node test helper, so that both stay on 127.0.0.1), each with its temp dir and ports.

@@ -31,12 +31,14 @@ TINY = {
 RECIPE = ToyClipRecipe(eval_images=20, log_every=2)
 
 
-def tiny_config(tmp_path: Path, name: str, experiment: str = "tests", **train) -> dict:
-    """TINY as a run `name` of its own, with its cache and store under `tmp_path`; `train` keys
+def tiny_config(tmp_path: Path, name: str, experiment: str = "tests", cache_dir: Path | None = None,
+                **train) -> dict:
+    """TINY as a run `name` of its own, with its store under `tmp_path` and its pseudo-mask cache
+    there too unless `cache_dir` names one (the session's `tiny_pseudo_masks`); `train` keys
     replace the defaults of a short 2-worker run."""
     data = yaml.safe_load(yaml.safe_dump(TINY))
     data["name"] = name
-    data["pseudo_masks"]["cache_dir"] = str(tmp_path / "cache")
+    data["pseudo_masks"]["cache_dir"] = str(cache_dir or tmp_path / "cache")
     data["tracking"] = {"experiment": experiment}
     data["train"] = {"max_iters": 6, "batch_size": 4, "num_workers": 2, "checkpoint_every": 3,
                      "eval_every": 3, "log_every": 1, "loader_workers": 0, "num_visualizations": 1,
@@ -48,9 +50,10 @@ SHORT = {"max_iters": 2, "batch_size": 2, "num_workers": 1, "checkpoint_every": 
          "eval_every": 2, "num_visualizations": 0}  # one worker, two iterations
 
 
-def write_config(tmp_path: Path, name: str, **train) -> Path:
+def write_config(tmp_path: Path, name: str, cache_dir: Path | None = None, **train) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(dump_config(config_from_dict(tiny_config(tmp_path, name, **train))))
+    path.write_text(dump_config(config_from_dict(tiny_config(tmp_path, name, cache_dir=cache_dir,
+                                                             **train))))
     return path
 
 

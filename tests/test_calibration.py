@@ -170,12 +170,14 @@ def test_predict_uses_the_value_stored_with_auto_weights_and_refuses_without(tmp
 
 
 @pytest.mark.integration
-def test_a_run_with_auto_chooses_on_val_and_eval_chooses_the_same(tmp_path, ray_cluster):
+def test_a_run_with_auto_chooses_on_val_and_eval_chooses_the_same(tmp_path, ray_cluster,
+                                                                 tiny_pseudo_masks):
     from splitmatch.checkpoints import load_state, result_checkpoint
     from splitmatch.checkpoint_evaluation import evaluate_checkpoint
     from splitmatch.tracking import default_tracking_uri
 
-    config = write_config(tmp_path, "auto", **{**SHORT, "num_workers": 2})  # DDP: 2 ranks
+    config = write_config(tmp_path, "auto", tiny_pseudo_masks,
+                          **{**SHORT, "num_workers": 2})  # DDP: 2 ranks
     data = yaml.safe_load(config.read_text())
     data["data"]["select_split"] = "val"
     data["inference"]["seen_score_calibration"] = "auto"

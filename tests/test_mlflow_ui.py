@@ -31,9 +31,10 @@ def rendered_text(url: str, out_dir, width: int = 2400) -> str:
 
 
 @pytest.mark.slow
-def test_a_finished_run_shows_its_figures_dataset_and_model_in_the_mlflow_ui(tmp_path, ray_cluster):
-    config = write_config(tmp_path, "shown", max_iters=2, batch_size=2, num_workers=1,
-                          checkpoint_every=2, eval_every=2, num_visualizations=0)
+def test_a_finished_run_shows_its_figures_dataset_and_model_in_the_mlflow_ui(tmp_path, ray_cluster,
+                                                                             tiny_pseudo_masks):
+    config = write_config(tmp_path, "shown", tiny_pseudo_masks, max_iters=2, batch_size=2,
+                          num_workers=1, checkpoint_every=2, eval_every=2, num_visualizations=0)
     data = yaml.safe_load(config.read_text())
     data["data"]["select_split"] = "val"
     config.write_text(yaml.safe_dump(data))

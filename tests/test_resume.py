@@ -116,9 +116,10 @@ def run(*args, address, timeout=300):
 
 
 @pytest.mark.slow
-def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_cluster):
-    config = write_config(tmp_path, "res", max_iters=4, num_workers=1, checkpoint_every=4,
-                          eval_every=4, num_visualizations=0)
+def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_cluster,
+                                                                 tiny_pseudo_masks):
+    config = write_config(tmp_path, "res", tiny_pseudo_masks, max_iters=4, num_workers=1,
+                          checkpoint_every=4, eval_every=4, num_visualizations=0)
     data = yaml.safe_load(config.read_text())
     data["data"]["select_split"] = "val"  # so that there is a best_model.pt to check too
     data["train"]["ema_decay"] = 0.5  # and an average of the weights that --resume continues
@@ -188,11 +189,12 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
 
 
 @pytest.mark.slow
-def test_ctrl_c_kills_the_run_and_resume_starts_at_the_newest_checkpoint(tmp_path, ray_cluster):
+def test_ctrl_c_kills_the_run_and_resume_starts_at_the_newest_checkpoint(tmp_path, ray_cluster,
+                                                                         tiny_pseudo_masks):
     # Interrupted at iteration 4 or later: 12 iterations and 6 checkpoints are still to come
     # when the signal lands.
-    config = write_config(tmp_path, "int", max_iters=16, num_workers=1, checkpoint_every=2,
-                          log_every=1, num_visualizations=0)
+    config = write_config(tmp_path, "int", tiny_pseudo_masks, max_iters=16, num_workers=1,
+                          checkpoint_every=2, log_every=1, num_visualizations=0)
     run_dir = tmp_path / "runs" / "int"
     proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
     deadline = time.time() + 300

@@ -20,8 +20,8 @@ from splitmatch.splits import TOYWORLD_CLASSES
 from splitmatch.tracking import MlflowServer, default_tracking_uri
 
 
-def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
-    config = write_config(tmp_path, "two")
+def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster, tiny_pseudo_masks):
+    config = write_config(tmp_path, "two", tiny_pseudo_masks)
     data = yaml.safe_load(config.read_text())
     data["data"]["select_split"] = "val"  # chosen on "val", reported on "test"
     config.write_text(yaml.safe_dump(data))
@@ -105,9 +105,9 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_cluster):
-    config = write_config(tmp_path, "kill", max_iters=10, checkpoint_every=4, eval_every=8,
-                          max_failures=2)
+def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_cluster, tiny_pseudo_masks):
+    config = write_config(tmp_path, "kill", tiny_pseudo_masks, max_iters=10, checkpoint_every=4,
+                          eval_every=8, max_failures=2)
     proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
     run_dir = tmp_path / "runs" / "kill"
     deadline = time.time() + 300
@@ -128,12 +128,12 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster):
+def test_tracking_server_outage_does_not_stop_training(tmp_path, ray_cluster, tiny_pseudo_masks):
     server = MlflowServer(tmp_path / "server").start()
     port = server.port
     try:
-        config = write_config(tmp_path, "outage", max_iters=10, num_workers=1, batch_size=2,
-                              checkpoint_every=5, eval_every=5)
+        config = write_config(tmp_path, "outage", tiny_pseudo_masks, max_iters=10, num_workers=1,
+                              batch_size=2, checkpoint_every=5, eval_every=5)
         data = yaml.safe_load(config.read_text())
         # Credentials in the URI (the server does not check them) must not be shown or stored.
         data["tracking"]["uri"] = server.url.replace("http://", "http://alice:s3cret-pw@")
@@ -191,9 +191,11 @@ def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, ray
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs" / "greedy").exists()
 
 
-def test_a_deterministic_error_in_a_worker_is_one_line_and_not_retried(tmp_path, ray_cluster):
+def test_a_deterministic_error_in_a_worker_is_one_line_and_not_retried(tmp_path, ray_cluster,
+                                                                      tiny_pseudo_masks):
     # Found inside the worker (the training split is only read there), with restarts allowed.
-    config = write_config(tmp_path, "toobig", num_workers=1, batch_size=64, max_failures=3)
+    config = write_config(tmp_path, "toobig", tiny_pseudo_masks, num_workers=1, batch_size=64,
+                          max_failures=3)
     proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 2, out[-3000:]
@@ -210,9 +212,10 @@ def test_a_deterministic_error_in_a_worker_is_one_line_and_not_retried(tmp_path,
 
 
 @pytest.mark.slow
-def test_a_run_folder_in_use_is_refused_whichever_starts_second(tmp_path, ray_cluster):
-    config = write_config(tmp_path, "twice", max_iters=4, num_workers=1, batch_size=2,
-                          checkpoint_every=2, eval_every=4, num_visualizations=0)
+def test_a_run_folder_in_use_is_refused_whichever_starts_second(tmp_path, ray_cluster,
+                                                                tiny_pseudo_masks):
+    config = write_config(tmp_path, "twice", tiny_pseudo_masks, max_iters=4, num_workers=1,
+                          batch_size=2, checkpoint_every=2, eval_every=4, num_visualizations=0)
     first = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
     time.sleep(1.0)  # a second apart: which one takes the folder is a race
     second = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
