@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,32 @@ def tiny_pseudo_masks(ray_head, tmp_path_factory):
     built = contents()
     yield root / "cache"
     assert contents() == built, "a test changed the session's pseudo-mask cache"
+
+
+class FinishedRun(typing.NamedTuple):
+    config: Path  # its YAML
+    out: str  # what `splitmatch train` printed
+    runs: Path  # train.storage_path: the run folder and the MLflow store
+    run_dir: Path
+
+
+@pytest.fixture(scope="session")
+def finished_run(ray_head, tiny_pseudo_masks, tmp_path_factory):
+    """helpers.TINY's 2-worker run "two" (6 iterations, weights chosen on "val", reported on
+    "test"), trained once for the session for the tests that only read a finished run: its
+    folder, its MLflow store and its results page. What would write beside it (a refused
+    restart's traceback log, an MLflow server's log) works on a copy of `runs`."""
+    import yaml
+
+    from helpers import finish, splitmatch, write_config
+
+    root = tmp_path_factory.mktemp("finished-run")
+    config = write_config(root, "two", cache_dir=tiny_pseudo_masks)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["select_split"] = "val"  # chosen on "val", reported on "test"
+    config.write_text(yaml.safe_dump(data))
+    out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_head[0]))
+    return FinishedRun(config, out, root / "runs", root / "runs" / "two")
 
 
 class TwoNodeCluster:

@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from helpers import ctrl_c_reaches_it, finish, splitmatch, the_run, write_config
+from helpers import ctrl_c_reaches_it, the_run
 from splitmatch.network import free_port
 from splitmatch.tracking import default_tracking_uri
 
@@ -31,23 +30,20 @@ def rendered_text(url: str, out_dir, width: int = 2400) -> str:
 
 
 @pytest.mark.slow
-def test_a_finished_run_shows_its_figures_dataset_and_model_in_the_mlflow_ui(tmp_path, ray_cluster,
-                                                                             tiny_pseudo_masks):
-    config = write_config(tmp_path, "shown", tiny_pseudo_masks, max_iters=2, batch_size=2,
-                          num_workers=1, checkpoint_every=2, eval_every=2, num_visualizations=0)
-    data = yaml.safe_load(config.read_text())
-    data["data"]["select_split"] = "val"
-    config.write_text(yaml.safe_dump(data))
-    finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
-    client, run = the_run(default_tracking_uri(tmp_path / "runs"))
+def test_a_finished_run_shows_its_figures_dataset_and_model_in_the_mlflow_ui(tmp_path,
+                                                                             finished_run):
+    # The session's run "two" (chosen on "val"), in a copy of its runs folder: the server keeps
+    # its log there, and the session's run is only read.
+    runs = shutil.copytree(finished_run.runs, tmp_path / "runs")
+    client, run = the_run(default_tracking_uri(runs))
     cache_key = run.data.tags["pseudo_cache_key"]
 
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "splitmatch.cli", "ui", "--storage-path",
-                           str(tmp_path / "runs"), "--port", str(port)], stdout=subprocess.PIPE,
+                           str(runs), "--port", str(port)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it)
     try:
-        assert ui.stdout.readline().startswith(f"MLflow UI for {tmp_path / 'runs'}: ")
+        assert ui.stdout.readline().startswith(f"MLflow UI for {runs}: ")
         line = ui.stdout.readline()
         assert line.startswith("  experiment 'tests', runs with hIoU, sIoU, uIoU: "), line
         runs_url = line.split(": ", 1)[1].strip()
@@ -59,7 +55,7 @@ def test_a_finished_run_shows_its_figures_dataset_and_model_in_the_mlflow_ui(tmp
         for column in ("Dataset", "Source", "Models", "hIoU", "sIoU", "uIoU"):
             assert column in header, (column, header)
         row = table[table.index("Hide run"):]  # the one run's row, after its buttons
-        assert row.startswith("Hide run Pin run shown "), row
+        assert row.startswith("Hide run Pin run two "), row
         assert f"toyworld-train ({cache_key}) training" in row
         assert "splitmatch train" in row and "model" in row
         for key in ("hIoU", "sIoU", "uIoU"):  # the run's figures, as JavaScript writes numbers

@@ -2,6 +2,7 @@
 mid-run, and a tracking server that goes away."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +21,8 @@ from splitmatch.splits import TOYWORLD_CLASSES
 from splitmatch.tracking import MlflowServer, default_tracking_uri
 
 
-def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster, tiny_pseudo_masks):
-    config = write_config(tmp_path, "two", tiny_pseudo_masks)
-    data = yaml.safe_load(config.read_text())
-    data["data"]["select_split"] = "val"  # chosen on "val", reported on "test"
-    config.write_text(yaml.safe_dump(data))
-    out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
+def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, finished_run, ray_cluster):
+    config, out, runs, run_dir = finished_run  # the session's run "two", chosen on "val"
     assert "test split 'test': hIoU" in out and "weights chosen on 'val'" in out
     # Each evaluation is a progress display of its own, in images of the split that both ranks
     # share (off a terminal, its last line).
@@ -33,11 +30,10 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster, tiny_
     # val: at iterations 3 and 6, then once more for the result weights' calibration.
     assert sum(line.startswith("evaluating val: 4/4 img (100%)") for line in lines) == 3, out
     assert sum(line.startswith("evaluating test: 4/4 img (100%)") for line in lines) == 1, out
-    run_dir = tmp_path / "runs" / "two"
     # One pid per rank (rank 0 also leaves its timeline there, which the paired bench reads).
     assert sorted(p.name for p in (run_dir / "workers").glob("*.pid")) == ["rank0.pid", "rank1.pid"]
     assert "loop_finished" in json.loads((run_dir / "workers" / "rank0.timeline.json").read_text())["marks"]
-    client, run = the_run(default_tracking_uri(tmp_path / "runs"))
+    client, run = the_run(default_tracking_uri(runs))
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     for key in ("hIoU", "sIoU", "uIoU", "mIoU", "loss", "lr", "loss_cls", "loss_cos", "loss_mfe_ce",
                 "time/matcher_fraction"):
@@ -80,7 +76,7 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster, tiny_
     assert browser["screenshot"].std() > 10  # not a blank page
     from splitmatch.dashboards.report import build_report
 
-    report = build_report(default_tracking_uri(tmp_path / "runs"), tmp_path / "compare")
+    report = build_report(default_tracking_uri(runs), tmp_path / "compare")
     assert f'href="{page.as_uri()}"' in Path(report["report"]).read_text()
 
     # A finished model evaluates on its own, with per-class IoU in a CSV.
@@ -98,7 +94,14 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, ray_cluster, tiny_
          str(run_dir / "best_model.pt")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
     assert f"hIoU {metrics['hIoU']:.2f}" in out, out[-2000:]
-    # Starting the same run again without --resume is refused instead of silently resuming.
+    # Starting the same run again without --resume is refused instead of silently resuming. On
+    # a copy of its runs folder (run and MLflow store): the refusal leaves its traceback log in
+    # the runs folder, and the session's run is only read.
+    shutil.copytree(runs, tmp_path / "runs")
+    data = yaml.safe_load(config.read_text())
+    data["train"]["storage_path"] = str(tmp_path / "runs")
+    config = tmp_path / config.name
+    config.write_text(yaml.safe_dump(data))
     again = splitmatch("train", str(config), address=ray_cluster)
     out, _ = again.communicate(timeout=200)
     assert again.returncode == 2 and "--resume" in out
