@@ -114,6 +114,18 @@ def cli(*args):
                           text=True, timeout=400)
 
 
+def cli_in_process(capsys, *args) -> tuple[int, str]:
+    """`splitmatch ARGS` in this process: (exit code, what it printed, stdout then stderr). For
+    refusals and evaluations, where the command's output is checked but not its being a process
+    of its own: it saves an interpreter's start and its imports of torch, Ray and MLflow."""
+    from splitmatch import cli as splitmatch_cli
+
+    capsys.readouterr()  # only this command's output
+    code = splitmatch_cli.main([str(arg) for arg in args])
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
+
+
 def the_run(uri, experiment="tests"):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])

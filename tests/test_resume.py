@@ -12,7 +12,7 @@ import yaml
 
 from splitmatch.tracking import default_tracking_uri
 from splitmatch.checkpoints import CheckpointError, load_state, newest_checkpoint
-from helpers import cli, finish, splitmatch, steps, the_run, write_config
+from helpers import cli, cli_in_process, finish, splitmatch, steps, the_run, write_config
 
 
 def test_newest_checkpoint_is_the_highest_complete_iteration(tmp_path):
@@ -109,14 +109,8 @@ def test_eval_and_predict_on_a_file_that_is_no_checkpoint_say_so_in_one_line(tmp
     assert not (tmp_path / "ran").exists()
 
 
-def run(*args, address, timeout=300):
-    proc = splitmatch(*args, address=address)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
 @pytest.mark.slow
-def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_cluster,
+def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, capsys, ray_cluster,
                                                                  tiny_pseudo_masks):
     config = write_config(tmp_path, "res", tiny_pseudo_masks, max_iters=4, num_workers=1,
                           checkpoint_every=4, eval_every=4, num_visualizations=0)
@@ -135,12 +129,12 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
     assert not any(same(chosen, s["model"]) for s in saved)
 
     # Another unseen split on resume would score seen-trained classes as unseen: refused by key.
-    code, out = run("train", str(config), "--resume", "--set", "data.unseen=[tomato, grape]",
-                    "--set", "train.max_iters=6", address=ray_cluster)
+    # Refusals and evaluations run in this process (cli_in_process): their output is checked.
+    code, out = cli_in_process(capsys, "train", config, "--resume", "--set",
+                               "data.unseen=[tomato, grape]", "--set", "train.max_iters=6")
     assert code == 2 and "data.unseen: None -> ['tomato', 'grape']" in out, out
     assert "only train.max_iters may grow" in out and "training res" not in out
-    code, out = run("train", str(config), "--resume", "--set", "train.max_iters=3",
-                    address=ray_cluster)
+    code, out = cli_in_process(capsys, "train", config, "--resume", "--set", "train.max_iters=3")
     assert code == 2 and "train.max_iters: 4 -> 3" in out, out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_iters"] == 4
 
@@ -160,18 +154,19 @@ def test_resume_checks_the_config_and_eval_checks_the_checkpoint(tmp_path, ray_c
 
     # eval: the checkpoint carries its config; the original file now differs in the budget.
     checkpoint = str(newest_checkpoint(run_dir)[0])
-    code, out = run("eval", str(config), "--checkpoint", checkpoint, address=ray_cluster)
+    code, out = cli_in_process(capsys, "eval", config, "--checkpoint", checkpoint)
     assert code == 2 and "train.max_iters: 6 -> 4" in out and "run's config.yaml" in out, out
-    code, out = run("eval", str(run_dir / "config.yaml"), "--checkpoint", checkpoint,
-                    "--set", "data.unseen=[tomato, grape]", address=ray_cluster)
+    code, out = cli_in_process(capsys, "eval", run_dir / "config.yaml", "--checkpoint",
+                               checkpoint, "--set", "data.unseen=[tomato, grape]")
     assert code == 2 and "data.unseen" in out, out
-    out = finish(splitmatch("eval", str(run_dir / "config.yaml"), "--checkpoint", checkpoint,
-                            "--set", "inference.num_random_queries=0", address=ray_cluster))
+    code, out = cli_in_process(capsys, "eval", run_dir / "config.yaml", "--checkpoint",
+                               checkpoint, "--set", "inference.num_random_queries=0")
+    assert code == 0, out[-4000:]
     assert f"config checked against {checkpoint}" in out and "hIoU" in out
     assert "evaluating test: 4/4 img (100%)" in out  # its progress display's last line
-    out = finish(splitmatch("eval", str(run_dir / "config.yaml"), "--checkpoint",
-                            str(run_dir / "best_model.pt"), address=ray_cluster))
-    assert "config checked against" in out
+    code, out = cli_in_process(capsys, "eval", run_dir / "config.yaml", "--checkpoint",
+                               run_dir / "best_model.pt")
+    assert code == 0 and "config checked against" in out, out[-4000:]
     assert newest  # the run kept its checkpoints through all of the above
 
     # A newest checkpoint that does not load (here a crafted pickle; Ray's own snapshot names

@@ -14,14 +14,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import open_in_chromium
-from helpers import finish, splitmatch, steps, the_run, write_config
+from helpers import cli_in_process, finish, splitmatch, steps, the_run, write_config
 from splitmatch.config import config_from_dict
 from splitmatch.data import build_dataset
 from splitmatch.splits import TOYWORLD_CLASSES
 from splitmatch.tracking import MlflowServer, default_tracking_uri
 
 
-def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, finished_run, ray_cluster):
+def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, capsys, finished_run, ray_cluster):
     config, out, runs, run_dir = finished_run  # the session's run "two", chosen on "val"
     assert "test split 'test': hIoU" in out and "weights chosen on 'val'" in out
     # Each evaluation is a progress display of its own, in images of the split that both ranks
@@ -81,18 +81,15 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, finished_run, ray_
 
     # A finished model evaluates on its own, with per-class IoU in a CSV.
     csv = tmp_path / "per_class.csv"
-    out = finish(subprocess.Popen(
-        [sys.executable, "-m", "splitmatch.cli", "eval", str(config), "--checkpoint",
-         str(checkpoints[-1]), "--out", str(csv)], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True))
+    code, out = cli_in_process(capsys, "eval", config, "--checkpoint", checkpoints[-1],
+                               "--out", csv)
+    assert code == 0, out[-4000:]
     rows = csv.read_text().splitlines()
     assert rows[0] == "class,split,IoU" and len(rows) == 11 and "leaf,unseen," in csv.read_text()
     # The test figures belong to the weights chosen on "val": evaluating best_model.pt alone
     # gives them again.
-    out = finish(subprocess.Popen(
-        [sys.executable, "-m", "splitmatch.cli", "eval", str(config), "--checkpoint",
-         str(run_dir / "best_model.pt")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True))
+    code, out = cli_in_process(capsys, "eval", config, "--checkpoint", run_dir / "best_model.pt")
+    assert code == 0, out[-4000:]
     assert f"hIoU {metrics['hIoU']:.2f}" in out, out[-2000:]
     # Starting the same run again without --resume is refused instead of silently resuming. On
     # a copy of its runs folder (run and MLflow store): the refusal leaves its traceback log in
@@ -102,9 +99,8 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, finished_run, ray_
     data["train"]["storage_path"] = str(tmp_path / "runs")
     config = tmp_path / config.name
     config.write_text(yaml.safe_dump(data))
-    again = splitmatch("train", str(config), address=ray_cluster)
-    out, _ = again.communicate(timeout=200)
-    assert again.returncode == 2 and "--resume" in out
+    code, out = cli_in_process(capsys, "train", config)
+    assert code == 2 and "--resume" in out
 
 
 @pytest.mark.slow
