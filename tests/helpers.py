@@ -67,10 +67,11 @@ def search_config(tmp_path: Path, space: dict, **tune) -> Path:
     return path
 
 
-def job_config(tmp_path: Path, name: str, train: dict | None = None, **clip) -> Path:
+def job_config(tmp_path: Path, name: str, train: dict | None = None,
+               cache_dir: Path | None = None, **clip) -> Path:
     """A tiny toy-world config inside the project (configs travel with the working directory);
     `train` keys replace SHORT's."""
-    data = tiny_config(tmp_path, name, "jobs", **{**SHORT, **(train or {})})
+    data = tiny_config(tmp_path, name, "jobs", cache_dir, **{**SHORT, **(train or {})})
     data["clip"].update(clip)
     path = PROJECT_ROOT / "experiments" / f"_test_{tmp_path.name}_{name}.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -10,15 +10,16 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from splitmatch import jobs
 from splitmatch.tracking import default_tracking_uri
 from splitmatch.checkpoints import newest_checkpoint
 from helpers import PROJECT_ROOT, cli, job_config
 
 
 @pytest.mark.slow
-def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head):
+def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head, tiny_pseudo_masks):
     _, address = ray_head
-    config = job_config(tmp_path, "jobok")
+    config = job_config(tmp_path, "jobok", cache_dir=tiny_pseudo_masks)
     try:
         submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)), "--address",
                         address, "--follow", "--", "--build-pseudo-masks")
@@ -40,12 +41,14 @@ def test_submit_follow_logs_and_mlflow_run(tmp_path, ray_head):
 
 
 @pytest.mark.slow
-def test_a_stopped_job_marks_its_run_killed_and_keeps_its_checkpoint(tmp_path, ray_head):
+def test_a_stopped_job_marks_its_run_killed_and_keeps_its_checkpoint(tmp_path, ray_head,
+                                                                      tiny_pseudo_masks):
     """`jobs stop` sends SIGTERM: the command stops its fit as on Ctrl-C, so the MLflow run ends
     KILLED (not RUNNING for ever) and the run can go on with --resume."""
     _, address = ray_head
     config = job_config(tmp_path, "jobstop", train={"max_iters": 400, "checkpoint_every": 2,
-                                                    "eval_every": 400, "log_every": 1})
+                                                    "eval_every": 400, "log_every": 1},
+                        cache_dir=tiny_pseudo_masks)
     try:
         submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)), "--address",
                         address, "--", "--build-pseudo-masks")
@@ -55,8 +58,11 @@ def test_a_stopped_job_marks_its_run_killed_and_keeps_its_checkpoint(tmp_path, r
     job_id = submitted.stdout.strip().splitlines()[-1]
     run_dir = tmp_path / "runs" / "jobstop"
     deadline = time.time() + 300
+    # Watched through the Job API from here: a `splitmatch jobs status` process every 0.5 s
+    # would take a core of two from the job it waits for (the command is tested above).
+    job_api = jobs.client(address)
     while not (newest_checkpoint(run_dir) or (None, 0))[1] >= 4:
-        status = cli("jobs", "status", job_id, "--address", address).stdout.strip()
+        status = job_api.get_job_status(job_id).value
         assert status in ("PENDING", "RUNNING") and time.time() < deadline, (
             status, cli("jobs", "logs", job_id, "--address", address).stdout[-3000:])
         time.sleep(0.5)
