@@ -52,6 +52,8 @@ def test_two_worker_run_is_tracked_and_checkpointed(tmp_path, capsys, finished_r
     assert {"config.yaml", "predictions"} <= artifacts
     # The weights reach MLflow once, as the run's logged model, not also as an artifact.
     assert "checkpoints" not in artifacts
+    best = max(m.value for m in client.get_metric_history(run.info.run_id, "select_hIoU"))
+    assert float(tags["best_select_hIoU"]) == pytest.approx(best, abs=1e-4)  # what compare ranks on
     [model] = client.search_logged_models([run.info.experiment_id])
     assert model.source_run_id == run.info.run_id
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]

@@ -24,8 +24,9 @@ from splitmatch import storage
 from splitmatch.averaging import WeightAverage, averaged
 from splitmatch.calibration import (METRIC_KEYS, Calibration, calibrate, calibration_metrics,
                                     evaluate, fixed_at)
-from splitmatch.checkpoints import (AVERAGE, BEST_MODEL, CALIBRATION, FINAL_METRICS, CheckpointError,
-                                    load_state, newest_checkpoint, save_checkpoint, share)
+from splitmatch.checkpoints import (AVERAGE, BEST_MODEL, CALIBRATION, FINAL_METRICS,
+                                    CheckpointError, load_state, newest_checkpoint,
+                                    save_checkpoint, share)
 from splitmatch.config import Config, config_from_dict, flatten, use_credentials
 from splitmatch.engine import (TrainingParts, StepTimer, Timeline, build_optimizer, build_parts,
                                optimization_step, prediction_pictures, step_metrics,
@@ -226,8 +227,9 @@ def train_loop_per_worker(config: dict) -> None:
         # A run's weights reach MLflow once: a run of its own (train, demo) gets them as its
         # logged model when its caller publishes it (publish.py); a run under a parent (a
         # search's trial, an ablation row) keeps them as this artifact.
-        if (worker.run_dir / BEST_MODEL).exists() and config.get("parent_run_id"):
-            tracker.log_artifact(worker.run_dir / BEST_MODEL, "checkpoints")
+        if (worker.run_dir / BEST_MODEL).exists():
+            if config.get("parent_run_id"):
+                tracker.log_artifact(worker.run_dir / BEST_MODEL, "checkpoints")
             tracker.set_tags({"best_select_hIoU": f"{selection.best_hiou:.4f}"})
         tracker.finish("FINISHED")
     if rank == 0:
