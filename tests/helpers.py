@@ -57,8 +57,8 @@ def write_config(tmp_path: Path, name: str, cache_dir: Path | None = None, **tra
     return path
 
 
-def search_config(tmp_path: Path, space: dict, **tune) -> Path:
-    data = tiny_config(tmp_path, "search", "search", **SHORT, max_failures=0)
+def search_config(tmp_path: Path, space: dict, cache_dir: Path | None = None, **tune) -> Path:
+    data = tiny_config(tmp_path, "search", "search", cache_dir, **SHORT, max_failures=0)
     data["seed"] = 0
     data["data"]["select_split"] = "val"  # searches choose on it; "test" is reported
     data["tune"] = {"search": "grid", "max_concurrent_trials": 1, "space": space, **tune}

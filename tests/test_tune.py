@@ -34,14 +34,16 @@ def trial_states(search_dir):
 
 
 @pytest.mark.slow
-def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster):
+def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster,
+                                                           tiny_pseudo_masks):
     # ASHA's one rung is at iteration 1 (max_iters 2). The eval_every=2 trial has not evaluated
     # there yet, so it reports select_hIoU -1, below the eval_every=1 trial's figure (0 or more,
     # run first: one trial at a time): ASHA stops it, for real, after one iteration.
     config = search_config(tmp_path, {
         "model.num_candidate_queries": {"grid": [2]},
         "model.backbone_weights": {"grid": [None, str(tmp_path / "missing.pt")]},
-        "train.eval_every": {"grid": [1, 2]}}, scheduler="asha", grace_period=1)
+        "train.eval_every": {"grid": [1, 2]}}, tiny_pseudo_masks, scheduler="asha",
+        grace_period=1)
     out = finish(splitmatch("tune", str(config), address=ray_cluster))
     assert "4 trials, 2 failed, 1 stopped early" in out
     # A search reads like a training run: one display counted in trials, no Tune tables, no
@@ -110,10 +112,12 @@ def test_search_with_a_failing_trial_and_one_stopped_early(tmp_path, ray_cluster
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cluster):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cluster,
+                                                                      tiny_pseudo_masks):
     server = MlflowServer(tmp_path / "server").start()
     try:
-        config = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [0, 3]}})
+        config = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [0, 3]}},
+                               tiny_pseudo_masks)
         data = yaml.safe_load(config.read_text())
         data["tracking"]["uri"] = server.url
         config.write_text(yaml.safe_dump(data))
