@@ -53,22 +53,23 @@ class WeightAverage:
         return {"weights": {k: v.detach().cpu().clone() for k, v in self.weights.items()},
                 "updates": self.updates}
 
-    @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """The model holds the averaged weights inside the block, its own again after it."""
-        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.weights)
-        try:
-            yield
-        finally:
-            model.load_state_dict(own)
 
 
 @contextmanager
-def averaged(model: nn.Module, average: WeightAverage | None) -> Iterator[None]:
-    """`average.applied(model)`, or nothing when no average is kept."""
-    if average is None:
+def weights_loaded(model: nn.Module, weights: dict | None) -> Iterator[None]:
+    """The model holds `weights` (a state dict) inside the block and its own again after it,
+    however the block ends; None: the model as it is."""
+    if weights is None:
         yield
         return
-    with average.applied(model):
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
         yield
+    finally:
+        model.load_state_dict(own)
+
+
+def averaged(model: nn.Module, average: WeightAverage | None):
+    """The model holding the average's weights inside the block (none kept: as it is)."""
+    return weights_loaded(model, average.weights if average is not None else None)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from splitmatch import storage
-from splitmatch.averaging import WeightAverage, averaged
+from splitmatch.averaging import WeightAverage, averaged, weights_loaded
 from splitmatch.calibration import (METRIC_KEYS, Calibration, calibrate, calibration_metrics,
                                     evaluate, fixed_at)
 from splitmatch.checkpoints import (AVERAGE, BEST_MODEL, CALIBRATION, FINAL_METRICS,
@@ -345,20 +345,13 @@ def _test(core: nn.Module, best_state: dict | None, parts: TrainingParts, cfg: C
     some (the training weights are put back afterwards), else of the final ones; at the
     calibration `calibrate` gives those weights on the selection split (chosen there under
     auto). Returns the test figures and that calibration."""
-    final_state = None
-    if best_state is not None:
-        final_state = {k: v.detach().clone() for k, v in core.state_dict().items()}
-        core.load_state_dict(best_state)
     common = (worker.device, cfg.eval.batch_size, worker.rank, worker.world_size)
-    try:
+    with weights_loaded(core, best_state):
         calibration = calibrate(core, parts.select_set, cfg.data.select_split, parts.classes,
                                 cfg.inference, *common,
                                 _evaluation_progress(tell, cfg.data.select_split))
         result = evaluate(core, parts.test_set, parts.classes,
                           fixed_at(cfg.inference, calibration.value), *common,
                           _evaluation_progress(tell, cfg.data.test_split))
-    finally:
-        if final_state is not None:
-            core.load_state_dict(final_state)
     return {**{k: result[k] for k in METRIC_KEYS},
             **{f"IoU/{name}": v for name, v in result["per_class"].items()}}, calibration
