@@ -2,6 +2,7 @@
 pseudo-mask kernel on the config's own images, the training loop's own step), and their figures
 are consistent. The figures themselves are for people, not asserted."""
 import math
+import os
 
 import pytest
 import torch
@@ -93,6 +94,9 @@ def test_paired_train_bench_times_the_same_run_in_process_and_on_ray_train(tmp_p
     assert "batch 2 a worker" in summary
     # Both sides ran their steps with the config's thread count (train.cpus_per_worker).
     assert "torch threads in-process 1 / Ray Train 1" in summary
+    # And at the same niceness: Ray adds 15 to its workers' by default.
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert f"niceness in-process {own} / Ray Train {own}" in summary
     assert len(result["rounds"]) == 2
     for figures in result["rounds"]:
         assert 0 < figures["in_process_step_s"] < math.inf and 0 < figures["ray_train_step_s"] < math.inf

@@ -52,6 +52,9 @@ def open_pseudo_masks(cfg: Config, build: bool = False, config_path: str = "CONF
 # Ray Train's controller poll interval unless the user sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 # (see `launch`).
 HEALTH_CHECK_INTERVAL_S = 0.25
+# What Ray adds to the training workers' niceness unless the user sets RAY_worker_niceness
+# (Ray's own: 15).
+WORKER_NICENESS = 0
 
 
 def launch(cfg: Config, resume: bool = False, build_pseudo_masks: bool = False,
@@ -195,6 +198,12 @@ def _trainer_factory(cfg: Config, loop_config: dict, callbacks):
     # (docs/architecture.md has what Ray's 2 s cost a short run). Read from this process's
     # environment and passed on to the controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
+    # Ray adds 15 to its workers' niceness so that its own processes stay responsive. A
+    # training worker is the one process that computes: at 15, every wake-up of the raylet,
+    # the driver or a helper actor preempts its compute threads (on 2 cores, about 1,000 times
+    # a second), which was most of what Ray Train added to a step (docs/performance.md). The
+    # user's RAY_worker_niceness, if set, is kept.
+    niceness = os.environ.get("RAY_worker_niceness", str(WORKER_NICENESS))
 
     def trainer():
         return TorchTrainer(
@@ -208,6 +217,7 @@ def _trainer_factory(cfg: Config, loop_config: dict, callbacks):
                 # The latest checkpoint only: it is what a resumed run continues from. The
                 # selected weights, if any, are best_model.pt.
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
+                worker_runtime_env={"env_vars": {"RAY_worker_niceness": niceness}},
                 # Restarts are decided in `_fit`, where a deterministic error can end them.
                 failure_config=FailureConfig(max_failures=0)),
         )

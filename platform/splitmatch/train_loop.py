@@ -238,12 +238,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _write_timeline(path: Path, timeline: Timeline) -> None:
-    """Rank 0's timeline, and the thread settings its steps ran with (the paired bench shows
-    them beside the in-process side's)."""
+    """Rank 0's timeline, and the thread settings and niceness its steps ran with (the paired
+    bench shows them beside the in-process side's)."""
     figures = {"marks": timeline.marks, "middle": timeline.middle, "last": timeline.last,
                "torch_threads": torch.get_num_threads(),
                "interop_threads": torch.get_num_interop_threads(),
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+               "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
     write_atomic(path, lambda handle: handle.write(json.dumps(figures).encode()))
 
 

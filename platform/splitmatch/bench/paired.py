@@ -74,7 +74,8 @@ def run_paired(rounds: int = 3, iterations: int = 40, config: Path = TOY_CONFIG,
         f"{local['batch']} a worker; torch threads in-process {local['torch_threads']} / Ray "
         f"Train {remote['torch_threads']} (interop {local['interop_threads']} / "
         f"{remote['interop_threads']}, the Ray worker's OMP_NUM_THREADS "
-        f"{remote['omp_num_threads']})")
+        f"{remote['omp_num_threads']}); niceness in-process {local['niceness']} / Ray Train "
+        f"{remote['niceness']}")
     log(f"in_process_step_s={result['in_process_step_s']:.3f} "
         f"ray_train_step_s={result['ray_train_step_s']:.3f} (medians)")
     log(f"ray_train_vs_in_process={result['ratio']:.3f}")
@@ -135,7 +136,7 @@ def _time_on_ray_train(cfg: Config, name: str, own_ray: bool) -> dict:
     step_s = ((timeline["last_iteration"] - timeline["middle_iteration"])
               / (rank0["last"] - rank0["middle"]))
     return {"step_s": step_s, **{k: rank0[k] for k in ("torch_threads", "interop_threads",
-                                                       "omp_num_threads")},
+                                                       "omp_num_threads", "niceness")},
             "start": _phases(timeline, START), "finish": _phases(timeline, FINISH)}
 
 

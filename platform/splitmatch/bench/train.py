@@ -9,6 +9,7 @@ for a machine where Ray cannot be installed, or to time a step without Ray's sta
 `--paired` (bench/paired.py) runs both, alternating, and prints what Ray Train adds."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -106,4 +107,5 @@ def time_in_process(cfg: Config, iterations: int, device: torch.device) -> dict:
             "optimizer": figures["time/optimizer_fraction"],
             "batch": cfg.train.batch_size // cfg.train.num_workers,
             "step_s": timeline.second_half_step_s(), "torch_threads": torch.get_num_threads(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
             "interop_threads": torch.get_num_interop_threads()}
