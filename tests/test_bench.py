@@ -1,6 +1,7 @@
 """The benchmark scripts' config modes, on the tiny model: what they time is the real work (the
 pseudo-mask kernel on the config's own images, the training loop's own step), and their figures
 are consistent. The figures themselves are for people, not asserted."""
+import json
 import math
 import os
 
@@ -108,3 +109,5 @@ def test_paired_train_bench_times_the_same_run_in_process_and_on_ray_train(tmp_p
         assert all(math.isfinite(s) for s in phases.values()) and sum(phases.values()) > 0
     assert any(line.startswith("ray_train_start_s=") for line in lines)
     assert any(line.startswith("ray_train_finish_s=") for line in lines)
+    record = json.loads(lines[-1])  # the last line: the whole result, for docs/results/
+    assert record["ratio"] == result["ratio"] and record["niceness"] == [own, own]

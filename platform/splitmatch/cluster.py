@@ -22,6 +22,20 @@ from splitmatch.errors import sigterm_as_interrupt
 ENABLE_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+# Ray's start-up extras that a local instance, which serves this one command, never uses; each
+# costs a short run's start seconds on a small machine (docs/performance.md). Read by the
+# processes Ray starts from here; a user's own setting is kept.
+LOCAL_INSTANCE_ENV = {
+    # `ray.init` waits for one prestarted worker per CPU, started with an empty runtime env. Ray
+    # Train gives its controller a runtime env, which its actors inherit, so none of them can
+    # use those workers: they only took CPU from the start.
+    "RAY_prestart_worker_first_driver": "0",
+    # One more actor per run, which watches for nodes being preempted (spot instances): a
+    # single-machine instance has none.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def init_ray(storage: StorageConfig | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes) or the one
     that `ray start` runs on this machine, else start a local instance on 127.0.0.1. Idempotent.
@@ -44,6 +58,8 @@ def init_ray(storage: StorageConfig | None = None) -> None:
     if not ray.is_initialized():
         if _starts_local_instance():
             _keep_on_loopback()
+            for name, value in LOCAL_INSTANCE_ENV.items():
+                os.environ.setdefault(name, value)
         env = use_endpoint(storage.s3_endpoint_url if storage else None)
         # Quiet unless --verbose: the workers' and Ray Train's own lines and Ray Data's progress
         # blocks would bury the one progress display; what matters reaches the driver anyway

@@ -18,6 +18,7 @@ already connected to one (then Ray's own start and shutdown are not in the figur
 """
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -83,6 +84,10 @@ def run_paired(rounds: int = 3, iterations: int = 40, config: Path = TOY_CONFIG,
         phases = result[part]
         log(f"ray_train_{part}_s={_total(phases):.2f}: "
             + " ".join(f"{name}={seconds:.2f}" for name, seconds in phases.items()))
+    # The whole result as the last line, for the records in docs/results/.
+    log(json.dumps({**result, "rounds_run": rounds, "iterations": iterations,
+                    "torch_threads": [local["torch_threads"], remote["torch_threads"]],
+                    "niceness": [local["niceness"], remote["niceness"]]}))
     return result
 
 
