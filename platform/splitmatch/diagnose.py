@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splitmatch.class_report import per_class_pseudo_quality
-from splitmatch.model.segmentor import mask_probabilities
+from splitmatch.model.segmentor import calibrated_probabilities, mask_probabilities
 from splitmatch.targets import centered, embedding_center
 
 GROUPS = ("seen", "candidate", "random")
@@ -44,9 +44,8 @@ def winning_queries(pred_logits: Tensor, pred_masks: Tensor, output_size: tuple[
     (Mask2Former's inference with the run's seen-score calibration, as its figures were scored);
     the pixel "belongs" to the query with the largest term of its winning class's sum.
     """
-    probs = pred_logits.float().sigmoid()  # [B, Q, K]
-    if calibration > 0 and seen_class_ids is not None:
-        probs[..., torch.as_tensor(list(seen_class_ids), dtype=torch.long)] -= calibration
+    probs = calibrated_probabilities(pred_logits.float().sigmoid(), seen_class_ids,
+                                     calibration)  # [B, Q, K]
     masks = mask_probabilities(pred_masks.float(), output_size)  # [B, Q, H, W]
     scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)
     pred = scores.argmax(1)  # [B, H, W]

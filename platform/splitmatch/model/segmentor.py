@@ -50,6 +50,13 @@ def calibrated_scores(probs: Tensor, masks: Tensor, seen_class_ids: Sequence[int
     """sum_q (p[q, k] - calibration if k is seen) * masks[q]: probs [B, Q, K], masks [B, Q, H, W]
     -> [B, K, H, W]. The part of `semantic_inference` that the calibration changes, so that one
     forward pass can be scored at several values (calibration.py)."""
+    probs = calibrated_probabilities(probs, seen_class_ids, seen_score_calibration)
+    return torch.einsum("bqk,bqhw->bkhw", probs, masks.to(probs.dtype))
+
+
+def calibrated_probabilities(probs: Tensor, seen_class_ids: Sequence[int] | Tensor | None,
+                             seen_score_calibration: float) -> Tensor:
+    """probs [..., K] less the calibration on the seen classes' columns (a copy if changed)."""
     if isinstance(seen_score_calibration, str):  # "auto" is resolved before predicting
         raise ValueError(f"seen_score_calibration must be a number here, got "
                          f"{seen_score_calibration!r}: calibration.calibrate chooses one")
@@ -57,7 +64,7 @@ def calibrated_scores(probs: Tensor, masks: Tensor, seen_class_ids: Sequence[int
         seen = torch.as_tensor(seen_class_ids, dtype=torch.long, device=probs.device)
         probs = probs.clone()
         probs[..., seen] -= seen_score_calibration
-    return torch.einsum("bqk,bqhw->bkhw", probs, masks.to(probs.dtype))
+    return probs
 
 
 class Segmentor(nn.Module):
