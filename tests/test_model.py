@@ -16,7 +16,7 @@ from splitmatch.cli import main as cli_main
 from splitmatch.config import ConfigError, InferenceConfig, MFEConfig, ModelConfig
 from splitmatch.model import build_segmentor, semantic_inference
 from splitmatch.model.segmentor import resize_short_side, slide_windows
-from splitmatch.model.backbone import ResNetBackbone, imagenet_weights_file
+from splitmatch.model.backbone import ResNetBackbone, check_weights, imagenet_weights_file
 from splitmatch.model.pixel_decoder import (MSDeformAttnPixelDecoder, ms_deform_attn_sample,
                                             sine_position_encoding)
 from splitmatch.model.transformer_decoder import attention_mask_from_masks
@@ -299,6 +299,38 @@ def test_missing_backbone_weights_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         build_segmentor(tiny_config(backbone_weights=str(missing)), EMBED_DIM)
     assert "model.backbone_weights" in str(info.value) and str(missing) in str(info.value)
+
+
+def test_backbone_weights_are_checked_before_a_run_starts(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    path.write_bytes(b"weights")  # only that it is there: the worker loads and checks it
+    check_weights("resnet18", str(path))
+    check_weights("resnet18", None)
+    for bad, cause in ((tmp_path / "nope.pth", "does not exist"), (tmp_path, "is not a file")):
+        with pytest.raises(ConfigError) as info:
+            check_weights("resnet18", str(bad))
+        message = str(info.value)
+        assert message.startswith(f"model.backbone_weights: backbone weights file '{bad}' {cause}")
+        assert "null" in message and "\n" not in message
+
+
+def test_a_missing_backbone_weights_file_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from helpers import write_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = write_config(tmp_path, "noweights")
+    missing = tmp_path / "missing.pt"
+    code = cli_main(["train", str(config), "--set", f"model.backbone_weights={missing}",
+                     "--build-pseudo-masks"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"config error: model.backbone_weights: backbone weights file "
+                          f"'{missing}' does not exist"), err
+    # Refused before Ray, the pseudo-mask cache and the run folder: nothing was started or made.
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs" / "noweights").exists() and not (tmp_path / "cache").exists()
 
 
 def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from splitmatch.config import (Config, dump_config, redact, resolve_paths, to_di
 from splitmatch.errors import RunFailed, UserError
 from splitmatch.failures import StorageFailed, fit_with_restarts, storage_cause
 from splitmatch.files import write_atomic
-from splitmatch.model.backbone import IMAGENET, imagenet_weights_file
+from splitmatch.model.backbone import check_weights
 from splitmatch.progress_relay import Watcher, controller_to_driver
 from splitmatch.splits import HOLDOUT, check_split_use
 from splitmatch.tracking import default_tracking_uri, mark_ended, source_tags
@@ -132,8 +132,8 @@ def _launch(cfg: Config, resume: bool, build_pseudo_masks: bool, config_path: st
 def _check_run(cfg: Config, resume: bool, may_grow: tuple[str, ...], tracking_uri: str,
                log) -> tuple[Path, dict]:
     """Before Ray: the run folder may be (re)used with this config, a run left RUNNING by a
-    process that is gone is closed, the ImageNet weights are at hand. Returns the run's local
-    folder and the config keys that grow on resume."""
+    process that is gone is closed, the backbone weights the config names are at hand. Returns
+    the run's local folder and the config keys that grow on resume."""
     run_dir = run_directory(cfg)
     if (run_dir / "config.yaml").is_file() and mark_ended(
             tracking_uri, cfg.tracking.experiment, run_key(cfg), "KILLED",
@@ -145,10 +145,10 @@ def _check_run(cfg: Config, resume: bool, may_grow: tuple[str, ...], tracking_ur
         raise FileExistsError(f"run '{cfg.name}' already exists in {run_dir}: pass --resume to "
                               f"continue it, or choose another name (--set name=...)")
     updates = check_run_config(run_dir, cfg, may_grow) if resume else {}
-    if cfg.model.backbone_weights == IMAGENET:
-        # Fetched here, before any Ray worker starts, so that an offline machine fails in seconds
-        # with one line; each worker then finds the file in its node's torch hub cache.
-        imagenet_weights_file(cfg.model.backbone)
+    # Before any Ray worker starts: a missing weights file fails the command (or the Tune trial)
+    # in seconds with one line, not a worker group later; the ImageNet weights are fetched here
+    # so that an offline machine does too, and each worker finds them in its node's hub cache.
+    check_weights(cfg.model.backbone, cfg.model.backbone_weights)
     return run_dir, updates
 
 

@@ -91,6 +91,25 @@ def imagenet_weights_file(name: BackboneName, timeout_s: float = 30.0) -> Path:
     return path
 
 
+def check_weights(name: BackboneName, weights: str | Path | None) -> None:
+    """The weights `model.backbone_weights` names are at hand, checked where a run starts, before
+    any Ray Train worker does: the ImageNet file fetched into the torch hub cache (offline, one
+    line in seconds), a local file there. A URI is left to the worker that loads it."""
+    if weights is None:
+        return
+    if weights == IMAGENET:
+        imagenet_weights_file(name)
+        return
+    if "://" in str(weights):
+        return
+    path = Path(weights)
+    if not path.is_file():
+        cause = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"model.backbone_weights: backbone weights file {str(path)!r} {cause}; "
+                          f"set it to a file of {name} weights, or to null to train the backbone "
+                          f"from scratch")
+
+
 def load_imagenet_weights(net: torchvision.models.ResNet, path: str | Path) -> None:
     """Load a torchvision ImageNet state dict into `net` (classifier `fc.*` keys are ignored)."""
     path = Path(path)
