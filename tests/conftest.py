@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 # Fixtures that start real services: a test that uses one is an integration test.
-INTEGRATION_FIXTURES = {"ray_head", "ray_cluster", "two_nodes", "s3"}
+INTEGRATION_FIXTURES = {"ray_head", "ray_cluster", "two_nodes", "shared_two_nodes", "s3"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -310,6 +310,17 @@ class TwoNodeCluster:
 @pytest.fixture
 def two_nodes():
     """A fresh two-node cluster (1 CPU each) for one test: tests kill its nodes."""
+    nodes = TwoNodeCluster()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="class")
+def shared_two_nodes():
+    """One two-node cluster (1 CPU each) for the tests of a class, which run in their order: each
+    leaves it as it found it (both nodes up, nothing of its own running), and at most the last
+    kills a node. Gone before the next class or test, so that two never run at once. A test
+    that asserts on the cluster's whole state (every actor it ever had) takes `two_nodes`."""
     nodes = TwoNodeCluster()
     yield nodes
     nodes.stop()

@@ -1,6 +1,9 @@
 """The platform on a real multi-node Ray cluster (two node processes on this machine, shared
 storage = the local disk both see): work placed on both nodes, a node killed mid-run, resource
-errors named before any work."""
+errors named before any work. The tests that leave a cluster as they found it share one
+(`TestOneCluster`, with the node-killing test last); the one that kills and re-adds a node and
+asserts on every actor the cluster had, and the one whose nodes have an environment of their
+own (S3), start theirs."""
 import json
 import os
 import subprocess
@@ -26,60 +29,128 @@ def shard_nodes(shard_dir) -> set[str]:
     return nodes
 
 
-@pytest.mark.slow
-def test_pseudo_runs_on_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
-    cfg = toy_config(tmp_path, data={"toyworld": {"num_train": 40, "num_val": 4, "image_size": 64}},
-                     pseudo_masks={"batch_size": 2, "num_actors": 2, "cpus_per_actor": 1.0})
-    config = tmp_path / "pseudo.yaml"
-    config.write_text(dump_config(cfg))
-    shard_dir = cache_dir(cfg, "train") / "shards"
-    head, worker = two_nodes.node_ids()
-    proc = splitmatch("pseudo", str(config), address=two_nodes.address)
-    deadline = time.time() + 300
-    while time.time() < deadline and shard_nodes(shard_dir) != {head, worker}:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.1)
-    assert shard_nodes(shard_dir) == {head, worker}  # an actor on each node
-    done_before = len(list(shard_dir.glob("shard-*.npz")))
-    killed = two_nodes.kill_worker()
-    out, _ = proc.communicate(timeout=400)
-    runs = 1
-    if proc.returncode != 0:  # Ray could not finish without the node: a rerun does
-        rerun = splitmatch("pseudo", str(config), address=two_nodes.address)
-        out, _ = rerun.communicate(timeout=400)
-        assert rerun.returncode == 0, out[-3000:]
-        runs = 2
-    manifest = json.loads((shard_dir.parent / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["stats"]["processed"] == 40
-    assert set(manifest["nodes"]) >= {head, worker} and sum(manifest["nodes"].values()) == 40
-    indices = []
-    for name in manifest["shards"]:
-        with np.load(shard_dir / name) as shard:
-            indices += shard["indices"][shard["ok"]].tolist()
-    assert sorted(indices) == list(range(40)), "every image exactly once"
-    cache = PseudoMaskCache.open(cfg, "train")
-    assert all(i in cache for i in range(40))
-    print(f"killed worker node {worker[:8]} (pids {killed}) after {done_before} shards; "
-          f"{runs} run(s); images per node {manifest['nodes']}")
+def output(proc, timeout) -> str:
+    """What `proc` printed once it exits; killed if it outlives `timeout`, so that it does not
+    hold the CPUs of a cluster that later tests share."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 @pytest.mark.slow
-def test_work_that_fits_on_no_node_is_refused_before_it_starts(tmp_path, two_nodes):
-    # Two CPUs in the cluster, one per node: a 2-CPU worker or actor fits nowhere.
-    config = write_config(tmp_path, "wide", num_workers=1, cpus_per_worker=2)
-    proc = splitmatch("train", str(config), "--build-pseudo-masks", address=two_nodes.address)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out[-3000:]
-    assert ("train.num_workers / train.cpus_per_worker / train.use_gpu: one Ray Train worker needs "
-            "2 CPU, more than any of the 2 node(s) of the Ray cluster has") in out
-    assert not (tmp_path / "runs" / "wide").exists() and not (tmp_path / "cache").exists()
-    cfg = toy_config(tmp_path, pseudo_masks={"cpus_per_actor": 2.0})
-    pseudo = tmp_path / "pseudo.yaml"
-    pseudo.write_text(dump_config(cfg))
-    proc = splitmatch("pseudo", str(pseudo), address=two_nodes.address)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "pseudo_masks.num_actors / cpus_per_actor / gpus_per_actor: " \
-        "one pseudo-mask actor needs 2 CPU, more than any" in out, out[-3000:]
+class TestOneCluster:
+    """Tests that share one two-node cluster (`shared_two_nodes`), in this order: each leaves it
+    as it found it, both nodes up and idle, except the last, which kills its worker node."""
+
+    def test_work_that_fits_on_no_node_is_refused_before_it_starts(self, tmp_path,
+                                                                   shared_two_nodes):
+        # Two CPUs in the cluster, one per node: a 2-CPU worker or actor fits nowhere.
+        config = write_config(tmp_path, "wide", num_workers=1, cpus_per_worker=2)
+        proc = splitmatch("train", str(config), "--build-pseudo-masks",
+                          address=shared_two_nodes.address)
+        out = output(proc, timeout=120)
+        assert proc.returncode == 2, out[-3000:]
+        assert ("train.num_workers / train.cpus_per_worker / train.use_gpu: one Ray Train worker "
+                "needs 2 CPU, more than any of the 2 node(s) of the Ray cluster has") in out
+        assert not (tmp_path / "runs" / "wide").exists() and not (tmp_path / "cache").exists()
+        cfg = toy_config(tmp_path, pseudo_masks={"cpus_per_actor": 2.0})
+        pseudo = tmp_path / "pseudo.yaml"
+        pseudo.write_text(dump_config(cfg))
+        proc = splitmatch("pseudo", str(pseudo), address=shared_two_nodes.address)
+        out = output(proc, timeout=120)
+        assert proc.returncode == 2 and "pseudo_masks.num_actors / cpus_per_actor / " \
+            "gpus_per_actor: one pseudo-mask actor needs 2 CPU, more than any" in out, out[-3000:]
+
+    def test_search_places_trials_on_both_nodes_with_one_shared_cache(self, tmp_path,
+                                                                      shared_two_nodes):
+        import yaml
+        from mlflow.tracking import MlflowClient
+
+        from helpers import children, search_config
+
+        config = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [2, 3]}},
+                               max_concurrent_trials=2)
+        proc = splitmatch("tune", str(config), address=shared_two_nodes.address)
+        out = output(proc, timeout=600)
+        assert proc.returncode == 0 and "2 trials, 0 failed" in out, out[-4000:]
+        client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+        (parent,), kids = children(client)
+        assert parent.info.status == "FINISHED" and len(kids) == 2
+        assert all(k.info.status == "FINISHED" and "hIoU" in k.data.metrics for k in kids)
+        # One worker of 1 CPU per trial on 1-CPU nodes: the two trials ran on the two nodes ...
+        assert {k.data.tags["ray_node"] for k in kids} == set(shared_two_nodes.node_ids())
+        # ... from one pseudo-mask cache, built once (the other trial waited for its lock).
+        (key,) = {k.data.tags["pseudo_cache_key"] for k in kids}
+        caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+        assert [p.name for p in caches] == [key]
+        assert json.loads((caches[0] / "manifest.json").read_text())["complete"]
+        assert yaml.safe_load(config.read_text())["tune"]["max_concurrent_trials"] == 2
+
+    def test_a_submitted_job_runs_on_the_multi_node_cluster(self, tmp_path, shared_two_nodes):
+        from mlflow.tracking import MlflowClient
+
+        from splitmatch.tracking import default_tracking_uri
+        from helpers import PROJECT_ROOT, cli, job_config
+
+        # Two Train workers of 1 CPU: the job's training needs both nodes.
+        config = job_config(tmp_path, "jobmulti")
+        data = __import__("yaml").safe_load(config.read_text())
+        data["train"]["num_workers"] = 2
+        config.write_text(__import__("yaml").safe_dump(data))
+        try:
+            submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)),
+                            "--address", shared_two_nodes.dashboard, "--follow", "--",
+                            "--build-pseudo-masks")
+        finally:
+            config.unlink()  # the job ran from the copy Ray shipped, not from this file
+        job_id = submitted.stdout.splitlines()[0].strip()
+        logs = cli("jobs", "logs", job_id, "--address", shared_two_nodes.dashboard)
+        assert submitted.returncode == 0, submitted.stdout[-2000:] + logs.stdout[-5000:]
+        assert "hIoU" in logs.stdout and "on 2 CPU worker(s)" in logs.stdout
+        client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+        (run,) = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
+
+    def test_pseudo_runs_on_both_nodes_and_survives_losing_one(self, tmp_path, shared_two_nodes):
+        # Last on the shared cluster: it kills the worker node.
+        cfg = toy_config(tmp_path,
+                         data={"toyworld": {"num_train": 40, "num_val": 4, "image_size": 64}},
+                         pseudo_masks={"batch_size": 2, "num_actors": 2, "cpus_per_actor": 1.0})
+        config = tmp_path / "pseudo.yaml"
+        config.write_text(dump_config(cfg))
+        shard_dir = cache_dir(cfg, "train") / "shards"
+        head, worker = shared_two_nodes.node_ids()
+        proc = splitmatch("pseudo", str(config), address=shared_two_nodes.address)
+        deadline = time.time() + 300
+        while time.time() < deadline and shard_nodes(shard_dir) != {head, worker}:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        assert shard_nodes(shard_dir) == {head, worker}  # an actor on each node
+        done_before = len(list(shard_dir.glob("shard-*.npz")))
+        killed = shared_two_nodes.kill_worker()
+        out, _ = proc.communicate(timeout=400)
+        runs = 1
+        if proc.returncode != 0:  # Ray could not finish without the node: a rerun does
+            rerun = splitmatch("pseudo", str(config), address=shared_two_nodes.address)
+            out, _ = rerun.communicate(timeout=400)
+            assert rerun.returncode == 0, out[-3000:]
+            runs = 2
+        manifest = json.loads((shard_dir.parent / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["stats"]["processed"] == 40
+        assert set(manifest["nodes"]) >= {head, worker}
+        assert sum(manifest["nodes"].values()) == 40
+        indices = []
+        for name in manifest["shards"]:
+            with np.load(shard_dir / name) as shard:
+                indices += shard["indices"][shard["ok"]].tolist()
+        assert sorted(indices) == list(range(40)), "every image exactly once"
+        cache = PseudoMaskCache.open(cfg, "train")
+        assert all(i in cache for i in range(40))
+        print(f"killed worker node {worker[:8]} (pids {killed}) after {done_before} shards; "
+              f"{runs} run(s); images per node {manifest['nodes']}")
 
 
 @pytest.mark.slow
@@ -120,58 +191,6 @@ def test_ddp_across_nodes_restarts_from_its_checkpoint_when_a_node_comes_back(tm
              for cls in ("_QueueActor", "TrainController")}
     assert len(nodes["TrainController"]) == 1 and nodes["_QueueActor"] == nodes["TrainController"], nodes
     print(f"killed worker node (pids {killed}) after the first checkpoint; ranks were {pids}")
-
-
-@pytest.mark.slow
-def test_search_places_trials_on_both_nodes_with_one_shared_cache(tmp_path, two_nodes):
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    from helpers import children, search_config
-
-    config = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [2, 3]}},
-                           max_concurrent_trials=2)
-    proc = splitmatch("tune", str(config), address=two_nodes.address)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and "2 trials, 0 failed" in out, out[-4000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    (parent,), kids = children(client)
-    assert parent.info.status == "FINISHED" and len(kids) == 2
-    assert all(k.info.status == "FINISHED" and "hIoU" in k.data.metrics for k in kids)
-    # One worker of 1 CPU per trial on 1-CPU nodes: the two trials ran on the two nodes ...
-    assert {k.data.tags["ray_node"] for k in kids} == set(two_nodes.node_ids())
-    # ... from one pseudo-mask cache, built once (the other trial waited for its lock).
-    (key,) = {k.data.tags["pseudo_cache_key"] for k in kids}
-    caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert [p.name for p in caches] == [key]
-    assert json.loads((caches[0] / "manifest.json").read_text())["complete"]
-    assert yaml.safe_load(config.read_text())["tune"]["max_concurrent_trials"] == 2
-
-
-@pytest.mark.slow
-def test_a_submitted_job_runs_on_the_multi_node_cluster(tmp_path, two_nodes):
-    from mlflow.tracking import MlflowClient
-
-    from splitmatch.tracking import default_tracking_uri
-    from helpers import PROJECT_ROOT, cli, job_config
-
-    # Two Train workers of 1 CPU: the job's training needs both nodes.
-    config = job_config(tmp_path, "jobmulti")
-    data = __import__("yaml").safe_load(config.read_text())
-    data["train"]["num_workers"] = 2
-    config.write_text(__import__("yaml").safe_dump(data))
-    try:
-        submitted = cli("submit", "train", str(config.relative_to(PROJECT_ROOT)), "--address",
-                        two_nodes.dashboard, "--follow", "--", "--build-pseudo-masks")
-    finally:
-        config.unlink()  # the job ran from the copy Ray shipped, not from this file
-    job_id = submitted.stdout.splitlines()[0].strip()
-    logs = cli("jobs", "logs", job_id, "--address", two_nodes.dashboard)
-    assert submitted.returncode == 0, submitted.stdout[-2000:] + logs.stdout[-5000:]
-    assert "hIoU" in logs.stdout and "on 2 CPU worker(s)" in logs.stdout
-    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
-    (run,) = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
 
 
 @pytest.mark.slow
