@@ -8,7 +8,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import finish, search_config, splitmatch, write_config
+from helpers import cli_in_process, finish, search_config, splitmatch, write_config
+from splitmatch.config.credentials import CREDENTIAL_VARIABLES
 from splitmatch.tracking import MlflowServer
 
 # Made at run time, so that no file holds it before the test: the search for leaks reads Ray's
@@ -38,7 +39,8 @@ def ray_session_dir() -> Path:
 
 
 @pytest.mark.slow
-def test_a_tracking_password_is_never_written_at_rest(tmp_path, ray_cluster, monkeypatch):
+def test_a_tracking_password_is_never_written_at_rest(tmp_path, ray_cluster, monkeypatch,
+                                                        capsys):
     # A server that refuses calls without the password: the credentials must reach every MLflow
     # call, the Ray workers' on a cluster that does not share this environment included.
     server = MlflowServer(tmp_path / "server", admin_password=SECRET).start()
@@ -52,11 +54,18 @@ def test_a_tracking_password_is_never_written_at_rest(tmp_path, ray_cluster, mon
         config.write_text(yaml.safe_dump(data))
         out = finish(splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster))
         assert "results page:" in out and "MLflow model:" in out, out[-3000:]
-        # A failing command writes its traceback to a log file: that one must be clean too.
-        failed = splitmatch("train", str(config), "--set", "train.max_iters=3",
-                            address=ray_cluster)
-        failed.communicate(timeout=300)
-        assert failed.returncode == 2
+        # A failing command writes its traceback to a log file: that one must be clean too, and
+        # so must what it prints. It is refused before Ray, so it runs in this process; loading
+        # its config moves the URI's credentials into this process's MLFLOW_TRACKING_* (what
+        # the command does), which are taken out again after it (monkeypatch restores them at
+        # the end): the search below must get them from its URI, as the run did.
+        for name in CREDENTIAL_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        code, printed = cli_in_process(capsys, "train", config, "--set", "train.max_iters=3")
+        for name in CREDENTIAL_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        assert code == 2 and "--resume" in printed, printed[-3000:]
+        out += printed
         # A search: Tune keeps its own state (experiment state, each trial's params) on disk.
         search = search_config(tmp_path, {"model.num_candidate_queries": {"grid": [2]}})
         data = yaml.safe_load(search.read_text())
