@@ -6,6 +6,7 @@ a rerun under another config refused by key, held-out splits refused where choic
 the row they share trained once."""
 import json
 import math
+import shutil
 import signal
 import statistics
 from pathlib import Path
@@ -19,15 +20,19 @@ from splitmatch.ablation import (DEVIATIONS, METRICS, PAPER_OVERRIDES, ROWS, TAB
 from splitmatch.config import ConfigError, config_from_dict, dump_config, flatten, load_config
 from splitmatch.splits import DEV, HOLDOUT, draw_family
 from splitmatch.tracking import default_tracking_uri
-from helpers import finish, splitmatch, tiny_config, write_config
+from helpers import cli_in_process, finish, splitmatch, tiny_config, write_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.mark.slow
-def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ray_cluster):
+def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ray_cluster,
+                                                                    tiny_pseudo_masks, capsys):
     config = write_config(tmp_path, "abl", max_iters=2, num_workers=1, checkpoint_every=2,
                           eval_every=2, log_every=1, num_visualizations=0)
+    # dev0 is the standard split (seed 0 on the toy world): its pseudo masks are the session's
+    # (the cache is keyed by content). A copy, since the command builds dev1's beside them.
+    shutil.copytree(tiny_pseudo_masks, tmp_path / "cache")
     # Interrupted after two rows of the first split (driver killed), then run again: the two
     # finished rows are kept, the rest is trained.
     first = splitmatch("ablation", str(config), "--splits", "2", address=ray_cluster)
@@ -100,22 +105,22 @@ def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ra
     assert len(client.search_runs([experiment], "")) == 1 + 2 * len(ROWS)  # none twice
 
     # Another budget under the same name: the trained rows were made under another config, so
-    # the command refuses by key instead of mixing two configs in one table.
-    other = splitmatch("ablation", str(config), "--splits", "2", "--set", "train.max_iters=3",
-                       address=ray_cluster)
-    refused, _ = other.communicate(timeout=300)
-    assert other.returncode == 2, refused[-3000:]
+    # the command refuses by key instead of mixing two configs in one table. The refusals and
+    # the diagnostics run in this process (cli_in_process): they start no Ray work, and what
+    # they print is checked.
+    code, refused = cli_in_process(capsys, "ablation", config, "--splits", "2", "--set",
+                                   "train.max_iters=3")
+    assert code == 2, refused[-3000:]
     assert "train.max_iters: 2 -> 3" in refused and "training baseline" not in refused
     # A config that names its own split runs on it alone; a held-out one is refused.
     held = draw_family("toyworld", HOLDOUT, 1)[0]
-    other = splitmatch("ablation", str(config), *[a for o in held.overrides()
-                                                  for a in ("--set", o)], address=ray_cluster)
-    refused, _ = other.communicate(timeout=300)
-    assert other.returncode == 2 and "is a held-out split" in refused, refused[-3000:]
+    code, refused = cli_in_process(capsys, "ablation", config,
+                                   *[a for o in held.overrides() for a in ("--set", o)])
+    assert code == 2 and "is a held-out split" in refused, refused[-3000:]
 
     # The diagnostics of dev1 read the trained rows and write their report.
-    diag = finish(splitmatch("diagnose", str(config), "--split", "dev1", address=ray_cluster),
-                  timeout=300)
+    code, diag = cli_in_process(capsys, "diagnose", config, "--split", "dev1")
+    assert code == 0, diag[-4000:]
     assert "won by seen / candidate / random queries" in diag and "candidate targets:" in diag
     report = json.loads((tmp_path / "runs" / "abl-ablation" / "diagnose-dev1-s0.json").read_text())
     assert report["unseen"] == list(splits[1].unseen) and report["split"] == "dev1"
@@ -138,9 +143,8 @@ def test_ablation_rows_over_two_development_splits_under_one_parent(tmp_path, ra
     cosines = report["rows"]["+SM"]["candidate_query_cosines"]
     assert len(cosines) == len(report["classes"]) and all(-1 <= c <= 1 for r in cosines for c in r)
     assert 0 <= report["candidates"]["background_pixel_share"] <= 1
-    refused = splitmatch("diagnose", str(config), "--split", "holdout0", address=ray_cluster)
-    text, _ = refused.communicate(timeout=300)
-    assert refused.returncode == 2 and "is a held-out split" in text, text[-3000:]
+    code, text = cli_in_process(capsys, "diagnose", config, "--split", "holdout0")
+    assert code == 2 and "is a held-out split" in text, text[-3000:]
 
 
 @pytest.mark.slow
