@@ -2,6 +2,7 @@
 kill, failure recording, and what training reads back."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from PIL import Image
 from splitmatch.config import config_from_dict, dump_config
 from splitmatch.data import build_dataset
 from splitmatch.pseudo.cache import (CacheDamaged, PseudoMaskCache, cache_dir, cache_key,
-                                     scan_shards)
+                                     read_manifest, scan_shards)
 from splitmatch.pseudo.pipeline import PseudoMaskFailures, run_pseudo
 from helpers import toy_config
 
@@ -81,9 +82,18 @@ def test_the_missing_cache_hint_repeats_the_users_overrides(tmp_path, ray_cluste
     assert cache_key(load_config(path, overrides), "train") in err
 
 
-def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
-    cfg = toy_config(tmp_path)
-    manifest = run_pseudo(cfg, log=lambda *_: None)
+@pytest.fixture(scope="module")
+def toy_cache(ray_cluster, tmp_path_factory):
+    """(folder, manifest): toy_config's 12-image cache, built once for this module's tests that
+    start from a complete one (toy_config(folder) finds it). A test that damages it works on a
+    copy; the build itself is asserted by test_pipeline_builds_a_complete_cache."""
+    folder = tmp_path_factory.mktemp("toy-cache")
+    return folder, run_pseudo(toy_config(folder), log=lambda *_: None)
+
+
+def test_pipeline_builds_a_complete_cache(toy_cache, monkeypatch):
+    folder, manifest = toy_cache
+    cfg = toy_config(folder)
     assert manifest["complete"] and not manifest["failures"]
     assert manifest["stats"]["succeeded"] == 12 and manifest["stats"]["candidates_per_image_mean"] > 0
     assert 0 <= manifest["quality"]["best_match_iou"] <= 1 and 0 <= manifest["quality"]["coverage"] <= 1
@@ -117,7 +127,7 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     from splitmatch.pseudo.training_candidates import TrainingCandidates, training_candidates
     from splitmatch.engine import build_class_space
     prompts = ["a photo of the background.", "an empty scene."]
-    bg_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts})
+    bg_cfg = toy_config(folder, pseudo_masks={"background_prompts": prompts})
     assert cache_key(bg_cfg, "train") == cache_key(cfg, "train")
     clip = build_clip(bg_cfg.clip)
     seen_text = build_class_space(bg_cfg, clip).seen_text
@@ -129,7 +139,7 @@ def test_pipeline_builds_a_complete_cache(tmp_path, ray_cluster, monkeypatch):
     assert all(torch.equal(plain_reads.get(i)[1], cache.get(i)[1]) for i in range(12))
     # With model.center_embeddings the same candidates are read less the mean of every kept Cu
     # (the cache and its key are unchanged: centring happens on read).
-    center_cfg = toy_config(tmp_path, pseudo_masks={"background_prompts": prompts},
+    center_cfg = toy_config(folder, pseudo_masks={"background_prompts": prompts},
                             model={"center_embeddings": True})
     assert cache_key(center_cfg, "train") == cache_key(cfg, "train")
     centered_reads = training_candidates(center_cfg, clip, seen_text)
@@ -272,11 +282,14 @@ def test_failed_images_follow_on_error_and_are_retried(tmp_path, ray_cluster):
     assert manifest["complete"] and not manifest["failures"] and 3 in PseudoMaskCache.open(cfg, "train_aug")
 
 
-def test_damaged_cache_files_are_named_and_rebuilt(tmp_path, ray_cluster):
+def test_damaged_cache_files_are_named_and_rebuilt(tmp_path, toy_cache):
+    # The module's complete cache, copied: this test damages it.
+    shutil.copytree(toy_cache[0] / "cache", tmp_path / "cache")
     cfg = toy_config(tmp_path)
     quiet = lambda *_: None  # noqa: E731
-    manifest = run_pseudo(cfg, log=quiet)
+    manifest = toy_cache[1]
     root = cache_dir(cfg, "train")
+    assert read_manifest(root)["shards"] == manifest["shards"]  # the copy is that cache
     name = sorted(manifest["shards"])[0]
     assert set(manifest["shards"][name]) == {"bytes", "sha256"}
     shard = root / "shards" / name
