@@ -16,7 +16,6 @@ from splitmatch.config import load_config
 from splitmatch.data import build_dataset
 from splitmatch.errors import UserError
 from splitmatch.pseudo.kernel import build_kernel
-from splitmatch.pseudo.pipeline import run_pseudo
 from splitmatch.targets import embedding_center
 from splitmatch.engine import build_parts
 from helpers import write_config
@@ -62,9 +61,9 @@ def test_in_process_train_bench_runs_one_workers_loop(tmp_path):
                            ["matching.mode=baseline"])
 
 
-def test_in_process_train_bench_reads_the_cached_pseudo_masks(tmp_path, ray_cluster):
-    path = write_config(tmp_path, "bench-split", batch_size=4, num_workers=2)
-    run_pseudo(load_config(path), log=lambda *_: None)  # built on Ray Data, read in process
+def test_in_process_train_bench_reads_the_cached_pseudo_masks(tmp_path, tiny_pseudo_masks):
+    # The session's cache of TINY's training split: built on Ray Data, read in process.
+    path = write_config(tmp_path, "bench-split", tiny_pseudo_masks, batch_size=4, num_workers=2)
     check_one_workers_loop(path, ["matching.mode=split"])
     # Centred classes (model.center_embeddings) train through the same loop; the model keeps the
     # seen texts' mean as its centre (no unseen text in it) and the candidates are read centred.
@@ -83,8 +82,11 @@ def test_in_process_train_bench_needs_the_pseudo_masks(tmp_path):
                        log=lambda *_: None)
 
 
-def test_paired_train_bench_times_the_same_run_in_process_and_on_ray_train(tmp_path, ray_cluster):
-    path = write_config(tmp_path, "paired", batch_size=2, num_workers=1)
+def test_paired_train_bench_times_the_same_run_in_process_and_on_ray_train(tmp_path, ray_cluster,
+                                                                           tiny_pseudo_masks):
+    # Both sides read the session's pseudo masks (TINY's training split; the bench only opens
+    # a complete cache).
+    path = write_config(tmp_path, "paired", tiny_pseudo_masks, batch_size=2, num_workers=1)
     lines = []
     result = run_paired(rounds=2, iterations=4, config=path, log=lines.append)
     rounds = [line.split(":")[0] for line in lines if line.startswith("round ")]

@@ -37,9 +37,11 @@ def error_lines(out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_full_disk_fails_the_run_in_one_line_and_resume_continues(tmp_path, small_disk,
-                                                                    ray_cluster):
-    config = write_config(tmp_path, "full", max_iters=4, num_workers=1, batch_size=2,
-                          checkpoint_every=2, eval_every=4, num_visualizations=0,
+                                                                    ray_cluster,
+                                                                    tiny_pseudo_masks):
+    # The session's pseudo masks (TINY's, only read), off the small disk.
+    config = write_config(tmp_path, "full", tiny_pseudo_masks, max_iters=4, num_workers=1,
+                          batch_size=2, checkpoint_every=2, eval_every=4, num_visualizations=0,
                           storage_path=str(small_disk))
     proc = splitmatch("train", str(config), "--build-pseudo-masks", address=ray_cluster)
     out, _ = proc.communicate(timeout=400)
@@ -130,7 +132,8 @@ def _pump(source, sink) -> None:
 
 @pytest.mark.slow
 def test_an_object_store_that_goes_away_or_has_no_bucket_fails_in_one_line(tmp_path, s3,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           tiny_pseudo_masks):
     from splitmatch.tracking import MlflowServer
 
     proxy = Proxy(int(s3.endpoint.rsplit(":", 1)[1])).start()
@@ -140,8 +143,11 @@ def test_an_object_store_that_goes_away_or_has_no_bucket_fails_in_one_line(tmp_p
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local instance: it has this env
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
-        config = write_config(tmp_path, "s3gone", max_iters=6, num_workers=1, batch_size=2,
-                              checkpoint_every=2, eval_every=6, num_visualizations=0)
+        # The session's pseudo masks (TINY's, a local folder, only read): the store that goes
+        # away is the run's.
+        config = write_config(tmp_path, "s3gone", tiny_pseudo_masks, max_iters=6, num_workers=1,
+                              batch_size=2, checkpoint_every=2, eval_every=6,
+                              num_visualizations=0)
         data = yaml.safe_load(config.read_text())
         data["tracking"]["uri"] = server.url
         data["storage"] = {"s3_endpoint_url": endpoint}
