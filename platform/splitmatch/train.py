@@ -201,7 +201,7 @@ def _trainer_factory(cfg: Config, loop_config: dict, callbacks):
     # Ray adds 15 to its workers' niceness so that its own processes stay responsive. A
     # training worker is the one process that computes: at 15, every wake-up of the raylet,
     # the driver or a helper actor preempts its compute threads (on 2 cores, about 1,000 times
-    # a second), which was most of what Ray Train added to a step (docs/performance.md). The
+    # a second): about half of what Ray Train added to a step (docs/performance.md). The
     # user's RAY_worker_niceness, if set, is kept.
     niceness = os.environ.get("RAY_worker_niceness", str(WORKER_NICENESS))
 
