@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -314,22 +317,28 @@ def test_backbone_weights_are_checked_before_a_run_starts(tmp_path):
         assert "null" in message and "\n" not in message
 
 
-def test_a_missing_backbone_weights_file_is_refused_before_ray(tmp_path, monkeypatch, capsys):
-    import ray
-
+def test_a_missing_backbone_weights_file_is_refused_before_ray(tmp_path):
     from helpers import write_config
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = write_config(tmp_path, "noweights")
     missing = tmp_path / "missing.pt"
-    code = cli_main(["train", str(config), "--set", f"model.backbone_weights={missing}",
-                     "--build-pseudo-masks"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
+    # A fresh interpreter, so that "Ray was not initialised" means this command started nothing:
+    # in this process an earlier test may have connected to the session's cluster.
+    probe = ("import sys, ray\n"
+             "from splitmatch.cli import main\n"
+             f"code = main(['train', {str(config)!r}, '--set', "
+             f"'model.backbone_weights={missing}', '--build-pseudo-masks'])\n"
+             "print('ray_initialized', ray.is_initialized())\n"
+             "sys.exit(code)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"config error: model.backbone_weights: backbone weights file "
                           f"'{missing}' does not exist"), err
     # Refused before Ray, the pseudo-mask cache and the run folder: nothing was started or made.
-    assert not ray.is_initialized()
+    assert done.stdout.splitlines()[-1] == "ray_initialized False", done.stdout
     assert not (tmp_path / "runs" / "noweights").exists() and not (tmp_path / "cache").exists()
 
 
