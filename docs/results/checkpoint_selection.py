@@ -44,8 +44,8 @@ def score(cfg, weights: dict, clip, classes, half_a, half_b) -> dict:
     device = torch.device("cpu")
     chosen = calibrate(model, half_a, "val[0:64]", classes, cfg.inference, device)
     on_b = evaluate_calibrations(model, half_b, classes, cfg.inference, [chosen.value], device)
-    return {"calibration": chosen.value, **{m: 100 * float(on_b[chosen.value][m]) for m in METRICS},
-            **{f"A_{m}": 100 * float(chosen.select[m]) for m in METRICS}}
+    return {"calibration": chosen.value, **{m: float(on_b[chosen.value][m]) for m in METRICS},
+            **{f"A_{m}": float(chosen.select[m]) for m in METRICS}}
 
 
 def main() -> None:
@@ -71,8 +71,10 @@ def main() -> None:
         torch.manual_seed(cfg.seed)  # the random queries are drawn as in the run's own test
         clip = build_clip(cfg.clip, device=torch.device("cpu"))
         classes = build_class_space(cfg, clip)
-        last_state = load_state(newest_checkpoint(run_dir)[0])
-        assert last_state["iteration"] == cfg.train.max_iters, run_dir
+        newest = newest_checkpoint(run_dir)
+        if newest is None or newest[1] < cfg.train.max_iters:
+            continue  # still training
+        last_state = load_state(newest[0])
         pair = f"{found.group(1)}-s{found.group(2)}"
         figures = {}
         for policy, weights in (("last", last_state["model"]),
@@ -91,6 +93,7 @@ def main() -> None:
                {key(p): f["chosen"][m] for p, f in runs.items()},
                {key(p): f["last"][m] for p, f in runs.items()})) for m in METRICS},
            "std": {policy: {m: round(statistics.stdev(f[policy][m] for f in runs.values()), 2)
+                            if len(runs) > 1 else None
                             for m in METRICS} for policy in ("last", "chosen")}}
     print(json.dumps(out))
 
