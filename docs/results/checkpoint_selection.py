@@ -76,13 +76,14 @@ def main() -> None:
             continue  # still training
         last_state = load_state(newest[0])
         pair = f"{found.group(1)}-s{found.group(2)}"
-        figures = {}
-        for policy, weights in (("last", last_state["model"]),
-                                ("chosen", load_state(run_dir / "best_model.pt")["model"])):
-            torch.manual_seed(cfg.seed)
-            figures[policy] = score(cfg, weights, clip, classes, half_a, half_b)
-        figures["same_weights"] = all(torch.equal(last_state["model"][k], weights[k])
-                                      for k in weights)
+        chosen = load_state(run_dir / "best_model.pt")["model"]
+        figures = {"same_weights": all(torch.equal(last_state["model"][k], chosen[k])
+                                       for k in chosen)}
+        torch.manual_seed(cfg.seed)
+        figures["last"] = score(cfg, last_state["model"], clip, classes, half_a, half_b)
+        torch.manual_seed(cfg.seed)  # the same random queries for both
+        figures["chosen"] = (dict(figures["last"]) if figures["same_weights"] else
+                             score(cfg, chosen, clip, classes, half_a, half_b))
         runs[pair] = figures
         print(f"{pair}: " + "  ".join(
             f"{m} {figures['last'][m]:.2f} -> {figures['chosen'][m]:.2f}" for m in METRICS)
