@@ -317,6 +317,7 @@ def test_backbone_weights_are_checked_before_a_run_starts(tmp_path):
         assert "null" in message and "\n" not in message
 
 
+@pytest.mark.integration  # a splitmatch command in a subprocess
 def test_a_missing_backbone_weights_file_is_refused_before_ray(tmp_path):
     from helpers import write_config
 
