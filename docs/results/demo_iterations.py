@@ -18,7 +18,7 @@ from splitmatch.stats import paired_difference, rounded
 
 METRICS = ("hIoU", "sIoU", "uIoU")
 LINE = re.compile(r"^\[(dev\d+) .*, seed (\d+)\] \+SM\+MFE\+RQ: val hIoU (\S+)\s+sIoU (\S+)\s+"
-                  r"uIoU (\S+)", re.M)
+                  r"uIoU ([^;\s]+)", re.M)
 
 
 def main() -> None:
