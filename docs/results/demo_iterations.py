@@ -10,21 +10,17 @@ half-A figures in toyworld-dev-checkpoint-selection.json (the final weights on t
 a run scores itself). Prints one line per pair and, last, the JSON.
 """
 import json
-import re
 import statistics
 import sys
+from pathlib import Path
 
+from paired_logs import METRICS, run_figures  # this folder's reader of ablation outputs
 from splitmatch.stats import paired_difference, rounded
-
-METRICS = ("hIoU", "sIoU", "uIoU")
-LINE = re.compile(r"^\[(dev\d+) .*, seed (\d+)\] \+SM\+MFE\+RQ: val hIoU (\S+)\s+sIoU (\S+)\s+"
-                  r"uIoU ([^;\s]+)", re.M)
 
 
 def main() -> None:
     log, selection = sys.argv[1:3]
-    long = {(split, int(seed)): dict(zip(METRICS, map(float, figures)))
-            for split, seed, *figures in LINE.findall(open(log).read())}
+    _, long = run_figures(Path(log), "+SM+MFE+RQ")
     short = {}
     for pair, runs in json.load(open(selection))["runs"].items():
         split, seed = pair.split("-s")
