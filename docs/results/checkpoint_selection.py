@@ -42,7 +42,7 @@ def score(cfg, weights: dict, clip, classes, half_a, half_b) -> dict:
     model = build_segmentor(cfg.model, embed_dim=classes.text.shape[1])
     model.load_state_dict(weights)
     device = torch.device("cpu")
-    chosen = calibrate(model, half_a, "val[0:64]", classes, cfg.inference, device)
+    chosen = calibrate(model, half_a, f"val[0:{len(half_a)}]", classes, cfg.inference, device)
     on_b = evaluate_calibrations(model, half_b, classes, cfg.inference, [chosen.value], device)
     return {"calibration": chosen.value, **{m: float(on_b[chosen.value][m]) for m in METRICS},
             **{f"A_{m}": float(chosen.select[m]) for m in METRICS}}
@@ -63,25 +63,25 @@ def main() -> None:
         cfg = load_config(run_dir / "config.yaml",
                           [f"inference.num_random_queries={args.random_queries}"])
         assert cfg.train.eval_every < cfg.train.max_iters, f"{run_dir}: chose on one evaluation"
+        newest = newest_checkpoint(run_dir)
+        if newest is None or newest[1] < cfg.train.max_iters:
+            continue  # still training
         size = cfg.data.toyworld.num_val
         twice = dataclasses.replace(cfg.data, toyworld=dataclasses.replace(
             cfg.data.toyworld, num_val=2 * size))
         half_a = build_dataset(cfg.data, "val", train=False)
         half_b = Subset(build_dataset(twice, "val", train=False), range(size, 2 * size))
-        torch.manual_seed(cfg.seed)  # the random queries are drawn as in the run's own test
         clip = build_clip(cfg.clip, device=torch.device("cpu"))
         classes = build_class_space(cfg, clip)
-        newest = newest_checkpoint(run_dir)
-        if newest is None or newest[1] < cfg.train.max_iters:
-            continue  # still training
         last_state = load_state(newest[0])
         pair = f"{found.group(1)}-s{found.group(2)}"
         chosen = load_state(run_dir / "best_model.pt")["model"]
         figures = {"same_weights": all(torch.equal(last_state["model"][k], chosen[k])
                                        for k in chosen)}
+        # Each policy's random queries are drawn from the run's seed: the same ones for both.
         torch.manual_seed(cfg.seed)
         figures["last"] = score(cfg, last_state["model"], clip, classes, half_a, half_b)
-        torch.manual_seed(cfg.seed)  # the same random queries for both
+        torch.manual_seed(cfg.seed)
         figures["chosen"] = (dict(figures["last"]) if figures["same_weights"] else
                              score(cfg, chosen, clip, classes, half_a, half_b))
         runs[pair] = figures
