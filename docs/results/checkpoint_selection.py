@@ -10,9 +10,10 @@ A's images are the first 64 of the 128.
 
 STORE holds the rows of `splitmatch ablation CONFIG --splits K --seeds S --rows
 +SM+MFE,+SM+MFE+RQ` run with `--set train.eval_every=E` (E < max_iters, checkpoint_every =
-max_iters): per run, the last weights are the final checkpoint's, the chosen ones best_model.pt. Prints one line per run and,
-last, the JSON of the figures, the paired differences (chosen − last) with their two-stage
-bootstrap intervals, and each policy's standard deviation over the runs.
+max_iters): per run, the last weights are the final checkpoint's, the chosen ones best_model.pt.
+Prints one line per run and, last, the JSON of the figures, the paired differences (chosen −
+last) with their two-stage bootstrap intervals, and each policy's standard deviation over the
+runs.
 """
 import argparse
 import dataclasses
